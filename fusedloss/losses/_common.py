@@ -1,0 +1,133 @@
+"""Input handling shared by the loss families: key look-up, shape and dtype checks, reward transforms.
+
+Checks that only need shapes, dtypes and config values raise at once. Checks that need the data
+(an action outside ``[0, A)``, a ``done`` outside ``{0, 1, 2}``) become device flags that
+:func:`fusedloss.metrics.finalize_metrics` raises on, so the loss call itself never syncs; indices
+are clamped first, so a bad value can never read out of bounds or trip a device-side assert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .._dispatch import Backend
+from ..metrics import check_metrics_mode
+
+
+def stream_get(stream: Any, key: str, argname: str = "step_stream") -> torch.Tensor:
+    """``stream[key]`` for a TensorDict or any mapping, with an error that names both."""
+    if not (isinstance(stream, Mapping) or hasattr(stream, "keys")):
+        raise TypeError(f"{argname} must be a TensorDict or a mapping of names to tensors, got {type(stream).__name__}.")
+    keys = list(stream.keys())
+    if key not in keys:
+        raise KeyError(f"{argname} has no key {key!r} (it has {sorted(map(str, keys))}).")
+    value = stream[key]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{argname}[{key!r}] must be a torch.Tensor, got {type(value).__name__}.")
+    return value
+
+
+def require_float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}.")
+
+
+def require_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, form: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {form} = {tuple(shape)}, got {tuple(t.shape)}.")
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 when any input is fp64 (for gradcheck)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_config_common(backend: str, metrics_mode: str | None = None) -> None:
+    Backend.parse(backend)
+    if metrics_mode is not None:
+        check_metrics_mode(metrics_mode)
+
+
+def check_positive(value: float, name: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+
+
+def check_finite_number(value: float, name: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+
+
+def index_tensor(t: torch.Tensor, name: str, shape: tuple[int, ...], form: str, upper: int):
+    """Validate an integer index tensor of ``shape``; return it clamped to ``[0, upper)`` as int64
+    and a device flag that is True where any value was out of range."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (an action index), got {t.dtype}.")
+    require_shape(t, shape, name, form)
+    idx = t.to(torch.long)
+    bad = ((idx < 0) | (idx >= upper)).any()
+    return idx.clamp(0, upper - 1), bad
+
+
+def done_tensor(t: torch.Tensor, shape: tuple[int, ...], form: str):
+    """``done`` as (terminal, truncated) float masks plus a flag for values outside {0, 1, 2}."""
+    name = "step_stream['done']"
+    require_shape(t, shape, name, form)
+    if t.is_complex():
+        raise TypeError(f"{name} must hold 0 (running), 1 (terminal) or 2 (truncated), got {t.dtype}.")
+    d = t.to(torch.int64) if t.dtype == torch.bool else t
+    bad = ~((d == 0) | (d == 1) | (d == 2))
+    return d == 1, d == 2, bad.any()
+
+
+def reward_tensor(stream: Any, use_xformed: bool, shape: tuple[int, ...], form: str) -> torch.Tensor:
+    key = "xformed_reward" if use_xformed else "reward"
+    if use_xformed and "xformed_reward" not in list(stream.keys()):
+        raise KeyError(
+            "use_xformed_reward=True but 'xformed_reward' is not in step_stream; "
+            "add the 'xformed_reward' column to the batch."
+        )
+    r = stream_get(stream, key)
+    require_shape(r, shape, f"step_stream[{key!r}]", form)
+    if not (r.is_floating_point() or r.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise TypeError(f"step_stream[{key!r}] must be a real tensor, got {r.dtype}.")
+    return r
+
+
+def transform_rewards(r: torch.Tensor, cfg: Any, m: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence mean/std normalisation over dim 1 (over the entries where the float 0/1 mask
+    ``m`` is 1, when given), then ``r * reward_scale + reward_shift``."""
+    if m is None:
+        if cfg.normalize_reward_mean:
+            r = r - r.mean(dim=1, keepdim=True)
+        if cfg.normalize_reward_std:
+            r = r / (r.std(dim=1, keepdim=True) + cfg.normalize_reward_eps) * cfg.normalize_reward_std_target
+    else:
+        n = m.sum(dim=1, keepdim=True)
+        if cfg.normalize_reward_mean:
+            r = r - (r * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
+        if cfg.normalize_reward_std:
+            mean = (r * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
+            std = (((r - mean) ** 2 * m).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+            r = r / (std + cfg.normalize_reward_eps) * cfg.normalize_reward_std_target
+    return r * cfg.reward_scale + cfg.reward_shift
+
+
+def check_reward_config(cfg: Any, S: int) -> None:
+    for name in ("reward_scale", "reward_shift", "normalize_reward_std_target"):
+        check_finite_number(getattr(cfg, name), name)
+    if not (math.isfinite(cfg.normalize_reward_eps) and cfg.normalize_reward_eps >= 0):
+        raise ValueError(f"normalize_reward_eps must be a finite number >= 0, got {cfg.normalize_reward_eps!r}.")
+    if cfg.normalize_reward_std and S < 3:
+        raise ValueError(
+            f"normalize_reward_std needs at least 2 transitions per sequence (S >= 3) for an "
+            f"unbiased std, got S = {S}."
+        )

@@ -1,0 +1,232 @@
+"""DQN: symmetric two-head one-step TD with terminal/truncated discounts, reward transforms and CQL."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._dispatch import Backend, kernel_module, resolve_backend
+from ..metrics import finalize_metrics
+from ._common import (
+    check_config_common,
+    check_finite_number,
+    check_positive,
+    check_reward_config,
+    compute_dtype,
+    done_tensor,
+    index_tensor,
+    require_float,
+    require_shape,
+    reward_tensor,
+    stream_get,
+    transform_rewards,
+)
+
+__all__ = ["DqnLossConfig", "dqn_loss", "dqn_reference", "DqnLoss", "TD_LOSSES"]
+
+TD_LOSSES = ("l2", "huber")
+
+
+@dataclasses.dataclass
+class DqnLossConfig:
+    """Configuration of :func:`dqn_loss`. The first fields are the seed's, with its defaults.
+
+    Beyond the seed, each off by default: ``double_dqn`` (next action by argmax of the online
+    ``q[t+1]``, evaluated by ``q_target``), ``td_loss="huber"`` with ``huber_delta`` (PyTorch's
+    ``huber_loss``, ``0.5·d²`` inside the delta; ``"l2"`` is the seed's ``d²``), ``weight_key``
+    (per-transition importance weights in ``step_stream``, stored at ``t+1``), ``mask_key``
+    (a ``[B, S]`` validity mask; transition ``t`` counts when steps ``t`` and ``t+1`` are both valid),
+    and ``return_td_error`` (return ``|TD error|`` ``[B, S-1]`` as a third value).
+    """
+
+    weight: float = 0.0
+    gamma: float = 0.99
+    gamma_terminal: float = 0.0
+    gamma_truncated: float = 0.0
+    tau: float = 0.01
+    normalize_reward_mean: bool = False
+    normalize_reward_std: bool = False
+    normalize_reward_eps: float = 1e-08
+    normalize_reward_std_target: float = 1.0
+    use_xformed_reward: bool = False
+    cql_weight: float = 0.0
+    cql_scale_q_eps: float = 1.0
+    reward_scale: float = 1.0
+    reward_shift: float = 0.0
+    double_dqn: bool = False
+    td_loss: str = "l2"
+    huber_delta: float = 1.0
+    weight_key: str | None = None
+    mask_key: str | None = None
+    return_td_error: bool = False
+    backend: str = "auto"
+    metrics_mode: str = "float"
+
+    def __post_init__(self) -> None:
+        for name in ("gamma", "gamma_terminal", "gamma_truncated", "cql_scale_q_eps"):
+            check_finite_number(getattr(self, name), name)
+        if not (isinstance(self.cql_weight, (int, float)) and self.cql_weight >= 0):
+            raise ValueError(f"cql_weight must be a number >= 0, got {self.cql_weight!r}.")
+        if self.td_loss not in TD_LOSSES:
+            raise ValueError(f"td_loss must be one of {TD_LOSSES}, got {self.td_loss!r}.")
+        check_positive(self.huber_delta, "huber_delta")
+        check_config_common(self.backend, self.metrics_mode)
+
+
+def _masked_moments(x: torch.Tensor, m: torch.Tensor | None):
+    """Mean and unbiased std of ``x`` over the entries where ``m`` (float 0/1) is 1."""
+    if m is None:
+        return x.mean(), x.std()
+    n = m.sum()
+    mean = (x * m).sum() / n
+    var = ((x - mean) ** 2 * m).sum() / (n - 1)
+    return mean, var.sqrt()
+
+
+def dqn_reference(
+    q: torch.Tensor,
+    q_target: torch.Tensor,
+    action: torch.Tensor,
+    reward: torch.Tensor,
+    terminal: torch.Tensor,
+    truncated: torch.Tensor,
+    cfg: DqnLossConfig,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+):
+    """The PyTorch reference on validated inputs.
+
+    ``q``, ``q_target``: ``[B, S, A]``; ``action`` int64 in ``[0, A)``, ``reward``, ``terminal``,
+    ``truncated`` (bool), ``weight`` and ``mask`` (bool): ``[B, S]``. Returns
+    ``(loss, named_metrics, td_abs_error)``; the loss is fp32 (fp64 for fp64 inputs).
+    """
+    cd = compute_dtype(q, q_target)
+    q = q.to(cd)
+    curr_q = q[:, :-1]
+    next_q_target = q_target[:, 1:].to(cd)
+    a = action[:, 1:]
+    term = terminal[:, 1:].to(cd)
+    trunc = truncated[:, 1:].to(cd)
+    m = None if mask is None else (mask[:, :-1] & mask[:, 1:]).to(cd)
+
+    q_values = curr_q.gather(-1, a.unsqueeze(-1)).squeeze(-1)
+    if cfg.double_dqn:
+        a_next = q[:, 1:].detach().argmax(dim=-1, keepdim=True)
+        next_v = next_q_target.gather(-1, a_next).squeeze(-1)
+    else:
+        next_v = next_q_target.amax(dim=-1)
+    rewards = transform_rewards(reward[:, 1:].to(cd), cfg, m)
+    discount = cfg.gamma * (1.0 - term - trunc) + cfg.gamma_terminal * term + cfg.gamma_truncated * trunc
+    td_target = (rewards + discount * next_v).detach()
+
+    diff = q_values - td_target
+    if cfg.td_loss == "huber":
+        per = F.huber_loss(q_values, td_target, reduction="none", delta=cfg.huber_delta)
+    else:
+        per = diff**2
+    if cfg.cql_weight > 0.0:
+        q_scale = td_target.abs() + cfg.cql_scale_q_eps
+        cql_penalty = curr_q.logsumexp(dim=-1) - q_values
+        per = per + cfg.cql_weight * q_scale * cql_penalty
+    if weight is not None:
+        per = per * weight[:, 1:].to(cd)
+
+    if m is None:
+        loss = per.mean()
+    else:
+        loss = (per * m).sum() / m.sum()
+
+    q_det = q_values.detach()
+    q_mean, q_std = _masked_moments(q_det, m)
+    big = torch.finfo(cd).max
+    named = {
+        "q_values_mean": q_mean,
+        "q_values_std": q_std,
+        "q_values_min": q_det.amin() if m is None else torch.where(m > 0, q_det, big).amin(),
+        "q_values_max": q_det.amax() if m is None else torch.where(m > 0, q_det, -big).amax(),
+        "q_values_target": _masked_moments(td_target, m)[0],
+        "dqn_loss": loss.detach(),
+    }
+    if cfg.cql_weight > 0.0:
+        named["cql_penalty"] = _masked_moments(cql_penalty.detach(), m)[0]
+    td_abs = diff.detach().abs()
+    if m is not None:
+        td_abs = td_abs * m
+    return loss, named, td_abs
+
+
+def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
+    """One-step TD loss on ``out["dqn"]`` against ``out["dqn_target"]`` (both ``[B, S, A]``).
+
+    The transition out of step ``t`` is stored at ``t+1``: ``a = action[t+1]``, ``r = reward[t+1]``,
+    ``done[t+1]`` in ``{0: running, 1: terminal, 2: truncated}`` picks ``gamma``,
+    ``gamma_terminal`` or ``gamma_truncated``. ``loss = mean((q[t, a] - target)²)`` with
+    ``target = r' + discount · max_a' q_target[t+1, a']`` (detached), ``r'`` the transformed reward;
+    plus ``cql_weight · (|target| + cql_scale_q_eps) · (logsumexp q[t] - q[t, a])`` when
+    ``cql_weight > 0``.
+
+    Returns ``(loss, metrics)`` (and ``|TD error|`` ``[B, S-1]`` when ``cfg.return_td_error``).
+    """
+    cfg = DqnLossConfig() if cfg is None else cfg
+    q = stream_get(out, "dqn", "out")
+    q_target = stream_get(out, "dqn_target", "out")
+    require_float(q, "out['dqn']")
+    require_float(q_target, "out['dqn_target']")
+    if q.dim() != 3:
+        raise ValueError(f"out['dqn'] must have shape [B, S, A], got {tuple(q.shape)}.")
+    B, S, A = q.shape
+    require_shape(q_target, (B, S, A), "out['dqn_target']", "[B, S, A]")
+    if B == 0 or A == 0:
+        raise ValueError(f"out['dqn'] is empty: got shape [B, S, A] = {tuple(q.shape)}.")
+    if S < 2:
+        raise ValueError(f"dqn_loss needs S >= 2 steps per sequence to form a transition, got S = {S}.")
+    check_reward_config(cfg, S)
+    action, bad_action = index_tensor(stream_get(step_stream, "action"), "step_stream['action']", (B, S), "[B, S]", A)
+    terminal, truncated, bad_done = done_tensor(stream_get(step_stream, "done"), (B, S), "[B, S]")
+    reward = reward_tensor(step_stream, cfg.use_xformed_reward, (B, S), "[B, S]")
+    weight = mask = None
+    if cfg.weight_key is not None:
+        weight = stream_get(step_stream, cfg.weight_key)
+        require_float(weight, f"step_stream[{cfg.weight_key!r}]")
+        require_shape(weight, (B, S), f"step_stream[{cfg.weight_key!r}]", "[B, S]")
+    if cfg.mask_key is not None:
+        mask = stream_get(step_stream, cfg.mask_key)
+        require_shape(mask, (B, S), f"step_stream[{cfg.mask_key!r}]", "[B, S]")
+        mask = mask.to(torch.bool)
+
+    checks = [
+        (bad_action, f"step_stream['action'] holds a value outside [0, A) = [0, {A})."),
+        (bad_done, "step_stream['done'] holds a value outside {0, 1, 2} (running, terminal, truncated)."),
+    ]
+    if mask is not None:
+        n_valid = (mask[:, :-1] & mask[:, 1:]).sum()
+        checks.append((n_valid < 2, f"step_stream[{cfg.mask_key!r}] leaves fewer than 2 valid transitions."))
+
+    if resolve_backend(cfg.backend, "dqn", q, q_target) is Backend.TRITON:
+        loss, named, td_abs = kernel_module("dqn").dqn_fused(
+            q, q_target, action, reward, terminal, truncated, cfg, weight, mask
+        )
+    else:
+        loss, named, td_abs = dqn_reference(q, q_target, action, reward, terminal, truncated, cfg, weight, mask)
+    metrics = finalize_metrics(named, checks, cfg.metrics_mode)
+    if cfg.return_td_error:
+        return loss, metrics, td_abs
+    return loss, metrics
+
+
+class DqnLoss(nn.Module):
+    """``nn.Module`` form of :func:`dqn_loss`; ``forward(step_stream, out)``."""
+
+    def __init__(self, cfg: DqnLossConfig | None = None):
+        super().__init__()
+        self.cfg = DqnLossConfig() if cfg is None else cfg
+
+    def forward(self, step_stream: Any, out: Any):
+        return dqn_loss(step_stream, out, self.cfg)
+
+    def extra_repr(self) -> str:
+        return repr(self.cfg)

@@ -1,0 +1,74 @@
+"""Mixture-of-experts router losses: z-loss and Switch load balancing."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import compute_dtype, require_float
+
+__all__ = ["router_z_loss", "switch_load_balancing_loss", "RouterZLoss", "SwitchLoadBalancingLoss"]
+
+
+def _router_rows(router_logits: torch.Tensor) -> torch.Tensor:
+    require_float(router_logits, "router_logits")
+    if router_logits.dim() < 1 or router_logits.shape[-1] < 1:
+        raise ValueError(f"router_logits must have shape [..., E] with E >= 1, got {tuple(router_logits.shape)}.")
+    if router_logits.numel() == 0:
+        raise ValueError(f"router_logits is empty: got shape {tuple(router_logits.shape)}.")
+    return router_logits.reshape(-1, router_logits.shape[-1]).to(compute_dtype(router_logits))
+
+
+def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: the mean over tokens of ``logsumexp(router_logits)²``; logits ``[..., E]``."""
+    return _router_rows(router_logits).logsumexp(dim=-1).square().mean()
+
+
+def switch_load_balancing_loss(router_logits: torch.Tensor, top_k: int = 1, mask: torch.Tensor | None = None):
+    """Switch-Transformer load balancing ``E · Σ_i f_i · P_i``; perfect balance gives 1.0.
+
+    ``f_i`` is the fraction of the ``T · top_k`` routing slots that top-k of the softmax sends to
+    expert ``i`` (no gradient), ``P_i`` the mean router probability of expert ``i``. ``mask``
+    (``router_logits.shape[:-1]``, True for real tokens) drops padded tokens from both terms; with
+    no real token the loss is 0.
+    """
+    x = _router_rows(router_logits)
+    T, E = x.shape
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be an integer in [1, E] = [1, {E}], got {top_k!r}.")
+    if mask is None:
+        m = torch.ones(T, dtype=x.dtype, device=x.device)
+    else:
+        if tuple(mask.shape) != tuple(router_logits.shape[:-1]):
+            raise ValueError(
+                f"mask must have shape router_logits.shape[:-1] = {tuple(router_logits.shape[:-1])}, got {tuple(mask.shape)}."
+            )
+        m = mask.reshape(T).to(torch.bool).to(x.dtype)
+    probs = x.softmax(dim=-1)
+    chosen = probs.detach().topk(top_k, dim=-1).indices
+    slots = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
+    n = m.sum().clamp(min=1.0)
+    f = (slots * m[:, None]).sum(dim=0) / (n * top_k)
+    P = (probs * m[:, None]).sum(dim=0) / n
+    return E * (f * P).sum()
+
+
+class RouterZLoss(nn.Module):
+    """``nn.Module`` form of :func:`router_z_loss`; ``forward(router_logits)``."""
+
+    def forward(self, router_logits: torch.Tensor) -> torch.Tensor:
+        return router_z_loss(router_logits)
+
+
+class SwitchLoadBalancingLoss(nn.Module):
+    """``nn.Module`` form of :func:`switch_load_balancing_loss`; ``forward(router_logits, mask=None)``."""
+
+    def __init__(self, top_k: int = 1):
+        super().__init__()
+        self.top_k = top_k
+
+    def forward(self, router_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return switch_load_balancing_loss(router_logits, self.top_k, mask)
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}"

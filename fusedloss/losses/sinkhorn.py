@@ -1,0 +1,228 @@
+"""Sinkhorn optimal-transport imitation loss between predicted and target (action, state) clouds.
+
+A point is ``z = concat(flatten(action), sqrt(lam_state) · flatten(state))``. The ground cost is
+``‖z − z'‖`` for ``p = 1`` (``ε = blur``) and the full square ``‖z − z'‖² = ‖a − a'‖² +
+lam_state·‖s − s'‖²`` for ``p = 2`` (``ε = blur²``). geomloss's own ``p = 2`` cost is half the
+square, so the features are scaled by ``√2`` for ``p = 2`` and geomloss keeps its default cost,
+which every backend (``tensorized``, ``online``, ``multiscale``) and batched problems support.
+The user's ``p`` is always passed through: it also sets ε, the reach and the ε-scaling schedule.
+
+The value is geomloss's debiased Sinkhorn divergence ``S_ε(α, β) = OT_ε(α, β) − ½ OT_ε(α, α) −
+½ OT_ε(β, β)`` (``debias=True``), or ``OT_ε(α, β)`` (``debias=False``).
+
+The ``online`` backend (the default) runs on KeOps: linear memory, so clouds of 10^4 to 10^6 points
+fit where the ``tensorized`` dense cost matrix cannot. KeOps compiles each formula with g++ (CPU)
+or nvrtc (CUDA) on first use, about 6 to 15 s per formula on CPU, and caches the binaries in
+``KEOPS_CACHE_FOLDER`` (default ``~/.cache/keops*``).
+
+geomloss estimates the clouds' diameter with one host sync per call, so this loss is not sync-free.
+Under ``torch.compile`` the call runs eagerly (``torch.compiler.disable``): the online backend
+returns NaN when traced.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+
+import torch
+from torch import nn
+
+from ._common import check_positive, compute_dtype, require_float
+
+__all__ = ["SINKHORN_BACKENDS", "sinkhorn_loss", "KOTSinkhornLoss", "sinkhorn_points"]
+
+SINKHORN_BACKENDS = ("tensorized", "online", "multiscale")
+
+
+def check_sinkhorn_options(p, lam_state, blur, scaling, backend, reach=None, reduction="mean") -> None:
+    if p not in (1, 2) or isinstance(p, bool):
+        raise ValueError(f"p must be 1 or 2, got {p!r}.")
+    if not (isinstance(lam_state, (int, float)) and math.isfinite(lam_state) and lam_state >= 0):
+        raise ValueError(f"lam_state must be a finite number >= 0, got {lam_state!r}.")
+    check_positive(blur, "blur")
+    if not (isinstance(scaling, (int, float)) and 0.0 < scaling < 1.0):
+        raise ValueError(f"scaling must be a number in the open interval (0, 1), got {scaling!r}.")
+    if backend not in SINKHORN_BACKENDS:
+        raise ValueError(f"backend must be one of {SINKHORN_BACKENDS}, got {backend!r}.")
+    if reach is not None:
+        check_positive(reach, "reach")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}.")
+
+
+def sinkhorn_points(action: torch.Tensor, state: torch.Tensor, lam_state: float, p: int, batched: bool = False):
+    """The points ``[N, F]`` (``[B, N, F]`` when ``batched``) that geomloss sees, in fp32 or fp64.
+
+    For ``p = 2`` they carry the extra ``√2`` that turns geomloss's ``½‖x−y‖²`` into ``‖z−z'‖²``.
+    """
+    lead = 2 if batched else 1
+    cd = compute_dtype(action, state)
+    a = action.to(cd).flatten(lead) if action.dim() > lead else action.to(cd).unsqueeze(-1)
+    s = state.to(cd).flatten(lead) if state.dim() > lead else state.to(cd).unsqueeze(-1)
+    z = torch.cat((a, math.sqrt(lam_state) * s), dim=-1)
+    return z * math.sqrt(2.0) if p == 2 else z
+
+
+@functools.lru_cache(maxsize=None)
+def _keops_problem(device_type: str) -> str | None:
+    """Why KeOps cannot run on ``device_type``, or None once a tiny formula compiled and ran."""
+    if importlib.util.find_spec("pykeops") is None:
+        return "pykeops is not installed (pip install pykeops)"
+    try:
+        from pykeops.torch import LazyTensor
+
+        x = torch.arange(6.0, device=device_type).reshape(3, 2)
+        xi, xj = LazyTensor(x[:, None, :]), LazyTensor(x[None, :, :])
+        out = ((xi - xj) ** 2).sum(-1).sum(dim=1)
+        if not torch.allclose(out.reshape(-1).cpu(), torch.tensor([40.0, 16.0, 40.0])):
+            return "a KeOps test reduction returned a wrong value"
+    except Exception as exc:  # KeOps raises many kinds; all mean the same here
+        compiler = "g++" if device_type == "cpu" else "nvrtc"
+        return f"KeOps could not compile or run a formula with {compiler} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _validate_cloud(action, state, name_a, name_s, batched):
+    require_float(action, name_a)
+    require_float(state, name_s)
+    lead = 2 if batched else 1
+    form = "[B, N, ...]" if batched else "[N, ...]"
+    if action.dim() < lead or state.dim() < lead:
+        raise ValueError(f"{name_a} and {name_s} must have shape {form}, got {tuple(action.shape)} and {tuple(state.shape)}.")
+    if tuple(action.shape[:lead]) != tuple(state.shape[:lead]):
+        raise ValueError(
+            f"{name_a} and {name_s} must have the same leading {form[:-6]}] dimensions, got "
+            f"{tuple(action.shape)} and {tuple(state.shape)}."
+        )
+    if action.shape[lead - 1] == 0 or (batched and action.shape[0] == 0):
+        raise ValueError(f"{name_a} is empty: got shape {tuple(action.shape)}.")
+
+
+def _validate_weights(w, shape, name):
+    if w is None:
+        return None
+    require_float(w, name)
+    if tuple(w.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (one weight per point), got {tuple(w.shape)}.")
+    if not bool(torch.isfinite(w).all() and (w >= 0).all() and (w.sum(-1) > 0).all()):
+        raise ValueError(f"{name} must be finite and >= 0, with a positive sum per problem.")
+    return w / w.sum(dim=-1, keepdim=True)
+
+
+@torch.compiler.disable
+def _solve(x, y, a, b, p, blur, reach, debias, scaling, backend):
+    from geomloss import SamplesLoss
+
+    batched = x.dim() == 3
+    # geomloss takes log(diameter) for its ε schedule: a cloud of identical points (diameter 0)
+    # would give -inf there, so the start scale is kept at least at blur.
+    flat_x, flat_y = x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1])
+    both = torch.cat((flat_x, flat_y))
+    diameter = max(float((both.amax(0) - both.amin(0)).norm()), blur * (math.sqrt(2.0) if p == 2 else 1.0))
+    cluster_scale = None
+    if backend == "multiscale":
+        # pykeops's grid_cluster handles D <= 3 only; voxel labels work in any dimension.
+        D = x.shape[-1]
+        cluster_scale = diameter / (math.sqrt(D) * 2000 ** (1 / D))
+    solver = SamplesLoss(
+        "sinkhorn", p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling, debias=debias,
+        backend=backend, cluster_scale=cluster_scale,
+    )
+    if backend != "multiscale":
+        return solver(_weights(a, x), x, _weights(b, y), y)
+    xs, ys = (x, y) if batched else (x[None], y[None])
+    values = [
+        solver(_voxel_labels(xi, cluster_scale), _weights(None if a is None else a[i] if batched else a, xi), xi,
+               _voxel_labels(yi, cluster_scale), _weights(None if b is None else b[i] if batched else b, yi), yi)
+        for i, (xi, yi) in enumerate(zip(xs, ys))
+    ]
+    return torch.stack(values) if batched else values[0]
+
+
+def _weights(w, x):
+    if w is None:
+        n = x.shape[-2]
+        return torch.full(x.shape[:-1], 1.0 / n, dtype=x.dtype, device=x.device)
+    return w.to(x.dtype)
+
+
+def _voxel_labels(x, scale):
+    vox = torch.floor(x.detach() / scale).to(torch.int64)
+    return torch.unique(vox, dim=0, return_inverse=True)[1].to(torch.int32)
+
+
+def sinkhorn_loss(
+    pred_action: torch.Tensor,
+    target_action: torch.Tensor,
+    state_pred: torch.Tensor,
+    state_target: torch.Tensor,
+    *,
+    p: int = 2,
+    lam_state: float = 1.0,
+    blur: float = 0.05,
+    debias: bool = True,
+    backend: str = "online",
+    scaling: float = 0.5,
+    reach: float | None = None,
+    weights_pred: torch.Tensor | None = None,
+    weights_target: torch.Tensor | None = None,
+    batched: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Sinkhorn divergence between the predicted and target (action, state) clouds.
+
+    Unbatched: ``pred_action`` ``[N, ...]``, ``state_pred`` ``[N, ...]``, ``target_action`` and
+    ``state_target`` ``[M, ...]``; returns a 0-dim fp32 tensor. ``batched=True``: a leading problem
+    dimension ``B`` on all four (``[B, N, ...]``); ``reduction`` ``"mean"``, ``"sum"`` or ``"none"``
+    (``[B]``). Optional ``weights_pred`` ``[(B,) N]`` and ``weights_target`` ``[(B,) M]`` are normalized
+    per problem. ``reach`` enables unbalanced OT. bf16/fp16 inputs are solved in fp32 (KeOps takes
+    float and double only) and their gradients come back in the input dtype.
+    """
+    check_sinkhorn_options(p, lam_state, blur, scaling, backend, reach, reduction)
+    _validate_cloud(pred_action, state_pred, "pred_action", "state_pred", batched)
+    _validate_cloud(target_action, state_target, "target_action", "state_target", batched)
+    lead = 2 if batched else 1
+    x = sinkhorn_points(pred_action, state_pred, lam_state, p, batched)
+    y = sinkhorn_points(target_action, state_target, lam_state, p, batched)
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"predicted points have {x.shape[-1]} features (action + state) but target points have "
+            f"{y.shape[-1]}: pred_action/state_pred and target_action/state_target must match per point."
+        )
+    if batched and x.shape[0] != y.shape[0]:
+        raise ValueError(f"batched clouds must share B: got {x.shape[0]} predicted and {y.shape[0]} target problems.")
+    a = _validate_weights(weights_pred, pred_action.shape[:lead], "weights_pred")
+    b = _validate_weights(weights_target, target_action.shape[:lead], "weights_target")
+    if backend == "online":
+        problem = _keops_problem(x.device.type)
+        if problem is not None:
+            raise RuntimeError(
+                f"sinkhorn backend='online' needs KeOps: {problem}. Fall back to backend='tensorized' "
+                "(dense cost matrix, quadratic memory), or fix the KeOps install."
+            )
+    value = _solve(x, y, a, b, p, float(blur), None if reach is None else float(reach), debias, scaling, backend)
+    if not batched or reduction == "none":
+        return value
+    return value.mean() if reduction == "mean" else value.sum()
+
+
+class KOTSinkhornLoss(nn.Module):
+    """``nn.Module`` form of :func:`sinkhorn_loss`;
+    ``forward(pred_action, target_action, state_pred, state_target)`` plus optional weights."""
+
+    def __init__(self, p: int = 2, lam_state: float = 1.0, blur: float = 0.05, debias: bool = True,
+                 backend: str = "online", scaling: float = 0.5, reach: float | None = None,
+                 batched: bool = False, reduction: str = "mean"):
+        super().__init__()
+        check_sinkhorn_options(p, lam_state, blur, scaling, backend, reach, reduction)
+        self.options = dict(p=p, lam_state=lam_state, blur=blur, debias=debias, backend=backend,
+                            scaling=scaling, reach=reach, batched=batched, reduction=reduction)
+
+    def forward(self, pred_action, target_action, state_pred, state_target, weights_pred=None, weights_target=None):
+        return sinkhorn_loss(pred_action, target_action, state_pred, state_target,
+                             weights_pred=weights_pred, weights_target=weights_target, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

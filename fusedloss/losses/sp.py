@@ -1,0 +1,232 @@
+"""Supervised policy (distillation) losses: hard CE, soft CE fwd/bwd, KL fwd/bwd and JS.
+
+Semantics, shared by the reference and the fused kernel:
+
+- The teacher distribution is ``P = softmax(q_star / temperature)``; the temperature divides only
+  the teacher, and there is no ``T²`` factor. The student distribution is ``Q = softmax(logits)``.
+- ``label_smoothing = ε`` mixes uniform mass into the teacher only: ``(1 - ε) P + ε / A_valid``.
+  For ``"ce"`` the target is ``argmax(q_star)`` with PyTorch's ``cross_entropy`` smoothing.
+- ``q_star = -inf`` marks a padded action. It drops out of both distributions (``A_valid`` counts the
+  rest) and the student logit there gets zero gradient. NaN, ``+inf``, or a row with no finite entry
+  is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._dispatch import Backend, kernel_module, resolve_backend
+from ..metrics import finalize_metrics
+from ._common import check_config_common, check_positive, compute_dtype, require_float, stream_get
+
+__all__ = [
+    "SP_LOSS_TYPES",
+    "SpLossConfig",
+    "sp_loss",
+    "sp_reference",
+    "sp_soft_ce_loss",
+    "sp_kl_loss",
+    "sp_js_loss",
+    "SpLoss",
+]
+
+SP_LOSS_TYPES = ("ce", "ce-soft-fwd", "ce-soft-bwd", "js", "kl-fwd", "kl-bwd")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclasses.dataclass
+class SpLossConfig:
+    """Configuration of :func:`sp_loss`, with the seed's fields and defaults."""
+
+    weight: float = 0.0
+    label_smoothing: float = 0.0
+    loss_type: str = "ce"
+    temperature: float = 1.0
+    backend: str = "auto"
+    metrics_mode: str = "float"
+
+    def __post_init__(self) -> None:
+        _check_options(self.loss_type, self.temperature, self.label_smoothing)
+        check_config_common(self.backend, self.metrics_mode)
+
+
+def _check_options(loss_type: str, temperature: float, label_smoothing: float) -> None:
+    if loss_type not in SP_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {SP_LOSS_TYPES}, got {loss_type!r}.")
+    check_positive(temperature, "temperature")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}.")
+
+
+def sp_reference(
+    q_targets: torch.Tensor,
+    logits: torch.Tensor,
+    loss_type: str,
+    temperature: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-row loss ``[N]`` for ``[N, A]`` teacher values and student logits (fp32, or fp64)."""
+    cd = compute_dtype(q_targets, logits)
+    q = q_targets.to(cd)
+    pad = q == float("-inf")
+    log_s = torch.log_softmax(logits.to(cd).masked_fill(pad, float("-inf")), dim=-1)
+    log_s0 = log_s.masked_fill(pad, 0.0)  # finite everywhere, so masked products have finite grads
+    n_valid = (~pad).sum(dim=-1, keepdim=True).to(cd)
+    eps = float(label_smoothing)
+    if loss_type == "ce":
+        target = q.argmax(dim=-1, keepdim=True)
+        nll = -log_s0.gather(-1, target).squeeze(-1)
+        smooth = -log_s0.sum(dim=-1) / n_valid.squeeze(-1)
+        return (1.0 - eps) * nll + eps * smooth
+    log_t = torch.log_softmax(q / temperature, dim=-1)
+    if eps > 0.0:
+        log_t = torch.log((1.0 - eps) * log_t.exp() + eps / n_valid)
+    log_t0 = log_t.masked_fill(pad, 0.0)
+    p_t = log_t0.exp().masked_fill(pad, 0.0)
+    p_s = log_s0.exp().masked_fill(pad, 0.0)
+    if loss_type == "ce-soft-fwd":
+        per = -(p_t * log_s0)
+    elif loss_type == "ce-soft-bwd":
+        per = -(p_s * log_t0)
+    elif loss_type == "kl-fwd":
+        per = p_t * (log_t0 - log_s0)
+    elif loss_type == "kl-bwd":
+        per = p_s * (log_s0 - log_t0)
+    else:  # js
+        log_m = torch.logaddexp(log_t0, log_s0) - math.log(2.0)
+        per = 0.5 * (p_t * (log_t0 - log_m) + p_s * (log_s0 - log_m))
+    return per.sum(dim=-1)
+
+
+def _q_star_checks(q: torch.Tensor, name: str):
+    bad_value = (torch.isnan(q) | (q == float("inf"))).any()
+    empty_row = (q == float("-inf")).all(dim=-1).any()
+    return [
+        (bad_value, f"{name} contains NaN or +inf (use -inf to mark padded actions)."),
+        (empty_row, f"{name} has a row with no finite entry (every action padded with -inf)."),
+    ]
+
+
+def _reduce(per_row: torch.Tensor, reduction: str, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is not None:
+        per_row = per_row * weight.to(per_row.dtype)
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
+
+
+def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend):
+    """Validate ``[N, A]`` inputs and run the chosen backend; returns the reduced loss."""
+    require_float(logits, "logits")
+    if not isinstance(q_targets, torch.Tensor):
+        raise TypeError(f"q_targets must be a torch.Tensor, got {type(q_targets).__name__}.")
+    if not q_targets.is_floating_point():
+        raise TypeError(f"q_targets must be a floating-point tensor, got {q_targets.dtype}.")
+    if logits.dim() != 2 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [N, A], got {tuple(logits.shape)}.")
+    if tuple(q_targets.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"q_targets must have the shape of logits [N, A] = {tuple(logits.shape)}, got {tuple(q_targets.shape)}."
+        )
+    if logits.shape[0] == 0:
+        raise ValueError("logits is empty: the batch has no rows (N = 0).")
+    _check_options(loss_type, temperature, label_smoothing)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if weight is not None:
+        require_float(weight, "weight")
+        if tuple(weight.shape) != (logits.shape[0],):
+            raise ValueError(f"weight must have shape [N] = ({logits.shape[0]},), got {tuple(weight.shape)}.")
+    if resolve_backend(backend, "sp", logits, q_targets) is Backend.TRITON:
+        return kernel_module("sp").sp_fused(
+            q_targets, logits, loss_type, float(temperature), float(label_smoothing), reduction, weight
+        )
+    return _reduce(sp_reference(q_targets, logits, loss_type, temperature, label_smoothing), reduction, weight)
+
+
+def _helper(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend, check_inputs):
+    loss = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend)
+    if check_inputs:
+        finalize_metrics({}, _q_star_checks(q_targets, "q_targets"), "float")
+    return loss
+
+
+def _direction(direction: str, fn: str) -> str:
+    if direction not in ("fwd", "bwd"):
+        raise ValueError(f"{fn} direction must be 'fwd' or 'bwd', got {direction!r}.")
+    return direction
+
+
+def sp_soft_ce_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, direction: str = "fwd",
+                    *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True):
+    """Soft cross-entropy between teacher ``P = softmax(q_targets / T)`` (smoothed) and student
+    ``Q = softmax(logits)``: ``"fwd"`` is ``H(P, Q) = -Σ P log Q``, ``"bwd"`` is ``H(Q, P) = -Σ Q log P``.
+
+    ``q_targets``, ``logits``: ``[N, A]``; ``weight``: optional per-row ``[N]`` factor; ``reduction``
+    ``"mean"`` (over rows, as in the seed), ``"sum"`` or ``"none"`` (``[N]``).
+    ``check_inputs`` checks ``q_targets`` for NaN/+inf/all-padded rows with one host sync; pass
+    ``False`` for a sync-free call.
+    """
+    loss_type = "ce-soft-" + _direction(direction, "sp_soft_ce_loss")
+    return _helper(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend, check_inputs)
+
+
+def sp_kl_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, direction: str = "fwd",
+               *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True):
+    """KL divergence: ``"fwd"`` is ``KL(P_teacher ‖ Q_student)``, ``"bwd"`` is ``KL(Q ‖ P)``.
+    Temperature on the teacher only, no ``T²``. Other arguments as :func:`sp_soft_ce_loss`."""
+    loss_type = "kl-" + _direction(direction, "sp_kl_loss")
+    return _helper(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend, check_inputs)
+
+
+def sp_js_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0,
+               *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True):
+    """Jensen–Shannon divergence ``½ KL(P ‖ M) + ½ KL(Q ‖ M)``, ``M = ½ (P + Q)``, in ``[0, log 2]``.
+    Temperature on the teacher only, no ``T²``. Other arguments as :func:`sp_soft_ce_loss`."""
+    return _helper(q_targets, logits, "js", temperature, label_smoothing, reduction, weight, backend, check_inputs)
+
+
+def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = None):
+    """Supervised policy loss over all ``[B, S]`` positions: ``logits`` ``[..., A]`` against
+    ``step_stream["q_star"]`` of the same shape, mean over rows. Returns ``(loss, metrics)``
+    with the metric ``sp_loss``."""
+    cfg = SpLossConfig() if cfg is None else cfg
+    require_float(logits, "logits")
+    q_star = stream_get(step_stream, "q_star")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., A] with A >= 1, got {tuple(logits.shape)}.")
+    if tuple(q_star.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"step_stream['q_star'] must have the shape of logits {tuple(logits.shape)}, got {tuple(q_star.shape)}."
+        )
+    if not q_star.is_floating_point():
+        raise TypeError(f"step_stream['q_star'] must be a floating-point tensor, got {q_star.dtype}.")
+    A = logits.shape[-1]
+    if logits.numel() == 0:
+        raise ValueError("sp_loss: the batch is empty (no tokens).")
+    q_rows, l_rows = q_star.reshape(-1, A), logits.reshape(-1, A)
+    loss = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, "mean", None, cfg.backend)
+    checks = _q_star_checks(q_rows, "step_stream['q_star']")
+    return loss, finalize_metrics({"sp_loss": loss}, checks, cfg.metrics_mode)
+
+
+class SpLoss(nn.Module):
+    """``nn.Module`` form of :func:`sp_loss`; ``forward(step_stream, logits)``."""
+
+    def __init__(self, cfg: SpLossConfig | None = None):
+        super().__init__()
+        self.cfg = SpLossConfig() if cfg is None else cfg
+
+    def forward(self, step_stream: Any, logits: torch.Tensor):
+        return sp_loss(step_stream, logits, self.cfg)
+
+    def extra_repr(self) -> str:
+        return repr(self.cfg)

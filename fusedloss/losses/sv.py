@@ -1,0 +1,76 @@
+"""Supervised value regression: MSE or MAE of logits against ``q_star`` over its finite entries."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..metrics import finalize_metrics
+from .._dispatch import resolve_backend
+from ._common import check_config_common, compute_dtype, require_float, stream_get
+
+__all__ = ["SV_LOSS_TYPES", "SvLossConfig", "sv_loss", "sv_reference", "SvLoss"]
+
+SV_LOSS_TYPES = ("mse", "mae")
+
+
+@dataclasses.dataclass
+class SvLossConfig:
+    """Configuration of :func:`sv_loss`, with the seed's fields and defaults. There is no fused
+    kernel for this family; ``backend="triton"`` raises ``NotImplementedError``."""
+
+    weight: float = 0.0
+    loss_type: str = "mse"
+    backend: str = "auto"
+    metrics_mode: str = "float"
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in SV_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {SV_LOSS_TYPES}, got {self.loss_type!r}.")
+        check_config_common(self.backend, self.metrics_mode)
+
+
+def sv_reference(q_targets: torch.Tensor, logits: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Mean error over the finite entries of ``q_targets``, without boolean indexing (no sync).
+    Padded entries (``-inf``, or any non-finite value) get exactly zero gradient."""
+    cd = compute_dtype(q_targets, logits)
+    finite = torch.isfinite(q_targets)
+    diff = logits.to(cd) - torch.where(finite, q_targets.to(cd), torch.zeros((), dtype=cd, device=logits.device))
+    err = diff.square() if loss_type == "mse" else diff.abs()
+    return torch.where(finite, err, torch.zeros((), dtype=cd, device=logits.device)).sum() / finite.sum()
+
+
+def sv_loss(step_stream: Any, logits: torch.Tensor, cfg: SvLossConfig | None = None):
+    """Regress ``logits`` ``[..., A]`` on ``step_stream["q_star"]`` of the same shape, over its finite
+    entries (``-inf`` marks padding). Returns ``(loss, metrics)`` with the metric ``sv_loss``."""
+    cfg = SvLossConfig() if cfg is None else cfg
+    require_float(logits, "logits")
+    q_star = stream_get(step_stream, "q_star")
+    require_float(q_star, "step_stream['q_star']")
+    if tuple(q_star.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"step_stream['q_star'] must have the shape of logits {tuple(logits.shape)}, got {tuple(q_star.shape)}."
+        )
+    if logits.numel() == 0:
+        raise ValueError("sv_loss: the batch is empty (no tokens).")
+    resolve_backend(cfg.backend, "sv", logits)  # raises for backend="triton": no kernel
+    loss = sv_reference(q_star, logits, cfg.loss_type)
+    checks = [(~torch.isfinite(q_star).any(), "step_stream['q_star'] contains no finite values (all NaN or -inf).")]
+    return loss, finalize_metrics({"sv_loss": loss}, checks, cfg.metrics_mode)
+
+
+class SvLoss(nn.Module):
+    """``nn.Module`` form of :func:`sv_loss`; ``forward(step_stream, logits)``."""
+
+    def __init__(self, cfg: SvLossConfig | None = None):
+        super().__init__()
+        self.cfg = SvLossConfig() if cfg is None else cfg
+
+    def forward(self, step_stream: Any, logits: torch.Tensor):
+        return sv_loss(step_stream, logits, self.cfg)
+
+    def extra_repr(self) -> str:
+        return repr(self.cfg)

@@ -1,0 +1,195 @@
+"""Vector DQN: pairwise-angle action scores, RoPE rotation by reward, and a cosine loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._dispatch import Backend, kernel_module, resolve_backend
+from ..metrics import finalize_metrics
+from ._common import (
+    check_config_common,
+    check_reward_config,
+    compute_dtype,
+    index_tensor,
+    require_float,
+    reward_tensor,
+    stream_get,
+    transform_rewards,
+)
+
+__all__ = [
+    "VecDqnLossConfig",
+    "vec_dqn_loss",
+    "vec_dqn_reference",
+    "vec_dqn_scores",
+    "vec_dqn_scores_reference",
+    "rope_rotate",
+    "rope_rotate_reference",
+    "VecDqnLoss",
+]
+
+
+@dataclasses.dataclass
+class VecDqnLossConfig:
+    """Configuration of :func:`vec_dqn_loss`, with the seed's fields and defaults."""
+
+    weight: float = 0.0
+    tau: float = 0.01
+    reward_scale: float = 1.0
+    reward_shift: float = 0.0
+    normalize_reward_mean: bool = False
+    normalize_reward_std: bool = False
+    normalize_reward_eps: float = 1e-08
+    normalize_reward_std_target: float = 1.0
+    use_xformed_reward: bool = False
+    backend: str = "auto"
+    metrics_mode: str = "float"
+
+    def __post_init__(self) -> None:
+        check_config_common(self.backend, self.metrics_mode)
+
+
+def _check_even_d(x: torch.Tensor, name: str) -> None:
+    if x.dim() < 1 or x.shape[-1] % 2 != 0 or x.shape[-1] == 0:
+        raise ValueError(
+            f"{name} must have an even, non-zero last dimension D (pairs (x[2i], x[2i+1]) are "
+            f"rotated), got shape {tuple(x.shape)}."
+        )
+
+
+def rope_rotate_reference(x: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
+    """Rotate every pair ``(x[..., 2i], x[..., 2i+1])`` by the one angle ``theta[...]``."""
+    cd = compute_dtype(x)
+    xp = x.to(cd).unflatten(-1, (-1, 2))
+    theta = torch.as_tensor(theta, dtype=cd, device=x.device)
+    c = torch.cos(theta).unsqueeze(-1)
+    s = torch.sin(theta).unsqueeze(-1)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
+
+
+def rope_rotate(x: torch.Tensor, theta: torch.Tensor | float, *, backend: str = "auto") -> torch.Tensor:
+    """Rotate each consecutive pair ``(x[2i], x[2i+1])`` of the last dimension by ``theta``.
+
+    ``x``: ``[..., D]`` with ``D`` even; ``theta``: a float or a tensor broadcastable to
+    ``x.shape[:-1]``. Returns a tensor of ``x``'s shape and dtype.
+    """
+    require_float(x, "x")
+    _check_even_d(x, "x")
+    if isinstance(theta, torch.Tensor):
+        require_float(theta, "theta")
+        try:
+            torch.broadcast_shapes(theta.shape, x.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"theta must broadcast to x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(theta.shape)}."
+            ) from None
+    if resolve_backend(backend, "rope", x) is Backend.TRITON:
+        return kernel_module("rope").rope_rotate_fused(x, theta)
+    return rope_rotate_reference(x, theta)
+
+
+def vec_dqn_scores_reference(vecs: torch.Tensor) -> torch.Tensor:
+    """Materializes the ``[..., A, A]`` angle matrix; the fused path never does."""
+    v = F.normalize(vecs.to(compute_dtype(vecs)), dim=-1)
+    rot = rope_rotate_reference(v, math.pi / 2)
+    sin = torch.einsum("...id,...ad->...ai", rot, v)
+    cos = torch.einsum("...id,...ad->...ai", v, v)
+    return torch.atan2(sin, cos).sum(dim=-1)
+
+
+def vec_dqn_scores(vecs: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Action scores ``[..., A]`` from action vectors ``[..., A, D]`` (``D`` even).
+
+    The vectors are normalized; the score of action ``a`` is
+    ``Σ_i atan2(<rot90(v_i), v_a>, <v_i, v_a>)``, the signed angles from every action to ``a``,
+    with ``rot90`` = :func:`rope_rotate` by ``π/2``. fp32 (fp64 for fp64 input).
+    """
+    require_float(vecs, "vecs")
+    if vecs.dim() < 2:
+        raise ValueError(f"vecs must have shape [..., A, D], got {tuple(vecs.shape)}.")
+    _check_even_d(vecs, "vecs")
+    if resolve_backend(backend, "vec_dqn", vecs) is Backend.TRITON:
+        return kernel_module("vec_dqn").vec_dqn_scores_fused(vecs)
+    return vec_dqn_scores_reference(vecs)
+
+
+def vec_dqn_reference(online_vecs, target_vecs, action, reward, cfg):
+    """Reference on validated inputs: ``[B, S, A, D]`` vectors, ``action`` int64 ``[B, S]``."""
+    cd = compute_dtype(online_vecs, target_vecs)
+    online = online_vecs.to(cd)
+    B, S, A, D = online.shape
+    curr = online[:, :-1]
+    nxt = target_vecs[:, 1:].to(cd)
+    a = action[:, 1:].reshape(B, S - 1, 1, 1).expand(B, S - 1, 1, D)
+    curr_action_vecs = curr.gather(2, a).squeeze(2)
+    greedy = vec_dqn_scores_reference(nxt).argmax(dim=-1)
+    next_action_vecs = nxt.gather(2, greedy.reshape(B, S - 1, 1, 1).expand(B, S - 1, 1, D)).squeeze(2)
+    theta = transform_rewards(reward[:, 1:].to(cd), cfg)
+    rotated = rope_rotate_reference(next_action_vecs, theta)
+    cosine = F.cosine_similarity(curr_action_vecs, rotated.detach(), dim=-1)
+    loss = (1.0 - cosine).mean()
+    abs_scores = vec_dqn_scores_reference(online[:, -1].detach()).abs() / math.pi
+    named = {
+        "vec_dqn_loss": loss.detach(),
+        "vec_dqn_score_abs_min": abs_scores.min(),
+        "vec_dqn_score_abs_max": abs_scores.max(),
+        "vec_dqn_score_abs_mean": abs_scores.mean(),
+    }
+    return loss, named
+
+
+def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch.Tensor,
+                 cfg: VecDqnLossConfig | None = None):
+    """Cosine loss between the online vector of the taken action at ``t`` and the target vector
+    of the greedy action at ``t+1`` rotated by ``theta = r' `` (the transformed reward, detached).
+
+    ``online_vecs``, ``target_vecs``: ``[B, S, A, D]``, ``D`` even; ``step_stream["action"]`` and
+    ``["reward"]``: ``[B, S]``, the transition out of ``t`` stored at ``t+1``.
+    Returns ``(loss, metrics)``.
+    """
+    cfg = VecDqnLossConfig() if cfg is None else cfg
+    require_float(online_vecs, "online_vecs")
+    require_float(target_vecs, "target_vecs")
+    if online_vecs.dim() != 4:
+        raise ValueError(f"online_vecs must have shape [B, S, A, D], got {tuple(online_vecs.shape)}.")
+    if tuple(target_vecs.shape) != tuple(online_vecs.shape):
+        raise ValueError(
+            f"target_vecs must have the shape of online_vecs [B, S, A, D] = {tuple(online_vecs.shape)}, "
+            f"got {tuple(target_vecs.shape)}."
+        )
+    B, S, A, D = online_vecs.shape
+    if B == 0 or A == 0:
+        raise ValueError(f"online_vecs is empty: got shape [B, S, A, D] = {tuple(online_vecs.shape)}.")
+    if S < 2:
+        raise ValueError(f"vec_dqn_loss needs S >= 2 steps per sequence, got S = {S}.")
+    _check_even_d(online_vecs, "online_vecs")
+    check_reward_config(cfg, S)
+    action, bad_action = index_tensor(stream_get(step_stream, "action"), "step_stream['action']", (B, S), "[B, S]", A)
+    reward = reward_tensor(step_stream, cfg.use_xformed_reward, (B, S), "[B, S]")
+    checks = [(bad_action, f"step_stream['action'] holds a value outside [0, A) = [0, {A}).")]
+    if resolve_backend(cfg.backend, "vec_dqn", online_vecs, target_vecs) is Backend.TRITON:
+        loss, named = kernel_module("vec_dqn").vec_dqn_fused(online_vecs, target_vecs, action, reward, cfg)
+    else:
+        loss, named = vec_dqn_reference(online_vecs, target_vecs, action, reward, cfg)
+    return loss, finalize_metrics(named, checks, cfg.metrics_mode)
+
+
+class VecDqnLoss(nn.Module):
+    """``nn.Module`` form of :func:`vec_dqn_loss`; ``forward(step_stream, online_vecs, target_vecs)``."""
+
+    def __init__(self, cfg: VecDqnLossConfig | None = None):
+        super().__init__()
+        self.cfg = VecDqnLossConfig() if cfg is None else cfg
+
+    def forward(self, step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch.Tensor):
+        return vec_dqn_loss(step_stream, online_vecs, target_vecs, self.cfg)
+
+    def extra_repr(self) -> str:
+        return repr(self.cfg)

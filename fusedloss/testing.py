@@ -1,0 +1,133 @@
+"""Input makers and the one tolerance rule, shared by tests/, bench/ and ``python -m fusedloss verify``.
+
+The tolerance rule: a path's error against a float64 evaluation must be within twice the PyTorch
+reference's own error in the same dtype, plus a small floor relative to the magnitude of the result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "make_dqn_inputs",
+    "make_vec_dqn_inputs",
+    "make_sp_inputs",
+    "make_router_logits",
+    "make_sinkhorn_inputs",
+    "max_abs_error",
+    "tolerance",
+    "assert_close_to_float64",
+    "nan_like",
+    "FLOORS",
+]
+
+# Floor of the tolerance, relative to max(1, |float64 value|), per dtype.
+FLOORS = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+
+def _gen(seed: int | None, device) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(torch.seed() if seed is None else seed)
+    return g
+
+
+def _randn(shape, g, dtype, device, scale=1.0):
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+def make_dqn_inputs(B=4, S=7, A=5, dtype=torch.float32, device="cpu", seed=None, weight=False, mask=False):
+    """``(step_stream, out)`` for :func:`fusedloss.dqn_loss`; all three ``done`` values occur."""
+    g = _gen(seed, device)
+    step = {
+        "action": torch.randint(0, A, (B, S), generator=g).to(device),
+        "reward": _randn((B, S), g, torch.float32, device),
+        "xformed_reward": _randn((B, S), g, torch.float32, device, 0.5),
+        "done": torch.randint(0, 3, (B, S), generator=g).to(device),
+    }
+    if weight:
+        step["weight"] = (torch.rand((B, S), generator=g) + 0.5).to(device)
+    if mask:
+        m = torch.ones(B, S, dtype=torch.bool)
+        lengths = torch.randint(max(2, S // 2), S + 1, (B,), generator=g)
+        m &= torch.arange(S)[None, :] < lengths[:, None]
+        step["mask"] = m.to(device)
+    out = {
+        "dqn": _randn((B, S, A), g, dtype, device).requires_grad_(True),
+        "dqn_target": _randn((B, S, A), g, dtype, device),
+    }
+    return step, out
+
+
+def make_vec_dqn_inputs(B=3, S=5, A=6, D=4, dtype=torch.float32, device="cpu", seed=None):
+    g = _gen(seed, device)
+    step = {
+        "action": torch.randint(0, A, (B, S), generator=g).to(device),
+        "reward": _randn((B, S), g, torch.float32, device),
+        "xformed_reward": _randn((B, S), g, torch.float32, device, 0.5),
+    }
+    online = _randn((B, S, A, D), g, dtype, device).requires_grad_(True)
+    target = _randn((B, S, A, D), g, dtype, device)
+    return step, online, target
+
+
+def make_sp_inputs(N=6, A=10, dtype=torch.float32, device="cpu", seed=None, pad_frac=0.0, scale=2.0):
+    """``(q_targets, logits)`` ``[N, A]``; ``pad_frac`` of the teacher entries become ``-inf``,
+    never a whole row."""
+    g = _gen(seed, device)
+    q = _randn((N, A), g, torch.float64, "cpu", scale)
+    if pad_frac > 0:
+        pad = torch.rand((N, A), generator=g) < pad_frac
+        pad[torch.arange(N), torch.randint(0, A, (N,), generator=g)] = False
+        q = q.masked_fill(pad, float("-inf"))
+    logits = _randn((N, A), g, dtype, device, scale).requires_grad_(True)
+    return q.to(dtype=dtype, device=device), logits
+
+
+def make_router_logits(T=16, E=8, dtype=torch.float32, device="cpu", seed=None):
+    g = _gen(seed, device)
+    return _randn((T, E), g, dtype, device).requires_grad_(True)
+
+
+def make_sinkhorn_inputs(N=30, M=40, Da=2, Ds=3, dtype=torch.float32, device="cpu", seed=None, batch=None):
+    g = _gen(seed, device)
+    lead = () if batch is None else (batch,)
+    pa = _randn((*lead, N, Da), g, dtype, device).requires_grad_(True)
+    ta = _randn((*lead, M, Da), g, dtype, device)
+    ps = _randn((*lead, N, Ds), g, dtype, device).requires_grad_(True)
+    ts = _randn((*lead, M, Ds), g, dtype, device)
+    return pa, ta, ps, ts
+
+
+def nan_like(shape, dtype, device) -> torch.Tensor:
+    """An output buffer poisoned with NaN, so anything a kernel never writes shows up."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def max_abs_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x64, r64 = x.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    if x64.shape != r64.shape:
+        raise AssertionError(f"shape {tuple(x64.shape)} != reference shape {tuple(r64.shape)}")
+    if not torch.equal(torch.isnan(x64), torch.isnan(r64)):
+        return math.inf
+    both = ~torch.isnan(r64)
+    return float((x64[both] - r64[both]).abs().max()) if both.any() else 0.0
+
+
+def tolerance(ref_err: float, ref64: torch.Tensor, dtype: torch.dtype) -> float:
+    scale = max(1.0, float(ref64.detach().abs().max())) if ref64.numel() else 1.0
+    return 2.0 * ref_err + FLOORS[dtype] * scale
+
+
+def assert_close_to_float64(out: torch.Tensor, ref_same_dtype: torch.Tensor, ref64: torch.Tensor,
+                            dtype: torch.dtype, what: str = "output") -> None:
+    """``out`` must be within 2x the reference's own error in ``dtype``, plus a floor."""
+    err = max_abs_error(out, ref64)
+    ref_err = max_abs_error(ref_same_dtype, ref64)
+    tol = tolerance(ref_err, ref64, dtype)
+    if not err <= tol:
+        raise AssertionError(
+            f"{what}: error {err:.3e} against float64 exceeds {tol:.3e} "
+            f"(2 x reference error {ref_err:.3e} + floor, dtype {dtype})"
+        )

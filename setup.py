@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fusedloss",
+    version="0.1.0",
+    description="Training losses for sequence RL, imitation learning and policy distillation, "
+    "with fused Triton kernels and PyTorch references.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fusedloss", "fusedloss.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy", "geomloss>=0.3.1", "pykeops>=2.3"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=5", "tensordict>=0.10", "pot>=0.9.5", "triton>=3.6"],
+        "bench": ["pytest-benchmark>=5", "matplotlib>=3.8", "pot>=0.9.5", "triton>=3.6"],
+    },
+)
