@@ -12,7 +12,7 @@ setup(
     install_requires=["torch>=2.11", "numpy", "geomloss>=0.3.1", "pykeops>=2.3"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=5", "tensordict>=0.10", "pot>=0.9.5", "triton>=3.6"],
+        "test": ["pytest>=8", "hypothesis>=6", "pyyaml", "pytest-benchmark>=5", "tensordict>=0.10", "pot>=0.9.5", "triton>=3.6"],
         "bench": ["pytest-benchmark>=5", "matplotlib>=3.8", "pot>=0.9.5", "triton>=3.6"],
     },
 )

@@ -43,7 +43,10 @@ class Backend(str, enum.Enum):
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a blocked or broken install
+        return False
 
 
 def interpreter_enabled() -> bool:

@@ -78,12 +78,16 @@ class DqnLossConfig:
 
 
 def _masked_moments(x: torch.Tensor, m: torch.Tensor | None):
-    """Mean and unbiased std of ``x`` over the entries where ``m`` (float 0/1) is 1."""
+    """Mean and unbiased std of ``x`` over the entries where ``m`` (float 0/1) is 1; the std of a
+    single entry is 0, not NaN."""
     if m is None:
-        return x.mean(), x.std()
-    n = m.sum()
-    mean = (x * m).sum() / n
-    var = ((x - mean) ** 2 * m).sum() / (n - 1)
+        n = torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
+        mean = x.mean()
+        var = ((x - mean) ** 2).sum() / (n - 1).clamp(min=1)
+    else:
+        n = m.sum()
+        mean = (x * m).sum() / n
+        var = ((x - mean) ** 2 * m).sum() / (n - 1).clamp(min=1)
     return mean, var.sqrt()
 
 
@@ -204,7 +208,7 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
     ]
     if mask is not None:
         n_valid = (mask[:, :-1] & mask[:, 1:]).sum()
-        checks.append((n_valid < 2, f"step_stream[{cfg.mask_key!r}] leaves fewer than 2 valid transitions."))
+        checks.append((n_valid == 0, f"step_stream[{cfg.mask_key!r}] leaves no valid transition (steps t and t+1 both valid)."))
 
     if resolve_backend(cfg.backend, "dqn", q, q_target) is Backend.TRITON:
         loss, named, td_abs = kernel_module("dqn").dqn_fused(

@@ -111,7 +111,6 @@ def _validate_weights(w, shape, name):
     return w / w.sum(dim=-1, keepdim=True)
 
 
-@torch.compiler.disable
 def _solve(x, y, a, b, p, blur, reach, debias, scaling, backend):
     from geomloss import SamplesLoss
 
@@ -153,6 +152,7 @@ def _voxel_labels(x, scale):
     return torch.unique(vox, dim=0, return_inverse=True)[1].to(torch.int32)
 
 
+@torch.compiler.disable
 def sinkhorn_loss(
     pred_action: torch.Tensor,
     target_action: torch.Tensor,

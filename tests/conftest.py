@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+# Kernel tests run on CUDA when present, else on CPU under the Triton interpreter, which must be
+# switched on before any @triton.jit function is defined (fusedloss imports kernels lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("FUSEDLOSS_BACKEND", None)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
