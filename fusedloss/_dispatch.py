@@ -22,7 +22,9 @@ ENV_VAR = "FUSEDLOSS_BACKEND"
 
 # Families with a fused kernel, and the module that holds it. A family absent here has no kernel
 # yet, and ``backend="triton"`` raises NotImplementedError for it.
-KERNEL_FAMILIES: dict[str, str] = {}
+KERNEL_FAMILIES: dict[str, str] = {
+    "sp": "fusedloss.kernels.sp",
+}
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

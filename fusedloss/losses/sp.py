@@ -6,7 +6,7 @@ Semantics, shared by the reference and the fused kernel:
   the teacher, and there is no ``T²`` factor. The student distribution is ``Q = softmax(logits)``.
 - ``label_smoothing = ε`` mixes uniform mass into the teacher only: ``(1 - ε) P + ε / A_valid``.
   For ``"ce"`` the target is ``argmax(q_star)`` with PyTorch's ``cross_entropy`` smoothing.
-- ``q_star = -inf`` marks a padded action. It drops out of both distributions (``A_valid`` counts the
+- The teacher gets no gradient. ``q_star = -inf`` marks a padded action. It drops out of both distributions (``A_valid`` counts the
   rest) and the student logit there gets zero gradient. NaN, ``+inf``, or a row with no finite entry
   is an error.
 """
@@ -71,9 +71,10 @@ def sp_reference(
     temperature: float = 1.0,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Per-row loss ``[N]`` for ``[N, A]`` teacher values and student logits (fp32, or fp64)."""
+    """Per-row loss ``[N]`` for ``[N, A]`` teacher values and student logits (fp32, or fp64).
+    The teacher is a target: it gets no gradient."""
     cd = compute_dtype(q_targets, logits)
-    q = q_targets.to(cd)
+    q = q_targets.detach().to(cd)
     pad = q == float("-inf")
     log_s = torch.log_softmax(logits.to(cd).masked_fill(pad, float("-inf")), dim=-1)
     log_s0 = log_s.masked_fill(pad, 0.0)  # finite everywhere, so masked products have finite grads
@@ -146,10 +147,10 @@ def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, reducti
         if tuple(weight.shape) != (logits.shape[0],):
             raise ValueError(f"weight must have shape [N] = ({logits.shape[0]},), got {tuple(weight.shape)}.")
     if resolve_backend(backend, "sp", logits, q_targets) is Backend.TRITON:
-        return kernel_module("sp").sp_fused(
-            q_targets, logits, loss_type, float(temperature), float(label_smoothing), reduction, weight
-        )
-    return _reduce(sp_reference(q_targets, logits, loss_type, temperature, label_smoothing), reduction, weight)
+        rows = kernel_module("sp").sp_fused(q_targets, logits, loss_type, temperature, label_smoothing)
+    else:
+        rows = sp_reference(q_targets, logits, loss_type, temperature, label_smoothing)
+    return _reduce(rows, reduction, weight)
 
 
 def _helper(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend, check_inputs):

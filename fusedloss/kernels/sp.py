@@ -1,0 +1,283 @@
+"""Fused Triton kernels for the policy-distillation family (``ce``, ``ce-soft-fwd/bwd``,
+``kl-fwd/bwd``, ``js``).
+
+One program owns ``ROWS`` rows. It computes both log-softmaxes with online (max, sum), the per-row
+loss and the gradient with respect to the student logits, all in the forward; backward only
+scales that gradient by the per-row upstream gradient.
+
+Gradients (``s = softmax(z)``, ``p`` the smoothed teacher, ``L`` the row loss):
+  ce, ce-soft-fwd, kl-fwd: ``s - p``;
+  ce-soft-bwd (``L = -Σ s log p``): ``s (-L - log p)``;
+  kl-bwd (``L = Σ s (log s - log p)``): ``s (log s - log p - L)``;
+  js (``m = (p + s)/2``, ``K = Σ s (log s - log m)``): ``s (½ (log s - log m) - ½ K)``.
+
+Byte model (``b`` bytes per element, ``N·A`` elements):
+  a row that fits one tile (``A <= max_block``): read teacher and student once, write the
+  gradient once: ``3·N·A·b``; backward reads and writes the gradient: ``2·N·A·b``.
+  a longer row: pass 1 (row statistics) reads both, pass 2 (loss) reads both again and, for
+  ``ce``/``ce-soft-fwd``/``kl-fwd``, writes the gradient: ``5·N·A·b``; ``ce-soft-bwd``,
+  ``kl-bwd`` and ``js`` need the row loss before the gradient, a third read: ``7·N·A·b``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sp_fwd", "sp_fused", "LOSS_CODES"]
+
+LOSS_CODES = {"ce": 0, "ce-soft-fwd": 1, "ce-soft-bwd": 2, "kl-fwd": 3, "kl-bwd": 4, "js": 5}
+# The widest tile a program holds per row: wider rows loop over tiles. 16K elements keep the live
+# fp32 arrays of one row in registers at 16 to 32 warps.
+MAX_BLOCK = 16384
+_LN2 = math.log(2.0)
+
+
+@triton.jit
+def _online_update(m, s, x):
+    """Fold a tile ``x`` ([ROWS, BLOCK], -inf where masked) into running (max, sum of exp)."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z, inv_t):
+    mask = rmask[:, None] & (cols < A)[None, :]
+    q = tl.load(q_ptr + rows64[:, None] * stride_q + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    valid = mask & (q != float("-inf"))
+    z = tl.where(valid, z, float("-inf"))
+    return q, q * inv_t, z, valid, mask
+
+
+@triton.jit
+def _probs(t, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, eps,
+           LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """Teacher p, log p and student s, log s on a tile; 0 outside the valid entries."""
+    ls = tl.where(valid, z - mz[:, None] - lse_z[:, None], 0.0)
+    s = tl.where(valid, tl.exp(ls), 0.0)
+    if LOSS == 0:
+        hit = cols[None, :] == target[:, None]
+        p = tl.where(valid, eps / n_valid[:, None], 0.0) + tl.where(hit & valid, 1.0 - eps, 0.0)
+        lp = ls  # unused by ce
+    else:
+        lp = tl.where(valid, t - mt[:, None] - lse_t[:, None], 0.0)
+        p = tl.where(valid, tl.exp(lp), 0.0)
+        if HAS_SMOOTHING:
+            p = tl.where(valid, (1.0 - eps) * p + eps / n_valid[:, None], 0.0)
+            lp = tl.where(valid, tl.log(tl.maximum(p, 1e-37)), 0.0)
+    return p, lp, s, ls
+
+
+@triton.jit
+def _log_m(lp, ls):
+    """log((p + s) / 2) without underflow: logaddexp(log p, log s) - log 2."""
+    hi = tl.maximum(lp, ls)
+    return hi + tl.log(1.0 + tl.exp(tl.minimum(lp, ls) - hi)) - 0.6931471805599453
+
+
+@triton.jit
+def _elem_loss(p, lp, s, ls, LOSS: tl.constexpr):
+    if LOSS <= 1:
+        e = -p * ls
+    elif LOSS == 2:
+        e = -s * lp
+    elif LOSS == 3:
+        e = p * (lp - ls)
+    elif LOSS == 4:
+        e = s * (ls - lp)
+    else:
+        lm = _log_m(lp, ls)
+        e = 0.5 * (p * (lp - lm) + s * (ls - lm))
+    return e
+
+
+@triton.jit
+def _elem_aux(p, lp, s, ls, LOSS: tl.constexpr):
+    """The row scalar the gradient of js needs: K = Σ s (log s - log m)."""
+    return s * (ls - _log_m(lp, ls))
+
+
+@triton.jit
+def _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS: tl.constexpr):
+    if LOSS <= 1 or LOSS == 3:
+        g = s - p
+    elif LOSS == 2:
+        g = s * (-row_loss[:, None] - lp)
+    elif LOSS == 4:
+        g = s * (ls - lp - row_loss[:, None])
+    else:
+        g = s * (0.5 * (ls - _log_m(lp, ls)) - 0.5 * row_aux[:, None])
+    return g
+
+
+@triton.jit
+def _sp_fwd_kernel(
+    q_ptr, z_ptr, loss_ptr, grad_ptr,
+    N, A, stride_q, stride_z, stride_g, inv_t, eps,
+    LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ROWS: tl.constexpr, BLOCK_A: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_A)
+    mt = tl.full([ROWS], -1e30, tl.float32)
+    mz = tl.full([ROWS], -1e30, tl.float32)
+    st = tl.zeros([ROWS], tl.float32)
+    sz = tl.zeros([ROWS], tl.float32)
+    n_valid = tl.zeros([ROWS], tl.float32)
+    best = tl.full([ROWS], float("-inf"), tl.float32)
+    target = tl.zeros([ROWS], tl.int32)
+    row_loss = tl.zeros([ROWS], tl.float32)
+    row_aux = tl.zeros([ROWS], tl.float32)
+    g_row = grad_ptr + rows64[:, None] * stride_g
+    if SINGLE_TILE:
+        # The whole row is in registers: every input byte is read once.
+        q, t, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols0, A, stride_q, stride_z, inv_t)
+        mt, st = _online_update(mt, st, t)
+        mz, sz = _online_update(mz, sz, z)
+        n_valid = tl.maximum(tl.sum(valid.to(tl.float32), axis=1), 1.0)  # >= 1 keeps rows past N finite
+        if LOSS == 0:
+            target = tl.argmax(q, axis=1).to(tl.int32)
+        p, lp, s, ls = _probs(t, z, valid, cols0, mt, tl.log(st), mz, tl.log(sz), n_valid, target, eps,
+                              LOSS, HAS_SMOOTHING)
+        row_loss = tl.sum(_elem_loss(p, lp, s, ls, LOSS), axis=1)
+        if LOSS == 5:
+            row_aux = tl.sum(_elem_aux(p, lp, s, ls, LOSS), axis=1)
+        g = _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS)
+        tl.store(g_row + cols0[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        for start in range(0, A, BLOCK_A):
+            cols = start + cols0
+            q, t, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z, inv_t)
+            mt, st = _online_update(mt, st, t)
+            mz, sz = _online_update(mz, sz, z)
+            n_valid += tl.sum(valid.to(tl.float32), axis=1)
+            if LOSS == 0:
+                tile_best = tl.max(q, axis=1)
+                tile_arg = tl.argmax(q, axis=1).to(tl.int32) + start
+                better = tile_best > best  # strict: ties keep the lowest index, as torch.argmax
+                target = tl.where(better, tile_arg, target)
+                best = tl.maximum(best, tile_best)
+        n_valid = tl.maximum(n_valid, 1.0)
+        lse_t = tl.log(st)
+        lse_z = tl.log(sz)
+        for start in range(0, A, BLOCK_A):
+            cols = start + cols0
+            q, t, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z, inv_t)
+            p, lp, s, ls = _probs(t, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, eps, LOSS, HAS_SMOOTHING)
+            row_loss += tl.sum(_elem_loss(p, lp, s, ls, LOSS), axis=1)
+            if LOSS == 5:
+                row_aux += tl.sum(_elem_aux(p, lp, s, ls, LOSS), axis=1)
+            if LOSS <= 1 or LOSS == 3:  # the gradient needs no row total: write it in this pass
+                g = _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS)
+                tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+        if LOSS == 2 or LOSS >= 4:
+            for start in range(0, A, BLOCK_A):
+                cols = start + cols0
+                q, t, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z, inv_t)
+                p, lp, s, ls = _probs(t, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, eps,
+                                      LOSS, HAS_SMOOTHING)
+                g = _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS)
+                tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(loss_ptr + rows, row_loss, mask=rmask)
+
+
+@triton.jit
+def _scale_rows_kernel(g_ptr, scale_ptr, out_ptr, N, A, stride_g, stride_o,
+                       ROWS: tl.constexpr, BLOCK_A: tl.constexpr):
+    """``out[r, :] = g[r, :] * scale[r]`` in fp32, one read and one write of the gradient."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    rows64 = rows.to(tl.int64)
+    mask = (rows < N)[:, None] & (cols < A)[None, :]
+    scale = tl.load(scale_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :],
+             (g * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _tiling(A: int, max_block: int):
+    block = min(triton.next_power_of_2(A), max_block)
+    rows = max(1, min(64, 4096 // block)) if block >= A else 1
+    warps = 4 if rows * block <= 2048 else 8 if rows * block <= 8192 else 16
+    return block, rows, warps
+
+
+def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
+           max_block: int = MAX_BLOCK, loss_out: torch.Tensor | None = None, grad_out: torch.Tensor | None = None):
+    """Launch the forward kernel on ``[N, A]`` teacher values and student logits.
+
+    Returns ``(row_loss fp32 [N], grad [N, A] in z.dtype)``, the gradient of each row's loss with
+    respect to its logits. ``loss_out``/``grad_out`` let tests hand in NaN-poisoned buffers.
+    """
+    q, z = q.contiguous(), z.contiguous()
+    N, A = z.shape
+    loss = torch.empty(N, dtype=torch.float32, device=z.device) if loss_out is None else loss_out
+    grad = torch.empty_like(z) if grad_out is None else grad_out
+    block, rows, warps = _tiling(A, max_block)
+    _sp_fwd_kernel[(triton.cdiv(N, rows),)](
+        q, z, loss, grad, N, A, q.stride(0), z.stride(0), grad.stride(0),
+        1.0 / temperature, float(label_smoothing),
+        LOSS=LOSS_CODES[loss_type], HAS_SMOOTHING=label_smoothing > 0.0, ROWS=rows, BLOCK_A=block,
+        SINGLE_TILE=block >= A, num_warps=warps,
+    )
+    return loss, grad
+
+
+def scale_rows(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    N, A = g.shape
+    out = torch.empty_like(g)
+    block = min(triton.next_power_of_2(A), 4096)
+    rows = max(1, min(64, 4096 // block))
+    _scale_rows_kernel[(triton.cdiv(N, rows), triton.cdiv(A, block))](
+        g, scale.contiguous(), out, N, A, g.stride(0), out.stride(0), ROWS=rows, BLOCK_A=block, num_warps=4
+    )
+    return out
+
+
+# torch.library custom ops, so that torch.compile(fullgraph=True) traces calls without graph breaks.
+@torch.library.custom_op("fusedloss::sp_fwd", mutates_args=())
+def _sp_fwd_op(q: torch.Tensor, z: torch.Tensor, loss_code: int, temperature: float, label_smoothing: float,
+               max_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    loss_type = next(k for k, v in LOSS_CODES.items() if v == loss_code)
+    return sp_fwd(q, z, loss_type, temperature, label_smoothing, max_block)
+
+
+@_sp_fwd_op.register_fake
+def _(q, z, loss_code, temperature, label_smoothing, max_block):
+    return z.new_empty(z.shape[0], dtype=torch.float32), torch.empty_like(z)
+
+
+@torch.library.custom_op("fusedloss::scale_rows", mutates_args=())
+def _scale_rows_op(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return scale_rows(g, scale)
+
+
+@_scale_rows_op.register_fake
+def _(g, scale):
+    return torch.empty_like(g)
+
+
+def _sp_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _sp_backward(ctx, grad_loss, grad_grad):
+    (g,) = ctx.saved_tensors
+    return None, _scale_rows_op(g, grad_loss), None, None, None, None
+
+
+_sp_fwd_op.register_autograd(_sp_backward, setup_context=_sp_setup)
+
+
+def sp_fused(q, z, loss_type, temperature, label_smoothing, max_block: int = MAX_BLOCK):
+    """Per-row losses ``[N]`` (fp32) through the kernel; the teacher ``q`` gets no gradient."""
+    rows, _ = _sp_fwd_op(q.detach(), z, LOSS_CODES[loss_type], float(temperature), float(label_smoothing), max_block)
+    return rows
