@@ -55,6 +55,15 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _interpreter_too_late() -> bool:
+    """True when triton.language was imported before TRITON_INTERPRET=1 was set: its own jit
+    helpers (tl.zeros, ...) were then compiled for the GPU, and no kernel can run interpreted."""
+    import sys
+
+    tl = sys.modules.get("triton.language")
+    return tl is not None and type(getattr(tl, "zeros", None)).__name__ == "JITFunction"
+
+
 def kernel_module(family: str):
     """Import and return the kernel module of ``family`` (imports Triton)."""
     return importlib.import_module(KERNEL_FAMILIES[family])
@@ -75,6 +84,11 @@ def _why_not_kernel(family: str, tensors) -> str | None:
                     "the tensors are on the CPU and Triton runs CPU tensors only under its "
                     "interpreter; set TRITON_INTERPRET=1 before importing fusedloss, move the "
                     "tensors to CUDA, or use backend='torch'"
+                )
+            if _interpreter_too_late():
+                return (
+                    "TRITON_INTERPRET=1 was set after triton.language had been imported (importing "
+                    "torch._dynamo does that); set it in the environment before starting Python"
                 )
             continue
         return f"the {family} kernel runs on CUDA (or CPU under TRITON_INTERPRET=1), got {t.device}"

@@ -156,3 +156,21 @@ def test_cli_verify_runs_and_passes():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "all checks passed" in res.stdout and "router_z" in res.stdout
     assert subprocess.run([sys.executable, "-m", "fusedloss"], capture_output=True).returncode == 2
+
+
+def test_import_leaves_triton_language_unloaded():
+    """TRITON_INTERPRET must be settable after `import fusedloss`, before the first kernel runs."""
+    code = "import sys, fusedloss; assert 'triton.language' not in sys.modules, 'triton.language imported'"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_interpreter_switched_on_too_late_is_named():
+    pytest.importorskip("triton")
+    code = ("import os, torch, triton.language, fusedloss as fl\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "try:\n    fl.sp_js_loss(torch.randn(2, 3), torch.randn(2, 3), 1.0, backend='triton')\n"
+            "except RuntimeError as e:\n    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
+    assert "set after triton.language had been imported" in res.stdout, res.stdout + res.stderr

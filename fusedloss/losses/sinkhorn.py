@@ -111,6 +111,19 @@ def _validate_weights(w, shape, name):
     return w / w.sum(dim=-1, keepdim=True)
 
 
+_EAGER_SOLVE = None
+
+
+def _solve_outside_graph(*args):
+    """``_solve`` under ``torch.compiler.disable``: traced, the online backend returns NaN. The
+    wrapper is made on first use, because importing torch._dynamo at ``import fusedloss`` would
+    import triton.language before a user can switch on TRITON_INTERPRET."""
+    global _EAGER_SOLVE
+    if _EAGER_SOLVE is None:
+        _EAGER_SOLVE = torch.compiler.disable(_solve)
+    return _EAGER_SOLVE(*args)
+
+
 def _solve(x, y, a, b, p, blur, reach, debias, scaling, backend):
     from geomloss import SamplesLoss
 
@@ -152,7 +165,6 @@ def _voxel_labels(x, scale):
     return torch.unique(vox, dim=0, return_inverse=True)[1].to(torch.int32)
 
 
-@torch.compiler.disable
 def sinkhorn_loss(
     pred_action: torch.Tensor,
     target_action: torch.Tensor,
@@ -202,7 +214,8 @@ def sinkhorn_loss(
                 f"sinkhorn backend='online' needs KeOps: {problem}. Fall back to backend='tensorized' "
                 "(dense cost matrix, quadratic memory), or fix the KeOps install."
             )
-    value = _solve(x, y, a, b, p, float(blur), None if reach is None else float(reach), debias, scaling, backend)
+    value = _solve_outside_graph(x, y, a, b, p, float(blur), None if reach is None else float(reach), debias,
+                                 scaling, backend)
     if not batched or reduction == "none":
         return value
     return value.mean() if reduction == "mean" else value.sum()

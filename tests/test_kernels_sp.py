@@ -1,0 +1,164 @@
+"""The fused sp kernel against the reference: CPU under TRITON_INTERPRET=1 in CI, CUDA on a GPU."""
+
+import pytest
+import torch
+
+import fusedloss as fl
+from fusedloss.testing import assert_close_to_float64, make_sp_inputs, nan_like
+
+pytest.importorskip("triton")
+from fusedloss.kernels import sp as K  # noqa: E402  (after conftest set TRITON_INTERPRET)
+
+LOSS_TYPES = list(K.LOSS_CODES)
+DTYPES = [torch.float32, torch.bfloat16]
+# (N, A, max_block): non-powers of two, a single row, the smallest A, rows longer than one tile.
+SHAPES = {
+    "N9-A7": (9, 7, K.MAX_BLOCK),
+    "N1-A300-tiled": (1, 300, 64),
+    "N5-A300": (5, 300, K.MAX_BLOCK),
+    "N70-A2": (70, 2, K.MAX_BLOCK),
+    "N4-A133-tiled": (4, 133, 32),
+}
+OPTIONS = {"plain": (1.0, 0.0, 0.0), "T1.7-ls0.1-pad": (1.7, 0.1, 0.25), "T0.5-pad": (0.5, 0.0, 0.4)}
+
+
+def _rows_and_grad(q, z, lt, T, eps, backend_fn):
+    rows = backend_fn(q, z)
+    (g,) = torch.autograd.grad(rows.sum(), z)
+    return rows.detach(), g
+
+
+@pytest.mark.parametrize("opts", list(OPTIONS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_kernel_matches_reference(loss_type, dtype, shape, opts, device):
+    N, A, max_block = SHAPES[shape]
+    T, eps, pad = OPTIONS[opts]
+    q, z = make_sp_inputs(N, A, dtype, device, pad_frac=pad if A > 2 else 0.0)
+    # Poisoned outputs: any element the kernel fails to write stays NaN and fails the comparison.
+    loss_buf, grad_buf = nan_like((N,), torch.float32, device), nan_like((N, A), dtype, device)
+    rows, grad = K.sp_fwd(q, z.detach(), loss_type, T, eps, max_block, loss_out=loss_buf, grad_out=grad_buf)
+    z64 = z.detach().double().requires_grad_(True)
+    ref64, g64 = _rows_and_grad(q.double(), z64, loss_type, T, eps, lambda a, b: fl.sp_reference(a, b, loss_type, T, eps))
+    ref, g_ref = _rows_and_grad(q, z, loss_type, T, eps, lambda a, b: fl.sp_reference(a, b, loss_type, T, eps))
+    g_ref = g_ref.to(dtype)
+    assert grad.dtype == dtype and rows.dtype == torch.float32
+    assert_close_to_float64(rows, ref, ref64, dtype, "row loss")
+    assert_close_to_float64(grad, g_ref, g64, dtype, "gradient")
+    if pad:
+        assert torch.all(grad[q == float("-inf")] == 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_public_helpers_with_random_upstream_gradient(reduction, dtype, device):
+    q, z = make_sp_inputs(11, 37, dtype, device, pad_frac=0.2)
+    w = torch.rand(11, device=device) + 0.5
+    up = torch.randn(11, device=device) if reduction == "none" else torch.randn((), device=device)
+    outs = {}
+    for backend in ("triton", "torch"):
+        zz = z.detach().clone().requires_grad_(True)
+        loss = fl.sp_js_loss(q, zz, 1.3, 0.05, reduction=reduction, weight=w, backend=backend)
+        (loss * up).sum().backward()
+        outs[backend] = (loss.detach(), zz.grad)
+    z64 = z.detach().double().requires_grad_(True)
+    loss64 = fl.sp_js_loss(q.double(), z64, 1.3, 0.05, reduction=reduction, weight=w.double(), backend="torch")
+    (loss64 * up.double()).sum().backward()
+    assert_close_to_float64(outs["triton"][0], outs["torch"][0], loss64.detach(), dtype, "loss")
+    assert_close_to_float64(outs["triton"][1], outs["torch"][1], z64.grad, dtype, "gradient")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_sp_loss_dispatches_to_kernel(loss_type, device, monkeypatch):
+    calls = []
+    real = K.sp_fwd
+    monkeypatch.setattr(K, "sp_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, z = make_sp_inputs(3, 4, torch.float32, device)
+    q = q.reshape(1, 3, 4)
+    z = z.detach().reshape(1, 3, 4).requires_grad_(True)
+    cfg = lambda b: fl.SpLossConfig(loss_type=loss_type, temperature=2.0, label_smoothing=0.1, backend=b)
+    lk, mk = fl.sp_loss({"q_star": q}, z, cfg("triton"))
+    assert calls == [1]
+    lr, mr = fl.sp_loss({"q_star": q}, z, cfg("torch"))
+    assert calls == [1]
+    assert torch.allclose(lk, lr, atol=1e-6) and mk["sp_loss"] == pytest.approx(mr["sp_loss"], abs=1e-6)
+    (gk,) = torch.autograd.grad(lk, z)
+    (gr,) = torch.autograd.grad(lr, z)
+    assert torch.allclose(gk, gr, atol=1e-6)
+
+
+def test_underflow_gives_no_nan(device):
+    q = torch.tensor([[0.0, -2000.0, -5000.0, 1e4, float("-inf")]], device=device)
+    z = torch.tensor([[3000.0, -3000.0, 0.0, -1e4, 5.0]], device=device)
+    for lt in LOSS_TYPES:
+        rows, grad = K.sp_fwd(q, z, lt, 1.0, 0.0)
+        assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), lt
+        assert grad[0, 4] == 0
+
+
+def test_ce_true_class_gradient_in_fp32_does_not_cancel(device):
+    # A confident student: s_target ~ 1 - 1e-4. In bf16, s - 1 computed after rounding s would be 0.
+    z = torch.tensor([[12.0, 2.0, 2.5, 3.0]], device=device, dtype=torch.bfloat16)
+    q = torch.tensor([[5.0, 0.0, 0.0, 0.0]], device=device, dtype=torch.bfloat16)
+    _, grad = K.sp_fwd(q, z, "ce", 1.0, 0.0)
+    want = torch.softmax(z.double(), -1)[0, 0] - 1.0
+    assert grad[0, 0].item() == pytest.approx(want.item(), rel=1e-2)
+
+
+def test_triton_backend_errors(monkeypatch):
+    q, z = make_sp_inputs(2, 3)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 and float16"):
+        fl.sp_js_loss(q.double(), z.double(), 1.0, backend="triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            fl.sp_js_loss(q, z, 1.0, backend="triton")
+
+
+def test_compile_fullgraph_reference_path():
+    q, z = make_sp_inputs(6, 5)
+
+    def step(q, z):
+        loss, metrics = fl.sp_loss({"q_star": q}, z, fl.SpLossConfig(loss_type="kl-fwd", backend="torch",
+                                                                       metrics_mode="lazy"))
+        return loss, metrics
+
+    loss_c, metrics_c = torch.compile(step, fullgraph=True)(q, z)
+    loss_e, _ = step(q, z)
+    assert torch.allclose(loss_c, loss_e) and metrics_c["sp_loss"] == pytest.approx(loss_e.item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_compile_fullgraph_kernel_path_cuda(loss_type):
+    q, z = make_sp_inputs(64, 1000, torch.bfloat16, "cuda")
+
+    def step(q, z):
+        return fl.sp_kl_loss(q, z, 1.0, backend="triton", check_inputs=False) if loss_type == "kl-fwd" else \
+            fl.sp_loss({"q_star": q}, z, fl.SpLossConfig(loss_type=loss_type, backend="triton", metrics_mode="lazy"))[0]
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss_c = compiled(q, z)
+    (g_c,) = torch.autograd.grad(loss_c, z)
+    loss_e = step(q, z)
+    (g_e,) = torch.autograd.grad(loss_e, z)
+    assert torch.allclose(loss_c, loss_e) and torch.equal(g_c, g_e)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(8192, 32768), (2048, 131072), (32768, 4096), (16384, 18), (16384, 256)],
+                         ids=lambda s: f"N{s[0]}-A{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("loss_type", ["ce", "kl-fwd", "js"])
+def test_kernel_full_sizes_cuda(loss_type, dtype, shape):
+    N, A = shape
+    q, z = make_sp_inputs(N, A, dtype, "cuda", pad_frac=0.05)
+    rows, grad = K.sp_fwd(q, z.detach(), loss_type, 1.5, 0.1)
+    ref = fl.sp_reference(q, z, loss_type, 1.5, 0.1)
+    (g_ref,) = torch.autograd.grad(ref.sum(), z)
+    z64 = z.detach().double().requires_grad_(True)
+    ref64 = fl.sp_reference(q.double(), z64, loss_type, 1.5, 0.1)
+    (g64,) = torch.autograd.grad(ref64.sum(), z64)
+    assert_close_to_float64(rows, ref.detach(), ref64.detach(), dtype, "row loss")
+    assert_close_to_float64(grad, g_ref.to(dtype), g64, dtype, "gradient")
