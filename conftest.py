@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-# Kernel tests run on CUDA when present, else on CPU under the Triton interpreter, which must be
+# Kernel tests and benchmarks run on CUDA when present, else on CPU under the Triton interpreter, which must be
 # switched on before any @triton.jit function is defined (fusedloss imports kernels lazily).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

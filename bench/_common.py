@@ -1,0 +1,95 @@
+"""Shared benchmark plumbing: device, byte models, copy bandwidth, peak memory, launch counts.
+
+Every benchmark times forward plus backward (the headline) with a device synchronize inside the
+timed function, and records in ``extra_info``: the byte model and its bytes, effective GB/s, the
+percentage of the copy bandwidth measured in the same session, peak extra memory and launches
+per call (CUDA only). On CPU the suite is a smoke test at tiny shapes (``--benchmark-disable``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbs() -> float | None:
+    """Device-to-device copy bandwidth (read + write) of a 1 GiB buffer, larger than any L2."""
+    if not CUDA:
+        return None
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 20
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def peak_extra_memory(fn) -> int | None:
+    """Bytes allocated above the starting point during one call of ``fn``."""
+    if not CUDA:
+        return None
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def launches_per_call(fn) -> int | None:
+    if not CUDA:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+
+
+def run_benchmark(benchmark, fn, *, byte_model: str = "", nbytes: int | None = None, **info):
+    """Time ``fn`` (which must synchronize) and attach the derived figures to ``extra_info``."""
+    fn()  # warm-up: compilation and autotuning stay out of the timing
+    benchmark.extra_info.update(info)
+    benchmark.extra_info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
+    if byte_model:
+        benchmark.extra_info["byte_model"] = byte_model
+        benchmark.extra_info["bytes"] = nbytes
+    benchmark.extra_info["peak_extra_memory_bytes"] = peak_extra_memory(fn)
+    benchmark.extra_info["launches_per_call"] = launches_per_call(fn)
+    benchmark(fn)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and nbytes:
+        seconds = stats.stats.median
+        gbs = nbytes / seconds / 1e9
+        benchmark.extra_info["gbs"] = gbs
+        copy = copy_bandwidth_gbs()
+        if copy:
+            benchmark.extra_info["copy_gbs"] = copy
+            benchmark.extra_info["pct_of_copy"] = 100.0 * gbs / copy
+
+
+def compiled(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def need_triton():
+    pytest.importorskip("triton")
