@@ -24,6 +24,7 @@ ENV_VAR = "FUSEDLOSS_BACKEND"
 # yet, and ``backend="triton"`` raises NotImplementedError for it.
 KERNEL_FAMILIES: dict[str, str] = {
     "sp": "fusedloss.kernels.sp",
+    "dqn": "fusedloss.kernels.dqn",
 }
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -52,12 +52,12 @@ class LazyMetrics(Mapping):
     def __init__(self, named: Mapping[str, torch.Tensor], checks: list[Check]):
         self._named = {k: v.detach() for k, v in named.items()}
         self._checks = checks
-        self._packed = _pack(self._named, checks)
         self._host: dict[str, float] | None = None
 
     def _materialize(self) -> dict[str, float]:
+        # Packing happens here, on first read, so that the loss call itself launches nothing.
         if self._host is None:
-            self._host = _unpack(list(self._named), self._checks, self._packed.tolist())
+            self._host = _unpack(list(self._named), self._checks, _pack(self._named, self._checks).tolist())
         return self._host
 
     def check(self) -> None:

@@ -64,28 +64,46 @@ def check_finite_number(value: float, name: str) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}.")
 
 
-def index_tensor(t: torch.Tensor, name: str, shape: tuple[int, ...], form: str, upper: int):
-    """Validate an integer index tensor of ``shape``; return it clamped to ``[0, upper)`` as int64
-    and a device flag that is True where any value was out of range."""
+def check_index(t: torch.Tensor, name: str, shape: tuple[int, ...], form: str) -> None:
+    """Host-side checks of an integer index tensor (dtype, shape)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor (an action index), got {t.dtype}.")
     require_shape(t, shape, name, form)
+
+
+def clamp_index(t: torch.Tensor, upper: int, used: slice = slice(None)):
+    """``t`` as int64 clamped to ``[0, upper)``, and a device flag: any value in ``t[:, used]``
+    out of range. Only the used steps are checked (step 0's action is never read)."""
     idx = t.to(torch.long)
-    bad = ((idx < 0) | (idx >= upper)).any()
-    return idx.clamp(0, upper - 1), bad
+    u = idx[:, used]
+    return idx.clamp(0, upper - 1), ((u < 0) | (u >= upper)).any()
+
+
+def index_tensor(t: torch.Tensor, name: str, shape: tuple[int, ...], form: str, upper: int,
+                 used: slice = slice(None)):
+    """Validate an integer index tensor; return it clamped to ``[0, upper)`` and the range flag."""
+    check_index(t, name, shape, form)
+    return clamp_index(t, upper, used)
+
+
+DONE_NAME = "step_stream['done']"
+
+
+def check_done(t: torch.Tensor, shape: tuple[int, ...], form: str) -> None:
+    require_shape(t, shape, DONE_NAME, form)
+    if t.is_complex() or t.is_floating_point():
+        raise TypeError(f"{DONE_NAME} must be an integer or bool tensor of 0 (running), 1 (terminal) or 2 (truncated), got {t.dtype}.")
 
 
 def done_tensor(t: torch.Tensor, shape: tuple[int, ...], form: str):
-    """``done`` as (terminal, truncated) float masks plus a flag for values outside {0, 1, 2}."""
-    name = "step_stream['done']"
-    require_shape(t, shape, name, form)
-    if t.is_complex():
-        raise TypeError(f"{name} must hold 0 (running), 1 (terminal) or 2 (truncated), got {t.dtype}.")
+    """``done`` as (terminal, truncated) bool masks plus a flag for values outside {0, 1, 2} in the
+    used steps ``[:, 1:]``."""
+    check_done(t, shape, form)
     d = t.to(torch.int64) if t.dtype == torch.bool else t
     bad = ~((d == 0) | (d == 1) | (d == 2))
-    return d == 1, d == 2, bad.any()
+    return d == 1, d == 2, bad[:, 1:].any()
 
 
 def reward_tensor(stream: Any, use_xformed: bool, shape: tuple[int, ...], form: str) -> torch.Tensor:

@@ -17,8 +17,10 @@ from ._common import (
     check_positive,
     check_reward_config,
     compute_dtype,
+    check_done,
+    check_index,
+    clamp_index,
     done_tensor,
-    index_tensor,
     require_float,
     require_shape,
     reward_tensor,
@@ -189,8 +191,10 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
     if S < 2:
         raise ValueError(f"dqn_loss needs S >= 2 steps per sequence to form a transition, got S = {S}.")
     check_reward_config(cfg, S)
-    action, bad_action = index_tensor(stream_get(step_stream, "action"), "step_stream['action']", (B, S), "[B, S]", A)
-    terminal, truncated, bad_done = done_tensor(stream_get(step_stream, "done"), (B, S), "[B, S]")
+    action = stream_get(step_stream, "action")
+    check_index(action, "step_stream['action']", (B, S), "[B, S]")
+    done = stream_get(step_stream, "done")
+    check_done(done, (B, S), "[B, S]")
     reward = reward_tensor(step_stream, cfg.use_xformed_reward, (B, S), "[B, S]")
     weight = mask = None
     if cfg.weight_key is not None:
@@ -202,19 +206,21 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
         require_shape(mask, (B, S), f"step_stream[{cfg.mask_key!r}]", "[B, S]")
         mask = mask.to(torch.bool)
 
-    checks = [
-        (bad_action, f"step_stream['action'] holds a value outside [0, A) = [0, {A})."),
-        (bad_done, "step_stream['done'] holds a value outside {0, 1, 2} (running, terminal, truncated)."),
-    ]
-    if mask is not None:
-        n_valid = (mask[:, :-1] & mask[:, 1:]).sum()
-        checks.append((n_valid == 0, f"step_stream[{cfg.mask_key!r}] leaves no valid transition (steps t and t+1 both valid)."))
-
+    msg_action = f"step_stream['action'] holds a value outside [0, A) = [0, {A}) at a used step (t >= 1)."
+    msg_done = "step_stream['done'] holds a value outside {0, 1, 2} (running, terminal, truncated) at a used step (t >= 1)."
+    msg_mask = f"step_stream[{cfg.mask_key!r}] leaves no valid transition (steps t and t+1 both valid)."
     if resolve_backend(cfg.backend, "dqn", q, q_target) is Backend.TRITON:
-        loss, named, td_abs = kernel_module("dqn").dqn_fused(
-            q, q_target, action, reward, terminal, truncated, cfg, weight, mask
-        )
+        # The kernel validates and clamps indices itself; its flags are views of the metrics buffer.
+        loss, named, td_abs, flags = kernel_module("dqn").dqn_fused(q, q_target, action, reward, done, cfg, weight, mask)
+        checks = [(flags["bad_action"], msg_action), (flags["bad_done"], msg_done)]
+        if mask is not None:
+            checks.append((flags["count"] == 0, msg_mask))
     else:
+        action, bad_action = clamp_index(action, A, slice(1, None))
+        terminal, truncated, bad_done = done_tensor(done, (B, S), "[B, S]")
+        checks = [(bad_action, msg_action), (bad_done, msg_done)]
+        if mask is not None:
+            checks.append(((mask[:, :-1] & mask[:, 1:]).sum() == 0, msg_mask))
         loss, named, td_abs = dqn_reference(q, q_target, action, reward, terminal, truncated, cfg, weight, mask)
     metrics = finalize_metrics(named, checks, cfg.metrics_mode)
     if cfg.return_td_error:

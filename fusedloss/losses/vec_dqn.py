@@ -171,9 +171,10 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
         raise ValueError(f"vec_dqn_loss needs S >= 2 steps per sequence, got S = {S}.")
     _check_even_d(online_vecs, "online_vecs")
     check_reward_config(cfg, S)
-    action, bad_action = index_tensor(stream_get(step_stream, "action"), "step_stream['action']", (B, S), "[B, S]", A)
+    action, bad_action = index_tensor(stream_get(step_stream, "action"), "step_stream['action']", (B, S), "[B, S]", A,
+                                      used=slice(1, None))
     reward = reward_tensor(step_stream, cfg.use_xformed_reward, (B, S), "[B, S]")
-    checks = [(bad_action, f"step_stream['action'] holds a value outside [0, A) = [0, {A}).")]
+    checks = [(bad_action, f"step_stream['action'] holds a value outside [0, A) = [0, {A}) at a used step (t >= 1).")]
     if resolve_backend(cfg.backend, "vec_dqn", online_vecs, target_vecs) is Backend.TRITON:
         loss, named = kernel_module("vec_dqn").vec_dqn_fused(online_vecs, target_vecs, action, reward, cfg)
     else:
