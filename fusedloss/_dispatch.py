@@ -25,6 +25,8 @@ ENV_VAR = "FUSEDLOSS_BACKEND"
 KERNEL_FAMILIES: dict[str, str] = {
     "sp": "fusedloss.kernels.sp",
     "dqn": "fusedloss.kernels.dqn",
+    "vec_dqn": "fusedloss.kernels.vec_dqn",
+    "rope": "fusedloss.kernels.vec_dqn",
 }
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -1,0 +1,336 @@
+"""Fused Triton kernels for vector DQN: pairwise-angle scores, the greedy target, RoPE rotation and
+the cosine loss, plus ``rope_rotate``.
+
+Scores. ``score[a] = Σ_i atan2(<rot90(v_i), v_a>, <v_i, v_a>)``. With even/odd halves ``e, o`` of
+each vector, ``<v_i, v_a> = Σ e_i e_a + o_i o_a`` and ``<rot90(v_i), v_a> = Σ e_i o_a − o_i e_a``.
+atan2 is invariant to scaling both arguments by a positive factor, so the vectors need no
+normalisation. Programs tile the actions (``BA``), the other actions (``BI``) and the pairs (``BD``);
+the ``A×A`` angle matrix lives only in registers, one ``BI×BA`` tile at a time. atan2 is built from
+``tl`` primitives (octant reduction, then an odd series on ``|t| ≤ tan(π/8)``, truncation error
+below 2e-8), so the same code runs under the interpreter and on the GPU.
+
+Loss. One program per transition ``(b, t < S-1)``: scores of ``target[b, t+1]``, the argmax (ties
+to the lowest index), the greedy vector rotated by ``theta``, and ``1 − cos`` against
+``online[b, t, a]``. The gradient ``−(ŵ − cos·û)/|u|`` (PyTorch's ``cosine_similarity`` with its
+``eps`` clamp) is stored compactly, ``[N, D]`` fp32; backward expands it into the dense
+``[B, S, A, D]`` gradient scaled by ``grad_output / N`` in one launch.
+
+Byte model (loss, forward + backward): read the target vectors at ``t+1`` once per action tile
+(``B·S·A·D·b`` when ``A <= BA``), the taken online vector, write ``[N, D]`` fp32, then backward writes
+the dense gradient: about ``2·B·S·A·D·b``. Arithmetic is ``O(A²·D)`` per transition.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["vec_dqn_fused", "vec_dqn_scores_fused", "rope_rotate_fused", "vec_dqn_fwd", "scores_fwd"]
+
+
+@triton.jit
+def _atan2(y, x):
+    ax = tl.abs(x)
+    ay = tl.abs(y)
+    mx = tl.maximum(ax, ay)
+    mn = tl.minimum(ax, ay)
+    a = tl.where(mx > 0.0, mn / tl.where(mx > 0.0, mx, 1.0), 0.0)
+    big = a > 0.41421356237309503  # tan(pi/8): reduce with atan(a) = pi/4 + atan((a-1)/(a+1))
+    t = tl.where(big, (a - 1.0) / (a + 1.0), a)
+    t2 = t * t
+    p = -1.0 / 15.0
+    p = p * t2 + 1.0 / 13.0
+    p = p * t2 - 1.0 / 11.0
+    p = p * t2 + 1.0 / 9.0
+    p = p * t2 - 1.0 / 7.0
+    p = p * t2 + 1.0 / 5.0
+    p = p * t2 - 1.0 / 3.0
+    p = (p * t2 + 1.0) * t
+    r = tl.where(big, 0.7853981633974483 + p, p)
+    r = tl.where(ay > ax, 1.5707963267948966 - r, r)
+    r = tl.where(x < 0.0, 3.141592653589793 - r, r)
+    return tl.where(y < 0.0, -r, r)
+
+
+@triton.jit
+def _score_block(v_ptr, stride_a, a0, A, HALF, BA: tl.constexpr, BI: tl.constexpr, BD: tl.constexpr):
+    """Scores of actions ``a0 .. a0+BA`` of the ``[A, D]`` vectors at ``v_ptr`` (int64 base)."""
+    offs_a = a0 + tl.arange(0, BA)
+    am = offs_a < A
+    score = tl.zeros([BA], tl.float32)
+    for i0 in range(0, A, BI):
+        offs_i = i0 + tl.arange(0, BI)
+        im = offs_i < A
+        cos = tl.zeros([BI, BA], tl.float32)
+        sin = tl.zeros([BI, BA], tl.float32)
+        for j0 in range(0, HALF, BD):
+            offs_j = j0 + tl.arange(0, BD)
+            jm = offs_j < HALF
+            pa = v_ptr + offs_a[:, None].to(tl.int64) * stride_a + 2 * offs_j[None, :]
+            pi = v_ptr + offs_i[:, None].to(tl.int64) * stride_a + 2 * offs_j[None, :]
+            ma = am[:, None] & jm[None, :]
+            mi = im[:, None] & jm[None, :]
+            ea = tl.load(pa, mask=ma, other=0.0).to(tl.float32)
+            oa = tl.load(pa + 1, mask=ma, other=0.0).to(tl.float32)
+            ei = tl.load(pi, mask=mi, other=0.0).to(tl.float32)
+            oi = tl.load(pi + 1, mask=mi, other=0.0).to(tl.float32)
+            cos += tl.sum(ei[:, None, :] * ea[None, :, :] + oi[:, None, :] * oa[None, :, :], axis=2)
+            sin += tl.sum(ei[:, None, :] * oa[None, :, :] - oi[:, None, :] * ea[None, :, :], axis=2)
+        score += tl.sum(tl.where(im[:, None], _atan2(sin, cos), 0.0), axis=0)
+    return score, am
+
+
+@triton.jit
+def _scores_kernel(v_ptr, out_ptr, A, HALF, stride_m, stride_a,
+                   BA: tl.constexpr, BI: tl.constexpr, BD: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    a0 = tl.program_id(1) * BA
+    score, am = _score_block(v_ptr + m * stride_m, stride_a, a0, A, HALF, BA, BI, BD)
+    tl.store(out_ptr + m * A + a0 + tl.arange(0, BA), score, mask=am)
+
+
+@triton.jit
+def _vec_dqn_fwd_kernel(on_ptr, tg_ptr, act_ptr, theta_ptr, loss_ptr, g_ptr,
+                        S, A, HALF, stride_ob, stride_os, stride_oa, stride_tb, stride_ts, stride_ta, cos_eps,
+                        BA: tl.constexpr, BI: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)  # transition index in [0, B*(S-1))
+    b = r // (S - 1)
+    t = r % (S - 1)
+    tg = tg_ptr + b * stride_tb + (t + 1) * stride_ts
+    best = tl.full([BA], float("-inf"), tl.float32).max(axis=0)
+    greedy = tl.zeros([BA], tl.int32).max(axis=0)
+    for a0 in range(0, A, BA):
+        score, am = _score_block(tg, stride_ta, a0, A, HALF, BA, BI, BD)
+        score = tl.where(am, score, float("-inf"))
+        tile_best = tl.max(score, axis=0)
+        tile_arg = tl.argmax(score, axis=0).to(tl.int32) + a0
+        greedy = tl.where(tile_best > best, tile_arg, greedy)  # strict: ties keep the lowest index
+        best = tl.maximum(best, tile_best)
+    offs = tl.arange(0, BH)
+    hm = offs < HALF
+    wp = tg + greedy.to(tl.int64) * stride_ta + 2 * offs
+    we = tl.load(wp, mask=hm, other=0.0).to(tl.float32)
+    wo = tl.load(wp + 1, mask=hm, other=0.0).to(tl.float32)
+    theta = tl.load(theta_ptr + r)
+    c = tl.cos(theta)
+    s = tl.sin(theta)
+    re = we * c - wo * s
+    ro = we * s + wo * c
+    a = tl.load(act_ptr + b * S + t + 1)
+    up = on_ptr + b * stride_ob + t * stride_os + a * stride_oa + 2 * offs
+    ue = tl.load(up, mask=hm, other=0.0).to(tl.float32)
+    uo = tl.load(up + 1, mask=hm, other=0.0).to(tl.float32)
+    dot = tl.sum(ue * re + uo * ro, axis=0)
+    nu2 = tl.sum(ue * ue + uo * uo, axis=0)
+    nw2 = tl.sum(re * re + ro * ro, axis=0)
+    prod = nu2 * nw2
+    clamped = prod < cos_eps * cos_eps
+    denom = tl.sqrt(tl.maximum(prod, cos_eps * cos_eps))
+    cosv = dot / denom
+    tl.store(loss_ptr + r, 1.0 - cosv)
+    # d(1 - cos)/du: -(w/denom - dot·nw2·u/denom³), the second term absent when the eps clamp is active.
+    k = tl.where(clamped, 0.0, dot * nw2 / (denom * denom * denom))
+    gp = g_ptr + r * (2 * HALF) + 2 * offs
+    tl.store(gp, -(re / denom - k * ue), mask=hm)
+    tl.store(gp + 1, -(ro / denom - k * uo), mask=hm)
+
+
+@triton.jit
+def _vec_dqn_bwd_kernel(g_ptr, act_ptr, gout_ptr, out_ptr, S, A, HALF, inv_n,
+                        BA: tl.constexpr, BH: tl.constexpr):
+    """Dense ``[B, S, A, D]`` gradient: the compact row at the taken action, zeros elsewhere."""
+    row = tl.program_id(0).to(tl.int64)  # b * S + t
+    b = row // S
+    t = row % S
+    has = t < S - 1
+    tt = tl.minimum(t, S - 2)  # row S-1 has no transition: read a valid row, then zero it
+    r = b * (S - 1) + tt
+    a = tl.where(has, tl.load(act_ptr + b * S + tt + 1), -1)
+    scale = tl.load(gout_ptr).to(tl.float32) * inv_n
+    D = 2 * HALF
+    offs_d = tl.arange(0, BH)
+    dm = offs_d < D
+    g = tl.load(g_ptr + r * D + offs_d, mask=dm, other=0.0) * scale
+    for a0 in range(0, A, BA):
+        offs_a = a0 + tl.arange(0, BA)
+        am = offs_a < A
+        val = tl.where((offs_a == a)[:, None], g[None, :], 0.0)
+        tl.store(out_ptr + row * A * D + offs_a[:, None].to(tl.int64) * D + offs_d[None, :],
+                 val.to(out_ptr.dtype.element_ty), mask=am[:, None] & dm[None, :])
+
+
+@triton.jit
+def _rope_kernel(x_ptr, th_ptr, out_ptr, M, HALF, sign, BM: tl.constexpr, BH: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rm = rows < M
+    rows64 = rows.to(tl.int64)
+    theta = tl.load(th_ptr + rows64, mask=rm, other=0.0).to(tl.float32) * sign
+    c = tl.cos(theta)[:, None]
+    s = tl.sin(theta)[:, None]
+    for j0 in range(0, HALF, BH):
+        offs = j0 + tl.arange(0, BH)
+        mask = rm[:, None] & (offs < HALF)[None, :]
+        p = rows64[:, None] * (2 * HALF) + 2 * offs[None, :]
+        x0 = tl.load(x_ptr + p, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr + p + 1, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + p, (x0 * c - x1 * s).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + p + 1, (x0 * s + x1 * c).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _score_tiles(A: int, half: int):
+    ba = min(triton.next_power_of_2(A), 16)
+    bi = min(triton.next_power_of_2(A), 16)
+    bd = min(triton.next_power_of_2(half), 16)
+    return ba, bi, bd
+
+
+def scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores ``[M, A]`` fp32 of ``[M, A, D]`` vectors."""
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    M, A, D = v.shape
+    out = torch.empty((M, A), dtype=torch.float32, device=v.device) if out is None else out
+    ba, bi, bd = _score_tiles(A, D // 2)
+    _scores_kernel[(M, triton.cdiv(A, ba))](v, out, A, D // 2, v.stride(0), v.stride(1), BA=ba, BI=bi, BD=bd)
+    return out
+
+
+def vec_dqn_scores_fused(vecs: torch.Tensor) -> torch.Tensor:
+    """Scores need no gradient: they select actions."""
+    lead, (A, D) = vecs.shape[:-2], vecs.shape[-2:]
+    return scores_fwd(vecs.detach().reshape(-1, A, D)).reshape(*lead, A)
+
+
+def vec_dqn_fwd(online, target, action, theta, loss_out=None, g_out=None):
+    """Per-transition loss ``[N]`` and compact gradient ``[N, D]`` (fp32), ``N = B·(S-1)``."""
+    if online.stride(-1) != 1:
+        online = online.contiguous()
+    if target.stride(-1) != 1:
+        target = target.contiguous()
+    B, S, A, D = online.shape
+    N = B * (S - 1)
+    dev = online.device
+    loss = torch.empty(N, dtype=torch.float32, device=dev) if loss_out is None else loss_out
+    g = torch.empty((N, D), dtype=torch.float32, device=dev) if g_out is None else g_out
+    ba, bi, bd = _score_tiles(A, D // 2)
+    _vec_dqn_fwd_kernel[(N,)](
+        online, target, action.contiguous(), theta.contiguous(), loss, g, S, A, D // 2,
+        online.stride(0), online.stride(1), online.stride(2), target.stride(0), target.stride(1), target.stride(2),
+        1e-8, BA=ba, BI=bi, BD=bd, BH=triton.next_power_of_2(D // 2),
+    )
+    return loss, g
+
+
+@torch.library.custom_op("fusedloss::vec_dqn_fwd", mutates_args=())
+def _vec_dqn_fwd_op(online: torch.Tensor, target: torch.Tensor, action: torch.Tensor,
+                    theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return vec_dqn_fwd(online, target, action, theta)
+
+
+@_vec_dqn_fwd_op.register_fake
+def _(online, target, action, theta):
+    B, S, A, D = online.shape
+    f32 = dict(dtype=torch.float32, device=online.device)
+    return torch.empty(B * (S - 1), **f32), torch.empty((B * (S - 1), D), **f32)
+
+
+@torch.library.custom_op("fusedloss::vec_dqn_bwd", mutates_args=())
+def _vec_dqn_bwd_op(g: torch.Tensor, action: torch.Tensor, grad_loss: torch.Tensor, B: int, S: int, A: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    D = g.shape[1]
+    out = torch.empty((B, S, A, D), dtype=dtype, device=g.device)
+    _vec_dqn_bwd_kernel[(B * S,)](g, action.contiguous(), grad_loss.reshape(1), out, S, A, D // 2,
+                                  1.0 / (B * (S - 1)), BA=min(triton.next_power_of_2(A), 64),
+                                  BH=triton.next_power_of_2(D))
+    return out
+
+
+@_vec_dqn_bwd_op.register_fake
+def _(g, action, grad_loss, B, S, A, dtype):
+    return torch.empty((B, S, A, g.shape[1]), dtype=dtype, device=g.device)
+
+
+@torch.library.custom_op("fusedloss::vec_dqn_mean_loss", mutates_args=())
+def _mean_loss_op(online: torch.Tensor, target: torch.Tensor, action: torch.Tensor,
+                  theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, g = vec_dqn_fwd(online, target, action, theta)
+    return rows.mean(), g
+
+
+@_mean_loss_op.register_fake
+def _(online, target, action, theta):
+    B, S, A, D = online.shape
+    return (torch.empty((), dtype=torch.float32, device=online.device),
+            torch.empty((B * (S - 1), D), dtype=torch.float32, device=online.device))
+
+
+def _setup(ctx, inputs, output):
+    online, _, action, _ = inputs
+    ctx.shape = tuple(online.shape)
+    ctx.dtype = online.dtype
+    ctx.save_for_backward(output[1], action)
+
+
+def _backward(ctx, grad_loss, grad_g):
+    g, action = ctx.saved_tensors
+    B, S, A, _ = ctx.shape
+    return _vec_dqn_bwd_op(g, action, grad_loss, B, S, A, ctx.dtype), None, None, None
+
+
+_mean_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+def vec_dqn_fused(online_vecs, target_vecs, action, reward, cfg):
+    """The fused path behind :func:`fusedloss.vec_dqn_loss`; ``action`` int64 clamped ``[B, S]``."""
+    from ..losses._common import transform_rewards
+
+    theta = transform_rewards(reward[:, 1:].to(torch.float32), cfg).reshape(-1)
+    loss, _ = _mean_loss_op(online_vecs, target_vecs.detach(), action, theta)
+    abs_scores = vec_dqn_scores_fused(online_vecs[:, -1]).abs() / math.pi
+    named = {
+        "vec_dqn_loss": loss.detach(),
+        "vec_dqn_score_abs_min": abs_scores.min(),
+        "vec_dqn_score_abs_max": abs_scores.max(),
+        "vec_dqn_score_abs_mean": abs_scores.mean(),
+    }
+    return loss, named
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, theta):
+        ctx.save_for_backward(theta)
+        return _rope(x, theta, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (theta,) = ctx.saved_tensors
+        return _rope(grad.contiguous(), theta, -1.0), None  # the transpose of a rotation is the inverse
+
+
+def _rope(x, theta, sign):
+    D = x.shape[-1]
+    M = x.numel() // D
+    out = torch.empty_like(x)
+    bh = min(triton.next_power_of_2(D // 2), 64)
+    bm = max(1, min(64, 1024 // bh))
+    _rope_kernel[(triton.cdiv(M, bm),)](x, theta, out, M, D // 2, sign, BM=bm, BH=bh)
+    return out
+
+
+def rope_rotate_fused(x: torch.Tensor, theta) -> torch.Tensor:
+    """Kernel ``rope_rotate``. A ``theta`` that requires grad gets it from PyTorch's reference
+    formula (``d out/d theta = rot90(out)``); ``x`` gets its gradient from the kernel."""
+    x = x.contiguous()
+    th = torch.as_tensor(theta, dtype=torch.float32, device=x.device)
+    th_full = th.expand(x.shape[:-1]).contiguous()
+    out = _Rope.apply(x, th_full)
+    if isinstance(theta, torch.Tensor) and theta.requires_grad:
+        from ..losses.vec_dqn import rope_rotate_reference
+
+        rot = rope_rotate_reference(out.detach(), math.pi / 2)
+        out = out + (theta - theta.detach()).unsqueeze(-1).to(out.dtype) * rot  # value unchanged, adds d/dtheta
+    return out
