@@ -137,3 +137,51 @@ def test_compiled_training_step_matches_eager():
     eager = step(pa, ps)
     compiled = torch.compile(step)(pa, ps)
     assert torch.isfinite(compiled) and compiled.item() == pytest.approx(eager.item(), rel=1e-5)
+
+
+def test_reach_is_unbalanced_and_tends_to_balanced():
+    pa, ta, ps, ts = make_sinkhorn_inputs(15, 20, 2, 2, seed=12)
+    opts = dict(p=2, blur=0.3, scaling=0.9, backend="tensorized")
+    balanced = fl.sinkhorn_loss(pa, ta, ps, ts, **opts).item()
+    tight = fl.sinkhorn_loss(pa, ta + 5.0, ps, ts, reach=0.5, **opts).item()
+    loose = fl.sinkhorn_loss(pa, ta, ps, ts, reach=100.0, **opts).item()  # far beyond the diameter
+    far_balanced = fl.sinkhorn_loss(pa, ta + 5.0, ps, ts, **opts).item()
+    assert loose == pytest.approx(balanced, rel=1e-2)
+    assert tight < far_balanced / 10  # a small reach stops paying for transport far away
+
+
+def _dist_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    pa, ta, ps, ts = make_sinkhorn_inputs(8, 8, 2, 2, dtype=torch.float64, seed=20 + rank)
+    loss = fl.sinkhorn_loss(pa, ta, ps, ts, p=2, lam_state=0.5, blur=0.5, scaling=0.9, backend="tensorized",
+                            gather_distributed=True)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": pa.grad, "inputs": (pa.detach(), ta, ps.detach(), ts)},
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gather_distributed_two_gloo_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_dist_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    parts = [torch.cat([r["inputs"][i] for r in res]) for i in range(4)]
+    pa = parts[0].clone().requires_grad_(True)
+    want = fl.sinkhorn_loss(pa, parts[1], parts[2], parts[3], p=2, lam_state=0.5, blur=0.5, scaling=0.9,
+                            backend="tensorized")
+    want.backward()
+    for r in range(world):
+        assert res[r]["loss"].item() == pytest.approx(want.item(), rel=1e-9)
+        # The gather's backward sums the identical per-rank losses' gradients: world x the global
+        # gradient, which DDP's averaging turns back into the global gradient.
+        assert torch.allclose(res[r]["grad"], world * pa.grad[8 * r: 8 * (r + 1)], rtol=1e-6, atol=1e-9)
+
+
+def test_gather_distributed_needs_process_group():
+    pa, ta, ps, ts = make_sinkhorn_inputs(4, 4, 2, 2)
+    with pytest.raises(RuntimeError, match="process group"):
+        fl.sinkhorn_loss(pa, ta, ps, ts, backend="tensorized", gather_distributed=True)

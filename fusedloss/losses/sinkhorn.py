@@ -15,6 +15,14 @@ fit where the ``tensorized`` dense cost matrix cannot. KeOps compiles each formu
 or nvrtc (CUDA) on first use, about 6 to 15 s per formula on CPU, and caches the binaries in
 ``KEOPS_CACHE_FOLDER`` (default ``~/.cache/keops*``).
 
+Distributed training. Under DDP each rank solves its own batch: the loss is the divergence between
+that rank's predicted and target clouds, and DDP averages the gradients, which optimises the mean of
+the per-rank divergences (not the divergence of the union). ``gather_distributed=True`` all-gathers
+both clouds (and weights) with the differentiable ``torch.distributed.nn.functional.all_gather``
+before solving, so every rank solves the one global problem; the gather's backward sums the ranks'
+gradients, and DDP's averaging then yields exactly the gradient of the global divergence. Every
+rank must hold the same number of points.
+
 geomloss estimates the clouds' diameter with one host sync per call, so this loss is not sync-free.
 Under ``torch.compile`` the call runs eagerly (``torch.compiler.disable``): the online backend
 returns NaN when traced.
@@ -114,6 +122,24 @@ def _validate_weights(w, shape, name):
 _EAGER_SOLVE = None
 
 
+def _gather(t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+    if t is None:
+        return None
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()), dim=dim)
+
+
+def _check_gather_shapes(x: torch.Tensor, name: str) -> None:
+    import torch.distributed as dist
+
+    shape = torch.tensor(x.shape, dtype=torch.int64)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(s, shape) for s in shapes):
+        raise ValueError(f"gather_distributed=True needs {name} of one shape on every rank, got {[tuple(s.tolist()) for s in shapes]}.")
+
+
 def _solve_outside_graph(*args):
     """``_solve`` under ``torch.compiler.disable``: traced, the online backend returns NaN. The
     wrapper is made on first use, because importing torch._dynamo at ``import fusedloss`` would
@@ -182,6 +208,7 @@ def sinkhorn_loss(
     weights_target: torch.Tensor | None = None,
     batched: bool = False,
     reduction: str = "mean",
+    gather_distributed: bool = False,
 ) -> torch.Tensor:
     """Sinkhorn divergence between the predicted and target (action, state) clouds.
 
@@ -190,7 +217,8 @@ def sinkhorn_loss(
     dimension ``B`` on all four (``[B, N, ...]``); ``reduction`` ``"mean"``, ``"sum"`` or ``"none"``
     (``[B]``). Optional ``weights_pred`` ``[(B,) N]`` and ``weights_target`` ``[(B,) M]`` are normalized
     per problem. ``reach`` enables unbalanced OT. bf16/fp16 inputs are solved in fp32 (KeOps takes
-    float and double only) and their gradients come back in the input dtype.
+    float and double only) and their gradients come back in the input dtype. ``gather_distributed``
+    solves the union of all ranks' clouds (see the module docstring).
     """
     check_sinkhorn_options(p, lam_state, blur, scaling, backend, reach, reduction)
     _validate_cloud(pred_action, state_pred, "pred_action", "state_pred", batched)
@@ -207,6 +235,21 @@ def sinkhorn_loss(
         raise ValueError(f"batched clouds must share B: got {x.shape[0]} predicted and {y.shape[0]} target problems.")
     a = _validate_weights(weights_pred, pred_action.shape[:lead], "weights_pred")
     b = _validate_weights(weights_target, target_action.shape[:lead], "weights_target")
+    if gather_distributed:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("gather_distributed=True needs an initialized torch.distributed process group.")
+        if dist.get_world_size() > 1:
+            point_dim = 1 if batched else 0
+            _check_gather_shapes(x, "the predicted clouds")
+            _check_gather_shapes(y, "the target clouds")
+            x, y = _gather(x, point_dim), _gather(y, point_dim)
+            # Per-rank normalised weights: the union weighs each rank's cloud equally.
+            a = _gather(a, point_dim)
+            b = _gather(b, point_dim)
+            a = None if a is None else a / a.sum(dim=-1, keepdim=True)
+            b = None if b is None else b / b.sum(dim=-1, keepdim=True)
     if backend == "online":
         problem = _keops_problem(x.device.type)
         if problem is not None:
@@ -227,11 +270,12 @@ class KOTSinkhornLoss(nn.Module):
 
     def __init__(self, p: int = 2, lam_state: float = 1.0, blur: float = 0.05, debias: bool = True,
                  backend: str = "online", scaling: float = 0.5, reach: float | None = None,
-                 batched: bool = False, reduction: str = "mean"):
+                 batched: bool = False, reduction: str = "mean", gather_distributed: bool = False):
         super().__init__()
         check_sinkhorn_options(p, lam_state, blur, scaling, backend, reach, reduction)
         self.options = dict(p=p, lam_state=lam_state, blur=blur, debias=debias, backend=backend,
-                            scaling=scaling, reach=reach, batched=batched, reduction=reduction)
+                            scaling=scaling, reach=reach, batched=batched, reduction=reduction,
+                            gather_distributed=gather_distributed)
 
     def forward(self, pred_action, target_action, state_pred, state_target, weights_pred=None, weights_target=None):
         return sinkhorn_loss(pred_action, target_action, state_pred, state_target,

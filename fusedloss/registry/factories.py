@@ -54,6 +54,7 @@ class SinkhornKnoppLossFactory:
     reach: float | None = None
     batched: bool = False
     reduction: str = "mean"
+    gather_distributed: bool = False
 
     def __post_init__(self) -> None:
         check_sinkhorn_options(self.p, self.lam_state, self.blur, self.scaling, self.backend, self.reach, self.reduction)
