@@ -41,10 +41,30 @@ def copy_bandwidth_gbs() -> float | None:
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
-def peak_extra_memory(fn) -> int | None:
-    """Bytes allocated above the starting point during one call of ``fn``."""
-    if not CUDA:
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
         return None
+    return None
+
+
+def peak_extra_memory(fn) -> int | None:
+    """Bytes allocated above the starting point during one call of ``fn``: the CUDA allocator's
+    peak on a GPU; on Linux CPUs the peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
+    if not CUDA:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return None
+        base = _proc_status_kib("VmRSS")
+        fn()
+        peak = _proc_status_kib("VmHWM")
+        return None if base is None or peak is None else max(0, peak - base) * 1024
     sync()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -65,11 +85,34 @@ def launches_per_call(fn) -> int | None:
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
+@functools.lru_cache(maxsize=None)
+def versions() -> dict:
+    import platform
+
+    out = {"device": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.processor() or platform.machine()})",
+           "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    for name in ("triton", "geomloss", "pykeops", "liger_kernel", "ot"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception:  # optional peers
+            out[name] = None
+    if CUDA:
+        try:
+            import subprocess
+
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except Exception:
+            out["driver"] = None
+    return out
+
+
 def run_benchmark(benchmark, fn, *, byte_model: str = "", nbytes: int | None = None, **info):
     """Time ``fn`` (which must synchronize) and attach the derived figures to ``extra_info``."""
     fn()  # warm-up: compilation and autotuning stay out of the timing
     benchmark.extra_info.update(info)
-    benchmark.extra_info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
+    benchmark.extra_info.update(versions())
     if byte_model:
         benchmark.extra_info["byte_model"] = byte_model
         benchmark.extra_info["bytes"] = nbytes

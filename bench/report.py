@@ -1,0 +1,184 @@
+"""Turn pytest-benchmark JSON files into BENCHMARKS.md and one PNG plot per family.
+
+    pytest bench --benchmark-only --benchmark-json=bench/results.json
+    python bench/report.py bench/results.json [more.json ...] --out BENCHMARKS.md --plots bench/plots
+
+Each family gets a table (case × provider: median time, GB/s under the family's byte model, % of
+the copy bandwidth measured in the same run, speed-up over eager and over torch.compile, peak extra
+memory, launches per call), and the targets the kernel issues set are checked above the figures,
+saying where a kernel misses and by how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+# (family, provider, baseline provider, required speed-up, case filter or None)
+SPEEDUP_TARGETS = [
+    ("sp", "fused", "compile", 2.0, lambda c: "A=18" not in c and "A=256" not in c),
+    ("sp", "fused", "eager", 3.0, lambda c: "A=18" in c or "A=256" in c),
+    ("sp", "fused", "liger", 1.3, None),
+    ("dqn", "fused", "eager", 5.0, lambda c: "A=32768" not in c),
+    ("dqn", "fused", "compile", 2.0, lambda c: "A=32768" not in c),
+    ("vec_dqn", "fused", "eager", 5.0, None),
+    ("vec_dqn", "fused", "compile", 2.0, None),
+]
+# (family, provider, minimum % of copy bandwidth, case filter)
+BANDWIDTH_TARGETS = [
+    ("sp", "fused", 80.0, lambda c: "A=18" not in c and "A=256" not in c),
+    ("dqn", "fused", 70.0, lambda c: "A=32768" in c),
+]
+MAX_LAUNCHES = {("dqn", "fused"): 2}
+
+
+def load(paths):
+    rows, meta = [], {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        meta.setdefault("datetime", data.get("datetime"))
+        meta.setdefault("machine", data.get("machine_info", {}))
+        for b in data["benchmarks"]:
+            info = b.get("extra_info", {})
+            if "family" not in info:
+                continue
+            case = b.get("group") or info.get("shape", "")
+            rows.append({"family": info["family"], "case": case, "provider": info.get("provider", b["name"]),
+                         "median_s": b["stats"]["median"], "info": info})
+    return rows, meta
+
+
+def _fmt_time(s):
+    return f"{s * 1e6:,.1f} µs" if s < 1e-2 else f"{s * 1e3:,.2f} ms"
+
+
+def _fmt(v, spec, none="–"):
+    return none if v is None else format(v, spec)
+
+
+def tables(rows):
+    by_family = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        by_family[r["family"]][r["case"]][r["provider"]] = r
+    return by_family
+
+
+def check_targets(by_family):
+    lines = []
+    for fam, prov, base, need, keep in SPEEDUP_TARGETS:
+        for case, provs in sorted(by_family.get(fam, {}).items()):
+            if (keep and not keep(case)) or prov not in provs or base not in provs:
+                continue
+            got = provs[base]["median_s"] / provs[prov]["median_s"]
+            verdict = "meets" if got >= need else f"**misses by {need / got:.2f}×**"
+            lines.append(f"- {fam} `{case}`: {prov} is {got:.2f}× {base} (target ≥ {need}×): {verdict}")
+    for fam, prov, need, keep in BANDWIDTH_TARGETS:
+        for case, provs in sorted(by_family.get(fam, {}).items()):
+            r = provs.get(prov)
+            if r is None or (keep and not keep(case)) or r["info"].get("pct_of_copy") is None:
+                continue
+            got = r["info"]["pct_of_copy"]
+            verdict = "meets" if got >= need else f"**misses by {need - got:.1f} points**"
+            lines.append(f"- {fam} `{case}`: {prov} at {got:.1f}% of copy bandwidth (target ≥ {need}%): {verdict}")
+    for (fam, prov), most in MAX_LAUNCHES.items():
+        for case, provs in sorted(by_family.get(fam, {}).items()):
+            r = provs.get(prov)
+            n = None if r is None else r["info"].get("launches_per_call")
+            if n is not None:
+                verdict = "meets" if n <= most else f"**misses: {n} launches**"
+                lines.append(f"- {fam} `{case}`: {n} launches per forward+backward (target ≤ {most}): {verdict}")
+    return lines
+
+
+def family_table(fam, cases):
+    out = [f"### {fam}", "", "| case | provider | median | GB/s | % copy | × eager | × compile | peak extra MiB | launches |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for case, provs in sorted(cases.items()):
+        eager = provs.get("eager", {}).get("median_s")
+        comp = provs.get("compile", {}).get("median_s")
+        for prov, r in sorted(provs.items()):
+            i, t = r["info"], r["median_s"]
+            mem = i.get("peak_extra_memory_bytes")
+            out.append(
+                f"| {case} | {prov} | {_fmt_time(t)} | {_fmt(i.get('gbs'), '.1f')} | {_fmt(i.get('pct_of_copy'), '.1f')} | "
+                f"{_fmt(eager / t if eager else None, '.2f')} | {_fmt(comp / t if comp else None, '.2f')} | "
+                f"{_fmt(None if mem is None else mem / 2**20, '.1f')} | {_fmt(i.get('launches_per_call'), 'd')} |")
+    byte_models = sorted({r["info"]["byte_model"] for p in cases.values() for r in p.values() if "byte_model" in r["info"]})
+    if byte_models:
+        out += ["", "Byte model: " + "; ".join(f"`{b}`" for b in byte_models)]
+    return out
+
+
+def plot(fam, cases, plots_dir: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(cases)
+    provs = sorted({p for c in cases.values() for p in c})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(names)), 4.5))
+    width = 0.8 / max(1, len(provs))
+    for k, prov in enumerate(provs):
+        xs = [i + k * width for i in range(len(names))]
+        speed = [cases[c]["eager"]["median_s"] / cases[c][prov]["median_s"] if prov in cases[c] and "eager" in cases[c]
+                 else 0.0 for c in names]
+        mem = [(cases[c][prov]["info"].get("peak_extra_memory_bytes") or 0) / 2**20 if prov in cases[c] else 0.0
+               for c in names]
+        ax1.bar(xs, speed, width, label=prov)
+        ax2.bar(xs, mem, width, label=prov)
+    for ax, title in ((ax1, "speed-up over eager (×)"), (ax2, "peak extra memory (MiB)")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{fam}: {title}")
+    ax1.axhline(1.0, color="grey", lw=0.8)
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    path = plots_dir / f"{fam}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(rows, meta, plots_dir: Path, root: Path, title: str, preface: str = "") -> str:
+    by_family = tables(rows)
+    versions = {}
+    for r in rows:
+        for k in ("device", "torch", "cuda", "driver", "triton", "geomloss", "pykeops", "liger_kernel", "ot", "python"):
+            if r["info"].get(k) is not None:
+                versions.setdefault(k, r["info"][k])
+    out = [f"# {title}", ""]
+    if preface:
+        out += [preface, ""]
+    out += [f"Run: {meta.get('datetime', '?')}. " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    targets = check_targets(by_family)
+    if targets:
+        out += ["## Targets", ""] + targets + [""]
+    out += ["## Figures", "", "Median of the pytest-benchmark rounds, forward + backward, device synchronized "
+            "inside the timed function; compile time excluded.", ""]
+    for fam, cases in sorted(by_family.items()):
+        out += family_table(fam, cases)
+        png = plot(fam, cases, plots_dir)
+        out += ["", f"![{fam}]({png.relative_to(root).as_posix()})", ""]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="+")
+    ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--plots", default="bench/plots")
+    ap.add_argument("--title", default="fusedloss benchmarks")
+    ap.add_argument("--preface", default="", help="text placed above the figures")
+    args = ap.parse_args(argv)
+    rows, meta = load(args.json)
+    out = Path(args.out)
+    out.write_text(render(rows, meta, Path(args.plots), out.resolve().parent, args.title, args.preface))
+    print(f"wrote {out} ({len(rows)} benchmarks)")
+
+
+if __name__ == "__main__":
+    main()

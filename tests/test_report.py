@@ -1,0 +1,36 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+report = pytest.importorskip("report")
+pytest.importorskip("matplotlib")
+
+
+def _bench(group, provider, median, **info):
+    return {"group": group, "name": f"bench[{provider}]", "stats": {"median": median},
+            "extra_info": {"family": info.pop("family", "dqn"), "provider": provider, "device": "test-gpu",
+                           "torch": "9.9", **info}}
+
+
+def test_report_tables_targets_and_plots(tmp_path):
+    data = {"datetime": "2026-11-22T00:00:00", "benchmarks": [
+        _bench("dqn B=256 S=64 A=18", "eager", 100e-6, launches_per_call=40),
+        _bench("dqn B=256 S=64 A=18", "compile", 30e-6),
+        _bench("dqn B=256 S=64 A=18", "fused", 25e-6, launches_per_call=3, peak_extra_memory_bytes=2**20),
+        _bench("sp kl-fwd bfloat16 N=8192 A=32768", "fused", 1e-3, family="sp", pct_of_copy=85.0, gbs=2800.0,
+               byte_model="5*N*A*b"),
+    ]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "BENCHMARKS.md"
+    report.main([str(path), "--out", str(out), "--plots", str(tmp_path / "plots")])
+    text = out.read_text()
+    assert "fused is 4.00× eager (target ≥ 5.0×): **misses by 1.25×**" in text
+    assert "fused is 1.20× compile (target ≥ 2.0×): **misses by 1.67×**" in text
+    assert "3 launches per forward+backward (target ≤ 2): **misses: 3 launches**" in text
+    assert "at 85.0% of copy bandwidth (target ≥ 80.0%): meets" in text
+    assert "| dqn B=256 S=64 A=18 | fused | 25.0 µs |" in text and "device test-gpu" in text
+    assert (tmp_path / "plots" / "dqn.png").stat().st_size > 1000
