@@ -283,20 +283,10 @@ def _backward(ctx, grad_loss, grad_g):
 _mean_loss_op.register_autograd(_backward, setup_context=_setup)
 
 
-def vec_dqn_fused(online_vecs, target_vecs, action, reward, cfg):
-    """The fused path behind :func:`fusedloss.vec_dqn_loss`; ``action`` int64 clamped ``[B, S]``."""
-    from ..losses._common import transform_rewards
-
-    theta = transform_rewards(reward[:, 1:].to(torch.float32), cfg).reshape(-1)
-    loss, _ = _mean_loss_op(online_vecs, target_vecs.detach(), action, theta)
-    abs_scores = vec_dqn_scores_fused(online_vecs[:, -1]).abs() / math.pi
-    named = {
-        "vec_dqn_loss": loss.detach(),
-        "vec_dqn_score_abs_min": abs_scores.min(),
-        "vec_dqn_score_abs_max": abs_scores.max(),
-        "vec_dqn_score_abs_mean": abs_scores.mean(),
-    }
-    return loss, named
+def vec_dqn_fused(online_vecs, target_vecs, action, theta):
+    """Mean loss through the kernels; ``action`` int64 clamped ``[B, S]``, ``theta`` ``[B, S-1]``."""
+    loss, _ = _mean_loss_op(online_vecs, target_vecs.detach(), action, theta.reshape(-1).to(torch.float32))
+    return loss
 
 
 class _Rope(torch.autograd.Function):
@@ -329,8 +319,7 @@ def rope_rotate_fused(x: torch.Tensor, theta) -> torch.Tensor:
     th_full = th.expand(x.shape[:-1]).contiguous()
     out = _Rope.apply(x, th_full)
     if isinstance(theta, torch.Tensor) and theta.requires_grad:
-        from ..losses.vec_dqn import rope_rotate_reference
-
-        rot = rope_rotate_reference(out.detach(), math.pi / 2)
-        out = out + (theta - theta.detach()).unsqueeze(-1).to(out.dtype) * rot  # value unchanged, adds d/dtheta
+        o = out.detach()
+        rot90 = torch.stack((-o[..., 1::2], o[..., 0::2]), dim=-1).flatten(-2)
+        out = out + (theta - theta.detach()).unsqueeze(-1).to(out.dtype) * rot90  # value unchanged, adds d/dtheta
     return out

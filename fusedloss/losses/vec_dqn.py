@@ -135,14 +135,18 @@ def vec_dqn_reference(online_vecs, target_vecs, action, reward, cfg):
     rotated = rope_rotate_reference(next_action_vecs, theta)
     cosine = F.cosine_similarity(curr_action_vecs, rotated.detach(), dim=-1)
     loss = (1.0 - cosine).mean()
-    abs_scores = vec_dqn_scores_reference(online[:, -1].detach()).abs() / math.pi
-    named = {
+    return loss, _metrics(loss, vec_dqn_scores_reference(online[:, -1].detach()))
+
+
+def _metrics(loss: torch.Tensor, last_scores: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The seed's metrics: the loss and the |scores| of the online vectors at the last step, over π."""
+    abs_scores = last_scores.abs() / math.pi
+    return {
         "vec_dqn_loss": loss.detach(),
         "vec_dqn_score_abs_min": abs_scores.min(),
         "vec_dqn_score_abs_max": abs_scores.max(),
         "vec_dqn_score_abs_mean": abs_scores.mean(),
     }
-    return loss, named
 
 
 def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch.Tensor,
@@ -176,7 +180,10 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
     reward = reward_tensor(step_stream, cfg.use_xformed_reward, (B, S), "[B, S]")
     checks = [(bad_action, f"step_stream['action'] holds a value outside [0, A) = [0, {A}) at a used step (t >= 1).")]
     if resolve_backend(cfg.backend, "vec_dqn", online_vecs, target_vecs) is Backend.TRITON:
-        loss, named = kernel_module("vec_dqn").vec_dqn_fused(online_vecs, target_vecs, action, reward, cfg)
+        kernels = kernel_module("vec_dqn")
+        theta = transform_rewards(reward[:, 1:].to(torch.float32), cfg)
+        loss = kernels.vec_dqn_fused(online_vecs, target_vecs, action, theta)
+        named = _metrics(loss, kernels.vec_dqn_scores_fused(online_vecs[:, -1]))
     else:
         loss, named = vec_dqn_reference(online_vecs, target_vecs, action, reward, cfg)
     return loss, finalize_metrics(named, checks, cfg.metrics_mode)
