@@ -30,9 +30,10 @@ import triton.language as tl
 __all__ = ["sp_fwd", "sp_fused", "LOSS_CODES"]
 
 LOSS_CODES = {"ce": 0, "ce-soft-fwd": 1, "ce-soft-bwd": 2, "kl-fwd": 3, "kl-bwd": 4, "js": 5}
-# The widest tile a program holds per row: wider rows loop over tiles. 16K elements keep the live
-# fp32 arrays of one row in registers at 16 to 32 warps.
-MAX_BLOCK = 16384
+# The widest tile a program holds per row: wider rows loop over tiles. About nine fp32 arrays of the
+# tile are live at once; 8K elements over 16 warps is 16 per thread, which stays in registers.
+# (Chosen without a GPU at hand: to be tuned by bench/bench_sp.py.)
+MAX_BLOCK = 8192
 _LN2 = math.log(2.0)
 
 
@@ -206,7 +207,7 @@ def _scale_rows_kernel(g_ptr, scale_ptr, out_ptr, N, A, stride_g, stride_o,
 def _tiling(A: int, max_block: int):
     block = min(triton.next_power_of_2(A), max_block)
     rows = max(1, min(64, 4096 // block)) if block >= A else 1
-    warps = 4 if rows * block <= 2048 else 8 if rows * block <= 8192 else 16
+    warps = 4 if rows * block <= 1024 else 8 if rows * block <= 4096 else 16
     return block, rows, warps
 
 
