@@ -114,6 +114,21 @@ def test_bad_indices_never_read_out_of_bounds(key, value, match, mode, device):
         metrics["dqn_loss"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.uint8], ids=["float", "int32", "uint8"])
+def test_done_dtypes(dtype, device):
+    step, out = make_dqn_inputs(3, 6, 4, torch.float32, device)
+    ref, _ = fl.dqn_loss(step, out, fl.DqnLossConfig(backend="torch"))
+    step["done"] = step["done"].to(dtype)
+    for backend in ("triton", "torch"):
+        loss, _ = fl.dqn_loss(step, out, fl.DqnLossConfig(backend=backend))
+        assert torch.allclose(loss, ref, atol=1e-6)
+    if dtype == torch.float32:
+        step["done"][0, 2] = 1.5
+        for backend in ("triton", "torch"):
+            with pytest.raises(ValueError, match="done"):
+                fl.dqn_loss(step, out, fl.DqnLossConfig(backend=backend))
+
+
 def test_step_zero_is_not_validated(device):
     step, out = make_dqn_inputs(2, 5, 4, torch.float32, device)
     step["action"][:, 0] = -1  # "no previous action" sentinels at t = 0 are never read

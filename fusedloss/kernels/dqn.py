@@ -37,7 +37,7 @@ __all__ = ["dqn_fused", "dqn_fwd", "METRIC_SLOTS"]
 
 # Slots of the metrics buffer written by the finalize step.
 METRIC_SLOTS = ("q_values_mean", "q_values_std", "q_values_min", "q_values_max", "q_values_target", "dqn_loss",
-                "cql_penalty", "inv_count", "bad_action", "bad_done", "count")
+                "cql_penalty", "inv_count", "bad_action", "bad_done", "count", "no_valid")
 _NP = 10  # partials per sequence: count, mean, m2, min, max, loss, target, cql, bad_a, bad_d
 MAX_BLOCK_A = 1024
 _COUNTERS: dict = {}
@@ -106,9 +106,9 @@ def _dqn_fwd_kernel(
         tv = t < n_tr  # rows with a transition t -> t+1
         t64 = t.to(tl.int64)
         a_raw = tl.load(act_ptr + step + t + 1, mask=tv, other=0).to(tl.int64)
-        d_raw = tl.load(done_ptr + step + t + 1, mask=tv, other=0).to(tl.int32)
+        d_raw = tl.load(done_ptr + step + t + 1, mask=tv, other=0).to(tl.float32)  # int, bool or float done
         c_bad_a += (tv & ((a_raw < 0) | (a_raw >= A))).to(tl.float32)
-        c_bad_d += (tv & ((d_raw < 0) | (d_raw > 2))).to(tl.float32)
+        c_bad_d += (tv & (d_raw != 0.0) & (d_raw != 1.0) & (d_raw != 2.0)).to(tl.float32)
         a = tl.minimum(tl.maximum(a_raw, 0), A - 1)
         valid = tv
         if HAS_MASK:
@@ -119,8 +119,8 @@ def _dqn_fwd_kernel(
         if NORM_STD:
             r = r / (r_std + norm_eps) * norm_target
         r = r * reward_scale + reward_shift
-        term = (d_raw == 1).to(tl.float32)
-        trunc = (d_raw == 2).to(tl.float32)
+        term = (d_raw == 1.0).to(tl.float32)
+        trunc = (d_raw == 2.0).to(tl.float32)
         disc = gamma * (1.0 - term - trunc) + gamma_terminal * term + gamma_truncated * trunc
 
         q_row = q_ptr + b64 * stride_qb + t64[:, None] * stride_qs
@@ -262,6 +262,7 @@ def _dqn_fwd_kernel(
         tl.store(metrics_ptr + 8, tl.sum(s_ba, axis=0))
         tl.store(metrics_ptr + 9, tl.sum(s_bd, axis=0))
         tl.store(metrics_ptr + 10, total)
+        tl.store(metrics_ptr + 11, (total == 0.0).to(tl.float32))
         tl.atomic_xchg(counter_ptr, 0)  # ready for the next call (and for CUDA-graph replays)
 
 
@@ -382,5 +383,5 @@ def dqn_fused(q, q_target, action, reward, done, cfg, weight=None, mask=None, ma
                                        max_block_a)
     names = METRIC_SLOTS[:7] if cfg.cql_weight > 0.0 else METRIC_SLOTS[:6]
     named = {k: metrics[METRIC_SLOTS.index(k)] for k in names}
-    flags_out = {"bad_action": metrics[8], "bad_done": metrics[9], "count": metrics[10]}
+    flags_out = {"bad_action": metrics[8], "bad_done": metrics[9], "no_valid": metrics[11]}
     return loss, named, td, flags_out

@@ -92,9 +92,12 @@ DONE_NAME = "step_stream['done']"
 
 
 def check_done(t: torch.Tensor, shape: tuple[int, ...], form: str) -> None:
+    """``done`` holds 0 (running), 1 (terminal) or 2 (truncated), as integers, bools or floats."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{DONE_NAME} must be a torch.Tensor, got {type(t).__name__}.")
     require_shape(t, shape, DONE_NAME, form)
-    if t.is_complex() or t.is_floating_point():
-        raise TypeError(f"{DONE_NAME} must be an integer or bool tensor of 0 (running), 1 (terminal) or 2 (truncated), got {t.dtype}.")
+    if t.is_complex():
+        raise TypeError(f"{DONE_NAME} must hold 0 (running), 1 (terminal) or 2 (truncated), got {t.dtype}.")
 
 
 def done_tensor(t: torch.Tensor, shape: tuple[int, ...], form: str):

@@ -214,7 +214,7 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
         loss, named, td_abs, flags = kernel_module("dqn").dqn_fused(q, q_target, action, reward, done, cfg, weight, mask)
         checks = [(flags["bad_action"], msg_action), (flags["bad_done"], msg_done)]
         if mask is not None:
-            checks.append((flags["count"] == 0, msg_mask))
+            checks.append((flags["no_valid"], msg_mask))
     else:
         action, bad_action = clamp_index(action, A, slice(1, None))
         terminal, truncated, bad_done = done_tensor(done, (B, S), "[B, S]")
