@@ -80,7 +80,7 @@ def _cases(small: bool) -> list[Case]:
                           f"B={B} S={S} A={A}", make, call, kernel_family="dqn"))
 
     def make_vec(dtype, device):
-        return T.make_vec_dqn_inputs(B, S, A, D, dtype, device, seed=2)
+        return T.make_vec_dqn_inputs(B, S, A, D, dtype, device, seed=2, argmax_margin=1e-3)
 
     def call_vec(args, backend):
         return fl.vec_dqn_loss(args[0], args[1], args[2], fl.VecDqnLossConfig(backend=backend))[0]

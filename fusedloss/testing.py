@@ -62,7 +62,12 @@ def make_dqn_inputs(B=4, S=7, A=5, dtype=torch.float32, device="cpu", seed=None,
     return step, out
 
 
-def make_vec_dqn_inputs(B=3, S=5, A=6, D=4, dtype=torch.float32, device="cpu", seed=None):
+def make_vec_dqn_inputs(B=3, S=5, A=6, D=4, dtype=torch.float32, device="cpu", seed=None, argmax_margin=0.0):
+    """``(step_stream, online_vecs, target_vecs)``. With ``argmax_margin > 0`` the target vectors at
+    ``t >= 1`` are redrawn where the float64 scores' top two are closer than the margin, so the
+    greedy pick cannot flip between precisions and blur a comparison."""
+    from .losses.vec_dqn import vec_dqn_scores_reference
+
     g = _gen(seed, device)
     step = {
         "action": torch.randint(0, A, (B, S), generator=g).to(device),
@@ -71,6 +76,16 @@ def make_vec_dqn_inputs(B=3, S=5, A=6, D=4, dtype=torch.float32, device="cpu", s
     }
     online = _randn((B, S, A, D), g, dtype, device).requires_grad_(True)
     target = _randn((B, S, A, D), g, dtype, device)
+    if argmax_margin > 0 and A > 1:
+        for _ in range(200):
+            top = vec_dqn_scores_reference(target[:, 1:].double()).topk(2, dim=-1).values
+            close = (top[..., 0] - top[..., 1]) <= argmax_margin
+            if not bool(close.any()):
+                break
+            fresh = _randn((B, S - 1, A, D), g, dtype, device)
+            target[:, 1:][close] = fresh[close]
+        else:
+            raise RuntimeError("could not draw target vectors with clear greedy actions")
     return step, online, target
 
 

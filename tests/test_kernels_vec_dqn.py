@@ -14,19 +14,6 @@ from fusedloss.kernels import vec_dqn as K  # noqa: E402
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _clear_argmax_inputs(B, S, A, D, dtype, device, margin=1e-3):
-    """Inputs whose greedy actions at t+1 are at least ``margin`` clear of the runner-up in float64,
-    so an argmax cannot flip between fp32 and fp64 and blur the comparison."""
-    for seed in range(200):
-        step, online, target = make_vec_dqn_inputs(B, S, A, D, dtype, device, seed=seed)
-        if A == 1:
-            return step, online, target
-        s = fl.vec_dqn_scores_reference(target[:, 1:].double()).sort(dim=-1, descending=True).values
-        if bool(((s[..., 0] - s[..., 1]) > margin).all()):
-            return step, online, target
-    raise AssertionError("no clear-argmax inputs found")
-
-
 @pytest.mark.parametrize("A", [1, 2, 7, 18, 40])
 @pytest.mark.parametrize("D", [2, 16, 130])
 def test_scores_match_reference(A, D, device):
@@ -78,7 +65,7 @@ def test_loss_and_gradient_match_reference(dtype, shape, norm, device):
     if norm and S < 3:
         pytest.skip("reward std needs S >= 3")
     cfg = dict(normalize_reward_mean=norm, normalize_reward_std=norm, reward_scale=0.7, reward_shift=0.2)
-    step, online, target = _clear_argmax_inputs(B, S, A, D, dtype, device)
+    step, online, target = make_vec_dqn_inputs(B, S, A, D, dtype, device, argmax_margin=1e-3)
     # The kernel's own outputs, poisoned first.
     theta = fl.losses._common.transform_rewards(step["reward"][:, 1:].float(), fl.VecDqnLossConfig(**cfg)).reshape(-1)
     rows, g = K.vec_dqn_fwd(online.detach(), target, step["action"], theta,
@@ -142,11 +129,11 @@ def test_bad_action_and_odd_d(device):
                          ids=lambda s: "B{}-S{}-A{}-D{}".format(*s))
 def test_full_sizes_cuda(shape):
     B, S, A, D = shape
-    step, online, target = make_vec_dqn_inputs(B, S, A, D, torch.float32, "cuda", seed=0)
+    step, online, target = make_vec_dqn_inputs(B, S, A, D, torch.float32, "cuda", seed=0, argmax_margin=1e-3)
     lk, mk = fl.vec_dqn_loss(step, online, target, fl.VecDqnLossConfig(backend="triton"))
     (gk,) = torch.autograd.grad(lk, online)
     lr, mr = fl.vec_dqn_loss(step, online, target, fl.VecDqnLossConfig(backend="torch"))
     (gr,) = torch.autograd.grad(lr, online)
-    # Near-ties may flip a few greedy picks at this size; the mean must still agree closely.
-    assert lk.item() == pytest.approx(lr.item(), rel=1e-3)
-    assert mk["vec_dqn_score_abs_max"] == pytest.approx(mr["vec_dqn_score_abs_max"], rel=1e-4)
+    assert lk.item() == pytest.approx(lr.item(), rel=1e-5)
+    assert torch.allclose(gk, gr, rtol=1e-4, atol=1e-9)
+    assert mk["vec_dqn_score_abs_max"] == pytest.approx(mr["vec_dqn_score_abs_max"], rel=1e-5)
