@@ -41,30 +41,27 @@ def copy_bandwidth_gbs() -> float | None:
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+def _cpu_peak_bytes(fn) -> int | None:
+    """Peak of torch's CPU allocations during ``fn``, at operator granularity: the running sum of
+    each operator's self allocations minus frees, in start order. Memory held outside torch (KeOps'
+    own buffers) is not seen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
 
 
 def peak_extra_memory(fn) -> int | None:
     """Bytes allocated above the starting point during one call of ``fn``: the CUDA allocator's
-    peak on a GPU; on Linux CPUs the peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
+    peak on a GPU, torch's CPU allocations (profiler memory events) on CPU."""
     if not CUDA:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return None
-        base = _proc_status_kib("VmRSS")
-        fn()
-        peak = _proc_status_kib("VmHWM")
-        return None if base is None or peak is None else max(0, peak - base) * 1024
+        return _cpu_peak_bytes(fn)
     sync()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
