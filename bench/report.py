@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def render(rows, meta, plots_dir: Path, root: Path, title: str, preface: str = "
     for fam, cases in sorted(by_family.items()):
         out += family_table(fam, cases)
         png = plot(fam, cases, plots_dir)
-        out += ["", f"![{fam}]({png.relative_to(root).as_posix()})", ""]
+        out += ["", f"![{fam}]({Path(os.path.relpath(png.resolve(), root.resolve())).as_posix()})", ""]
     return "\n".join(out) + "\n"
 
 

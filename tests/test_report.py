@@ -34,3 +34,11 @@ def test_report_tables_targets_and_plots(tmp_path):
     assert "at 85.0% of copy bandwidth (target ≥ 80.0%): meets" in text
     assert "| dqn B=256 S=64 A=18 | fused | 25.0 µs |" in text and "device test-gpu" in text
     assert (tmp_path / "plots" / "dqn.png").stat().st_size > 1000
+    assert "![dqn](plots/dqn.png)" in text
+
+
+def test_report_relative_plot_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("r.json").write_text(json.dumps({"benchmarks": [_bench("dqn B=1 S=2 A=3", "eager", 1e-5)]}))
+    report.main(["r.json", "--out", "BENCHMARKS.md", "--plots", "bench/plots"])
+    assert "![dqn](bench/plots/dqn.png)" in Path("BENCHMARKS.md").read_text()
