@@ -44,6 +44,16 @@ _COUNTERS: dict = {}
 
 
 @triton.jit
+def _transition(m_ptr, rew_ptr, step, t, tv, HAS_MASK: tl.constexpr):
+    """Validity of transitions ``t -> t+1`` (both steps unmasked) and their raw rewards ``r[t+1]``."""
+    valid = tv
+    if HAS_MASK:
+        valid = valid & (tl.load(m_ptr + step + t, mask=tv, other=0) != 0) & (tl.load(m_ptr + step + t + 1, mask=tv, other=0) != 0)
+    r = tl.load(rew_ptr + step + t + 1, mask=tv, other=0.0).to(tl.float32)
+    return valid, r
+
+
+@triton.jit
 def _dqn_fwd_kernel(
     q_ptr, qt_ptr, act_ptr, rew_ptr, done_ptr, w_ptr, m_ptr,
     grad_ptr, td_ptr, part_ptr, metrics_ptr, loss_ptr, counter_ptr,
@@ -67,11 +77,7 @@ def _dqn_fwd_kernel(
     n_sum = tl.zeros([T_BLOCK], tl.float32)
     for t0 in range(0, n_tr, T_BLOCK):
         t = t0 + offs_t
-        tv = t < n_tr
-        valid = tv
-        if HAS_MASK:
-            valid = valid & (tl.load(m_ptr + step + t, mask=tv, other=0) != 0) & (tl.load(m_ptr + step + t + 1, mask=tv, other=0) != 0)
-        r = tl.load(rew_ptr + step + t + 1, mask=tv, other=0.0).to(tl.float32)
+        valid, r = _transition(m_ptr, rew_ptr, step, t, t < n_tr, HAS_MASK)
         r_sum += tl.where(valid, r, 0.0)
         n_sum += valid.to(tl.float32)
     n_seq = tl.sum(n_sum, axis=0)
@@ -81,11 +87,7 @@ def _dqn_fwd_kernel(
         dev = tl.zeros([T_BLOCK], tl.float32)
         for t0 in range(0, n_tr, T_BLOCK):
             t = t0 + offs_t
-            tv = t < n_tr
-            valid = tv
-            if HAS_MASK:
-                valid = valid & (tl.load(m_ptr + step + t, mask=tv, other=0) != 0) & (tl.load(m_ptr + step + t + 1, mask=tv, other=0) != 0)
-            r = tl.load(rew_ptr + step + t + 1, mask=tv, other=0.0).to(tl.float32)
+            valid, r = _transition(m_ptr, rew_ptr, step, t, t < n_tr, HAS_MASK)
             dev += tl.where(valid, (r - r_mean) * (r - r_mean), 0.0)
         r_std = tl.sqrt(tl.sum(dev, axis=0) / tl.maximum(n_seq - 1.0, 1.0))
 
@@ -110,10 +112,7 @@ def _dqn_fwd_kernel(
         c_bad_a += (tv & ((a_raw < 0) | (a_raw >= A))).to(tl.float32)
         c_bad_d += (tv & (d_raw != 0.0) & (d_raw != 1.0) & (d_raw != 2.0)).to(tl.float32)
         a = tl.minimum(tl.maximum(a_raw, 0), A - 1)
-        valid = tv
-        if HAS_MASK:
-            valid = valid & (tl.load(m_ptr + step + t, mask=tv, other=0) != 0) & (tl.load(m_ptr + step + t + 1, mask=tv, other=0) != 0)
-        r = tl.load(rew_ptr + step + t + 1, mask=tv, other=0.0).to(tl.float32)
+        valid, r = _transition(m_ptr, rew_ptr, step, t, tv, HAS_MASK)
         if NORM_MEAN:
             r = r - r_mean
         if NORM_STD:
