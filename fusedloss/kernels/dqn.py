@@ -40,6 +40,8 @@ METRIC_SLOTS = ("q_values_mean", "q_values_std", "q_values_min", "q_values_max",
                 "cql_penalty", "inv_count", "bad_action", "bad_done", "count", "no_valid")
 _NP = 10  # partials per sequence: count, mean, m2, min, max, loss, target, cql, bad_a, bad_d
 MAX_BLOCK_A = 1024
+TILE_ELEMS = 1024
+TILE_WARPS = 8
 _COUNTERS: dict = {}
 
 
@@ -275,6 +277,14 @@ def _scale_by_kernel(g_ptr, out_ptr, gout_ptr, inv_ptr, numel, BLOCK: tl.constex
     tl.store(out_ptr + offs, (g * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _tiles(A: int, S: int, max_block_a: int = MAX_BLOCK_A):
+    """(BLOCK_A, T_BLOCK, num_warps): a [T_BLOCK, BLOCK_A] tile of TILE_ELEMS elements over enough
+    warps that the kernel's dozen live tiles stay in registers (checked by tests/compile_check.py)."""
+    block_a = min(triton.next_power_of_2(A), max_block_a)
+    t_block = max(1, min(64, TILE_ELEMS // block_a, triton.next_power_of_2(S)))
+    return block_a, t_block, TILE_WARPS
+
+
 def _counter(device: torch.device) -> torch.Tensor:
     """A per-device int32 ticket counter, zero between calls (the last program resets it)."""
     key = (device.type, device.index)
@@ -310,8 +320,7 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, cfg_values, max_blo
     action, reward, done = _small(action), _small(reward), _small(done)
     w = _small(weight) if weight is not None else reward
     m = _small(mask) if mask is not None else done
-    block_a = min(triton.next_power_of_2(A), max_block_a)
-    t_block = max(1, min(64, 2048 // block_a, triton.next_power_of_2(S)))
+    block_a, t_block, warps = _tiles(A, S, max_block_a)
     _dqn_fwd_kernel[(B,)](
         q, q_target, action, reward, done, w, m, grad, td, part, metrics, loss, _counter(dev),
         B, S, A, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), grad.stride(0), grad.stride(1),
@@ -319,7 +328,7 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, cfg_values, max_blo
         cql_weight, cql_eps, huber_delta,
         HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, NORM_MEAN=norm_mean, NORM_STD=norm_std,
         CQL=cql, HUBER=huber, DOUBLE=double, T_BLOCK=t_block, BLOCK_A=block_a,
-        B_BLOCK=min(triton.next_power_of_2(B), 1024), num_warps=4 if t_block * block_a <= 2048 else 8,
+        B_BLOCK=min(triton.next_power_of_2(B), 1024), num_warps=warps,
     )
     return loss, metrics, grad, td
 

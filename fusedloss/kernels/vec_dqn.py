@@ -180,11 +180,28 @@ def _rope_kernel(x_ptr, th_ptr, out_ptr, M, HALF, sign, BM: tl.constexpr, BH: tl
         tl.store(out_ptr + p + 1, (x0 * s + x1 * c).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Tile choices, shared by the launchers and tests/compile_check.py (which checks them for spills).
+SCORE_BD = 8
+SCORE_WARPS = 4
+
+
 def _score_tiles(A: int, half: int):
+    """(BA, BI, BD, num_warps) of the pairwise-angle tiles: a [BI, BA, BD] product lives in registers."""
     ba = min(triton.next_power_of_2(A), 16)
     bi = min(triton.next_power_of_2(A), 16)
-    bd = min(triton.next_power_of_2(half), 16)
-    return ba, bi, bd
+    bd = min(triton.next_power_of_2(half), SCORE_BD)
+    return ba, bi, bd, SCORE_WARPS
+
+
+def _bwd_tiles(A: int, D: int):
+    """(BA, BH) of the dense backward: at most 4096 elements per [BA, D] tile."""
+    bh = triton.next_power_of_2(D)
+    return max(1, min(triton.next_power_of_2(A), 4096 // bh)), bh
+
+
+def _rope_tiles(D: int):
+    bh = min(triton.next_power_of_2(D // 2), 64)
+    return max(1, min(64, 1024 // bh)), bh
 
 
 def scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,8 +210,9 @@ def scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
         v = v.contiguous()
     M, A, D = v.shape
     out = torch.empty((M, A), dtype=torch.float32, device=v.device) if out is None else out
-    ba, bi, bd = _score_tiles(A, D // 2)
-    _scores_kernel[(M, triton.cdiv(A, ba))](v, out, A, D // 2, v.stride(0), v.stride(1), BA=ba, BI=bi, BD=bd)
+    ba, bi, bd, warps = _score_tiles(A, D // 2)
+    _scores_kernel[(M, triton.cdiv(A, ba))](v, out, A, D // 2, v.stride(0), v.stride(1), BA=ba, BI=bi, BD=bd,
+                                            num_warps=warps)
     return out
 
 
@@ -215,11 +233,11 @@ def vec_dqn_fwd(online, target, action, theta, loss_out=None, g_out=None):
     dev = online.device
     loss = torch.empty(N, dtype=torch.float32, device=dev) if loss_out is None else loss_out
     g = torch.empty((N, D), dtype=torch.float32, device=dev) if g_out is None else g_out
-    ba, bi, bd = _score_tiles(A, D // 2)
+    ba, bi, bd, warps = _score_tiles(A, D // 2)
     _vec_dqn_fwd_kernel[(N,)](
         online, target, action.contiguous(), theta.contiguous(), loss, g, S, A, D // 2,
         online.stride(0), online.stride(1), online.stride(2), target.stride(0), target.stride(1), target.stride(2),
-        1e-8, BA=ba, BI=bi, BD=bd, BH=triton.next_power_of_2(D // 2),
+        1e-8, BA=ba, BI=bi, BD=bd, BH=triton.next_power_of_2(D // 2), num_warps=warps,
     )
     return loss, g
 
@@ -242,9 +260,9 @@ def _vec_dqn_bwd_op(g: torch.Tensor, action: torch.Tensor, grad_loss: torch.Tens
                     dtype: torch.dtype) -> torch.Tensor:
     D = g.shape[1]
     out = torch.empty((B, S, A, D), dtype=dtype, device=g.device)
+    ba, bh = _bwd_tiles(A, D)
     _vec_dqn_bwd_kernel[(B * S,)](g, action.contiguous(), grad_loss.reshape(1), out, S, A, D // 2,
-                                  1.0 / (B * (S - 1)), BA=min(triton.next_power_of_2(A), 64),
-                                  BH=triton.next_power_of_2(D))
+                                  1.0 / (B * (S - 1)), BA=ba, BH=bh)
     return out
 
 
@@ -305,8 +323,7 @@ def _rope(x, theta, sign):
     D = x.shape[-1]
     M = x.numel() // D
     out = torch.empty_like(x)
-    bh = min(triton.next_power_of_2(D // 2), 64)
-    bm = max(1, min(64, 1024 // bh))
+    bm, bh = _rope_tiles(D)
     _rope_kernel[(triton.cdiv(M, bm),)](x, theta, out, M, D // 2, sign, BM=bm, BH=bh)
     return out
 
