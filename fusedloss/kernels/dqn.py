@@ -282,7 +282,7 @@ def _tiles(A: int, S: int, max_block_a: int = MAX_BLOCK_A):
     warps that the kernel's dozen live tiles stay in registers (checked by tests/compile_check.py)."""
     block_a = min(triton.next_power_of_2(A), max_block_a)
     t_block = max(1, min(64, TILE_ELEMS // block_a, triton.next_power_of_2(S)))
-    return block_a, t_block, TILE_WARPS
+    return block_a, t_block, TILE_WARPS if t_block * block_a > 256 else 4
 
 
 def _counter(device: torch.device) -> torch.Tensor:
