@@ -49,11 +49,8 @@ def test_kernel_matches_reference(opts, dtype, shape, device):
     weight = step["weight"] if cfg.weight_key else None
     mask = step["mask"] if cfg.mask_key else None
     grad_buf, td_buf = nan_like((B, S, A), dtype, device), nan_like((B, S - 1), torch.float32, device)
-    values = ([float(getattr(cfg, k)) for k in ("gamma", "gamma_terminal", "gamma_truncated", "reward_scale",
-                                                "reward_shift", "normalize_reward_eps", "normalize_reward_std_target",
-                                                "cql_weight", "cql_scale_q_eps", "huber_delta")]
-              + [(cfg.normalize_reward_mean, cfg.normalize_reward_std, cfg.cql_weight > 0, cfg.td_loss == "huber",
-                  cfg.double_dqn)])
+    params, flags = K.kernel_params(cfg)
+    values = (*params, tuple(flags))
     reward = step["xformed_reward" if cfg.use_xformed_reward else "reward"]
     loss, metrics, grad, td = K.dqn_fwd(q.detach(), qt, step["action"], reward, step["done"], weight, mask, values,
                                         max_block, grad_out=grad_buf, td_out=td_buf)

@@ -379,14 +379,20 @@ def _backward(ctx, grad_loss, grad_metrics, grad_grad, grad_td):
 _dqn_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
-def dqn_fused(q, q_target, action, reward, done, cfg, weight=None, mask=None, max_block_a: int = MAX_BLOCK_A):
-    """The fused path behind :func:`fusedloss.dqn_loss`. Returns ``(loss, named, td_abs, checks)``:
-    the named metrics and the input checks are views of one device buffer (no extra launch)."""
+def kernel_params(cfg):
+    """The config as the kernel takes it: (float parameters, compile-time flags), in launch order."""
     params = [float(cfg.gamma), float(cfg.gamma_terminal), float(cfg.gamma_truncated), float(cfg.reward_scale),
               float(cfg.reward_shift), float(cfg.normalize_reward_eps), float(cfg.normalize_reward_std_target),
               float(cfg.cql_weight), float(cfg.cql_scale_q_eps), float(cfg.huber_delta)]
     flags = [bool(cfg.normalize_reward_mean), bool(cfg.normalize_reward_std), cfg.cql_weight > 0.0,
              cfg.td_loss == "huber", bool(cfg.double_dqn)]
+    return params, flags
+
+
+def dqn_fused(q, q_target, action, reward, done, cfg, weight=None, mask=None, max_block_a: int = MAX_BLOCK_A):
+    """The fused path behind :func:`fusedloss.dqn_loss`. Returns ``(loss, named, td_abs, checks)``:
+    the named metrics and the input checks are views of one device buffer (no extra launch)."""
+    params, flags = kernel_params(cfg)
     loss, metrics, _, td = _dqn_fwd_op(q, q_target.detach(), action, reward, done, weight, mask, params, flags,
                                        max_block_a)
     names = METRIC_SLOTS[:7] if cfg.cql_weight > 0.0 else METRIC_SLOTS[:6]

@@ -247,14 +247,13 @@ def scale_rows(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 # torch.library custom ops, so that torch.compile(fullgraph=True) traces calls without graph breaks.
 @torch.library.custom_op("fusedloss::sp_fwd", mutates_args=())
-def _sp_fwd_op(q: torch.Tensor, z: torch.Tensor, loss_code: int, temperature: float, label_smoothing: float,
+def _sp_fwd_op(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
                max_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    loss_type = next(k for k, v in LOSS_CODES.items() if v == loss_code)
     return sp_fwd(q, z, loss_type, temperature, label_smoothing, max_block)
 
 
 @_sp_fwd_op.register_fake
-def _(q, z, loss_code, temperature, label_smoothing, max_block):
+def _(q, z, loss_type, temperature, label_smoothing, max_block):
     return z.new_empty(z.shape[0], dtype=torch.float32), torch.empty_like(z)
 
 
@@ -282,5 +281,5 @@ _sp_fwd_op.register_autograd(_sp_backward, setup_context=_sp_setup)
 
 def sp_fused(q, z, loss_type, temperature, label_smoothing, max_block: int = MAX_BLOCK):
     """Per-row losses ``[N]`` (fp32) through the kernel; the teacher ``q`` gets no gradient."""
-    rows, _ = _sp_fwd_op(q.detach(), z, LOSS_CODES[loss_type], float(temperature), float(label_smoothing), max_block)
+    rows, _ = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing), max_block)
     return rows

@@ -22,8 +22,6 @@ the dense gradient: about ``2·B·S·A·D·b``. Arithmetic is ``O(A²·D)`` per 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -240,19 +238,6 @@ def vec_dqn_fwd(online, target, action, theta, loss_out=None, g_out=None):
         1e-8, BA=ba, BI=bi, BD=bd, BH=triton.next_power_of_2(D // 2), num_warps=warps,
     )
     return loss, g
-
-
-@torch.library.custom_op("fusedloss::vec_dqn_fwd", mutates_args=())
-def _vec_dqn_fwd_op(online: torch.Tensor, target: torch.Tensor, action: torch.Tensor,
-                    theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return vec_dqn_fwd(online, target, action, theta)
-
-
-@_vec_dqn_fwd_op.register_fake
-def _(online, target, action, theta):
-    B, S, A, D = online.shape
-    f32 = dict(dtype=torch.float32, device=online.device)
-    return torch.empty(B * (S - 1), **f32), torch.empty((B * (S - 1), D), **f32)
 
 
 @torch.library.custom_op("fusedloss::vec_dqn_bwd", mutates_args=())

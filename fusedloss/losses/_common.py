@@ -100,10 +100,9 @@ def check_done(t: torch.Tensor, shape: tuple[int, ...], form: str) -> None:
         raise TypeError(f"{DONE_NAME} must hold 0 (running), 1 (terminal) or 2 (truncated), got {t.dtype}.")
 
 
-def done_tensor(t: torch.Tensor, shape: tuple[int, ...], form: str):
-    """``done`` as (terminal, truncated) bool masks plus a flag for values outside {0, 1, 2} in the
-    used steps ``[:, 1:]``."""
-    check_done(t, shape, form)
+def split_done(t: torch.Tensor):
+    """A checked ``done`` (:func:`check_done`) as (terminal, truncated) bool masks plus a flag for
+    values outside {0, 1, 2} in the used steps ``[:, 1:]``."""
     d = t.to(torch.int64) if t.dtype == torch.bool else t
     bad = ~((d == 0) | (d == 1) | (d == 2))
     return d == 1, d == 2, bad[:, 1:].any()

@@ -20,10 +20,10 @@ from ._common import (
     check_done,
     check_index,
     clamp_index,
-    done_tensor,
     require_float,
     require_shape,
     reward_tensor,
+    split_done,
     stream_get,
     transform_rewards,
 )
@@ -83,9 +83,8 @@ def _masked_moments(x: torch.Tensor, m: torch.Tensor | None):
     """Mean and unbiased std of ``x`` over the entries where ``m`` (float 0/1) is 1; the std of a
     single entry is 0, not NaN."""
     if m is None:
-        n = torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
         mean = x.mean()
-        var = ((x - mean) ** 2).sum() / (n - 1).clamp(min=1)
+        var = ((x - mean) ** 2).sum() / max(x.numel() - 1, 1)
     else:
         n = m.sum()
         mean = (x * m).sum() / n
@@ -217,7 +216,7 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
             checks.append((flags["no_valid"], msg_mask))
     else:
         action, bad_action = clamp_index(action, A, slice(1, None))
-        terminal, truncated, bad_done = done_tensor(done, (B, S), "[B, S]")
+        terminal, truncated, bad_done = split_done(done)
         checks = [(bad_action, msg_action), (bad_done, msg_done)]
         if mask is not None:
             checks.append(((mask[:, :-1] & mask[:, 1:]).sum() == 0, msg_mask))
