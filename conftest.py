@@ -3,10 +3,11 @@ import os
 import pytest
 import torch
 
+from fusedloss._dispatch import use_interpreter_without_cuda
+
 # Kernel tests and benchmarks run on CUDA when present, else on CPU under the Triton interpreter, which must be
 # switched on before any @triton.jit function is defined (fusedloss imports kernels lazily).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+use_interpreter_without_cuda()
 os.environ.pop("FUSEDLOSS_BACKEND", None)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,30 +4,27 @@
 or raises with the reason it cannot (never a silent fallback). ``backend="auto"`` runs the kernel
 where it applies (CUDA tensors, Triton importable, a supported dtype) and the reference otherwise.
 The environment variable ``FUSEDLOSS_BACKEND`` overrides ``"auto"`` globally.
+
+A loss imports its family's kernel module (``fusedloss.kernels.<family>``) inside the branch that
+runs it, so ``import fusedloss`` never imports Triton.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-import importlib
 import importlib.util
 import os
 
 import torch
 
-__all__ = ["Backend", "resolve_backend", "kernel_module", "triton_available", "KERNEL_FAMILIES"]
+__all__ = ["Backend", "resolve_backend", "triton_available", "use_interpreter_without_cuda", "KERNEL_FAMILIES"]
 
 ENV_VAR = "FUSEDLOSS_BACKEND"
 
-# Families with a fused kernel, and the module that holds it. A family absent here has no kernel
-# yet, and ``backend="triton"`` raises NotImplementedError for it.
-KERNEL_FAMILIES: dict[str, str] = {
-    "sp": "fusedloss.kernels.sp",
-    "dqn": "fusedloss.kernels.dqn",
-    "vec_dqn": "fusedloss.kernels.vec_dqn",
-    "rope": "fusedloss.kernels.vec_dqn",
-}
+# Families with a fused kernel, each in fusedloss/kernels/<family>.py. A family absent here has no
+# kernel yet, and ``backend="triton"`` raises NotImplementedError for it.
+KERNEL_FAMILIES = frozenset({"sp", "dqn", "vec_dqn", "rope"})
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -67,9 +64,14 @@ def _interpreter_too_late() -> bool:
     return tl is not None and type(getattr(tl, "zeros", None)).__name__ == "JITFunction"
 
 
-def kernel_module(family: str):
-    """Import and return the kernel module of ``family`` (imports Triton)."""
-    return importlib.import_module(KERNEL_FAMILIES[family])
+def use_interpreter_without_cuda(device: "str | torch.device | None" = None) -> None:
+    """Switch on the Triton interpreter (``TRITON_INTERPRET=1``, unless the environment already
+    says otherwise) when kernels will get CPU tensors: ``device`` is the CPU, or is None and there
+    is no CUDA. The one place the CLI and the tests decide this; it must run before anything
+    imports ``triton.language`` (``import fusedloss`` does not)."""
+    cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
+    if cpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _why_not_kernel(family: str, tensors) -> str | None:

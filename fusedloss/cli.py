@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -135,11 +134,10 @@ def verify(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", action="append", help="only these families (repeatable)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        # Kernels run on CPU tensors only under the interpreter, which must be on before the first
-        # kernel module is imported.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     from fusedloss import _dispatch
+
+    # Kernels run on CPU tensors only under the interpreter, on before the first kernel is imported.
+    _dispatch.use_interpreter_without_cuda(device)
     from fusedloss.testing import max_abs_error, tolerance
 
     small = device.type == "cpu"

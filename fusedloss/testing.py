@@ -30,31 +30,34 @@ FLOORS = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 2.0**-7, to
 
 
 def _gen(seed: int | None, device) -> torch.Generator:
-    g = torch.Generator(device="cpu")
-    g.manual_seed(torch.seed() if seed is None else seed)
+    """A generator of its own on ``device``, seeded with ``seed`` (a fresh random seed when None);
+    the global RNG is left alone."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
     return g
 
 
 def _randn(shape, g, dtype, device, scale=1.0):
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+    return (torch.randn(shape, generator=g, dtype=torch.float64, device=g.device) * scale).to(dtype=dtype, device=device)
 
 
 def make_dqn_inputs(B=4, S=7, A=5, dtype=torch.float32, device="cpu", seed=None, weight=False, mask=False):
     """``(step_stream, out)`` for :func:`fusedloss.dqn_loss`; all three ``done`` values occur."""
     g = _gen(seed, device)
     step = {
-        "action": torch.randint(0, A, (B, S), generator=g).to(device),
+        "action": torch.randint(0, A, (B, S), generator=g, device=g.device),
         "reward": _randn((B, S), g, torch.float32, device),
         "xformed_reward": _randn((B, S), g, torch.float32, device, 0.5),
-        "done": torch.randint(0, 3, (B, S), generator=g).to(device),
+        "done": torch.randint(0, 3, (B, S), generator=g, device=g.device),
     }
     if weight:
-        step["weight"] = (torch.rand((B, S), generator=g) + 0.5).to(device)
+        step["weight"] = torch.rand((B, S), generator=g, device=g.device) + 0.5
     if mask:
-        m = torch.ones(B, S, dtype=torch.bool)
-        lengths = torch.randint(max(2, S // 2), S + 1, (B,), generator=g)
-        m &= torch.arange(S)[None, :] < lengths[:, None]
-        step["mask"] = m.to(device)
+        lengths = torch.randint(max(2, S // 2), S + 1, (B,), generator=g, device=g.device)
+        step["mask"] = torch.arange(S, device=g.device)[None, :] < lengths[:, None]
     out = {
         "dqn": _randn((B, S, A), g, dtype, device).requires_grad_(True),
         "dqn_target": _randn((B, S, A), g, dtype, device),
@@ -70,7 +73,7 @@ def make_vec_dqn_inputs(B=3, S=5, A=6, D=4, dtype=torch.float32, device="cpu", s
 
     g = _gen(seed, device)
     step = {
-        "action": torch.randint(0, A, (B, S), generator=g).to(device),
+        "action": torch.randint(0, A, (B, S), generator=g, device=g.device),
         "reward": _randn((B, S), g, torch.float32, device),
         "xformed_reward": _randn((B, S), g, torch.float32, device, 0.5),
     }
@@ -93,10 +96,10 @@ def make_sp_inputs(N=6, A=10, dtype=torch.float32, device="cpu", seed=None, pad_
     """``(q_targets, logits)`` ``[N, A]``; ``pad_frac`` of the teacher entries become ``-inf``,
     never a whole row."""
     g = _gen(seed, device)
-    q = _randn((N, A), g, torch.float64, "cpu", scale)
+    q = _randn((N, A), g, torch.float64, device, scale)
     if pad_frac > 0:
-        pad = torch.rand((N, A), generator=g) < pad_frac
-        pad[torch.arange(N), torch.randint(0, A, (N,), generator=g)] = False
+        pad = torch.rand((N, A), generator=g, device=g.device) < pad_frac
+        pad[torch.arange(N, device=g.device), torch.randint(0, A, (N,), generator=g, device=g.device)] = False
         q = q.masked_fill(pad, float("-inf"))
     logits = _randn((N, A), g, dtype, device, scale).requires_grad_(True)
     return q.to(dtype=dtype, device=device), logits

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss.metrics import finalize_metrics
+from fusedloss.losses.dqn import _KERNEL_METRICS, _kernel_scalars
 from fusedloss.testing import assert_close_to_float64, make_dqn_inputs, nan_like
 
 pytest.importorskip("triton")
@@ -49,13 +49,11 @@ def test_kernel_matches_reference(opts, dtype, shape, device):
     weight = step["weight"] if cfg.weight_key else None
     mask = step["mask"] if cfg.mask_key else None
     grad_buf, td_buf = nan_like((B, S, A), dtype, device), nan_like((B, S - 1), torch.float32, device)
-    params, flags = K.kernel_params(cfg)
-    values = (*params, tuple(flags))
     reward = step["xformed_reward" if cfg.use_xformed_reward else "reward"]
-    loss, metrics, grad, td = K.dqn_fwd(q.detach(), qt, step["action"], reward, step["done"], weight, mask, values,
-                                        max_block, grad_out=grad_buf, td_out=td_buf)
+    loss, metrics, grad, td = K.dqn_fwd(q.detach(), qt, step["action"], reward, step["done"], weight, mask,
+                                        **_kernel_scalars(cfg), max_block_a=max_block, grad_out=grad_buf, td_out=td_buf)
     # The kernel's gradient is unscaled: d(sum of per-transition losses)/dq; the mean divides by count.
-    grad = grad.float() * metrics[7]
+    grad = grad.float() * metrics[K.DqnMetric.INV_COUNT]
 
     up = float(torch.empty(()).uniform_(0.5, 2.0))
     ref_loss, ref_metrics, ref_td = _reference(step, q, qt, cfg)
@@ -67,11 +65,11 @@ def test_kernel_matches_reference(opts, dtype, shape, device):
     assert_close_to_float64(loss, ref_loss, ref64_loss, dtype, "loss")
     assert_close_to_float64(td, ref_td, ref64_td, dtype, "|td error|")
     assert_close_to_float64(grad * up, ref_grad, ref64_grad, dtype, "gradient")
-    for i, name in enumerate(K.METRIC_SLOTS[:7]):
+    for name, slot in _KERNEL_METRICS.items():
         if name in ref_metrics:
-            assert_close_to_float64(metrics[i], torch.tensor(ref_metrics[name]), torch.tensor(ref64_metrics[name]),
-                                    dtype, name)
-    assert metrics[8] == 0 and metrics[9] == 0
+            assert_close_to_float64(metrics[K.DqnMetric[slot]], torch.tensor(ref_metrics[name]),
+                                    torch.tensor(ref64_metrics[name]), dtype, name)
+    assert metrics[K.DqnMetric.BAD_ACTION] == 0 and metrics[K.DqnMetric.BAD_DONE] == 0
 
 
 @pytest.mark.parametrize("opts", ["seed", "cql", "all"])

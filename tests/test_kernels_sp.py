@@ -9,7 +9,7 @@ from fusedloss.testing import assert_close_to_float64, make_sp_inputs, nan_like
 pytest.importorskip("triton")
 from fusedloss.kernels import sp as K  # noqa: E402  (after conftest set TRITON_INTERPRET)
 
-LOSS_TYPES = list(K.LOSS_CODES)
+LOSS_TYPES = [code.loss_type for code in K.SpLossType]
 DTYPES = [torch.float32, torch.bfloat16]
 # (N, A, max_block): non-powers of two, a single row, the smallest A, rows longer than one tile.
 SHAPES = {

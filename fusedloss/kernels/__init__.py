@@ -1,3 +1,35 @@
-"""Fused Triton kernels. Nothing here is imported by ``import fusedloss``: the dispatch rule in
-:mod:`fusedloss._dispatch` imports a family's module the first time it runs that kernel, so
-``TRITON_INTERPRET=1`` only has to be set before that first use."""
+"""Fused Triton kernels, one module per family, every module built to one contract.
+
+Nothing here is imported by ``import fusedloss``: a loss imports its family's module inside the
+branch that runs the kernel, so ``TRITON_INTERPRET=1`` only has to be set before that first use.
+
+The contract, top to bottom (``<fam>`` is the family: ``sp``, ``dqn``, ``vec_dqn``, ``rope``)::
+
+    _<fam>_fwd_kernel, _<fam>_bwd_kernel   @triton.jit; pointers end in _ptr, strides start with
+                                            stride_, compile-time flags are UPPER_CASE constexprs;
+                                            a body longer than a screen is split into jit helpers
+    <fam>_fwd(...), <fam>_bwd(...)          launchers: tiles, grid, output buffers; tensors in,
+                                            tensors out (tests pass NaN-filled buffers through
+                                            the optional *_out arguments)
+    fusedloss::<fam>_fwd, ::<fam>_bwd       torch.library custom ops with a fake (meta) impl; the
+                                            forward op carries register_autograd, so
+                                            torch.compile(fullgraph=True) traces the whole path
+    <fam>_fused(...)                        the one entry its loss calls: plain tensors and Python
+                                            scalars, never a config object
+    compile_variants()                      the (kernel, signature, constexprs, warps) sets the
+                                            launchers pick, for the ahead-of-time spill check
+                                            (tests/compile_check.py)
+
+Who does what:
+
+- The loss (``fusedloss/losses/<fam>.py``) validates the inputs, reduces, and builds the metrics,
+  each once; it picks the path with :func:`fusedloss._dispatch.resolve_backend`. Kernels import
+  nothing from ``losses/``.
+- ``<fam>_fused`` detaches what gets no gradient and makes the last dimension contiguous; the
+  launcher does not copy again.
+- Per-row results come back per row and the loss reduces them (sp, vec_dqn). A kernel computes
+  a reduction itself only where it is part of the one pass (dqn's masked mean and metrics, which
+  its last program folds in a fixed order).
+- Output slots and loss codes are ``IntEnum`` s, mirrored for the kernels by
+  :func:`constexpr_namespace`, so the kernel, the host and the tests read one table.
+"""

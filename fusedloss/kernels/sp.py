@@ -21,20 +21,46 @@ Byte model (``b`` bytes per element, ``N·A`` elements):
 
 from __future__ import annotations
 
+import enum
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sp_fwd", "sp_fused", "LOSS_CODES"]
+from ._common import AotVariant, constexpr_namespace, last_dim_contiguous, signature
 
-LOSS_CODES = {"ce": 0, "ce-soft-fwd": 1, "ce-soft-bwd": 2, "kl-fwd": 3, "kl-bwd": 4, "js": 5}
+__all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "compile_variants"]
+
+
+class SpLossType(enum.IntEnum):
+    """The loss codes the kernel is compiled for; a member's name is the loss type's, upper-cased
+    with ``_`` for ``-`` (``SpLossType.of("kl-fwd") is SpLossType.KL_FWD``)."""
+
+    CE = 0
+    CE_SOFT_FWD = 1
+    CE_SOFT_BWD = 2
+    KL_FWD = 3
+    KL_BWD = 4
+    JS = 5
+
+    @classmethod
+    def of(cls, loss_type: str) -> "SpLossType":
+        return cls[loss_type.upper().replace("-", "_")]
+
+    @property
+    def loss_type(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+_L = constexpr_namespace(SpLossType)
+# Their gradient needs the row's total loss first: a third pass over a row longer than one tile.
+_GRAD_NEEDS_ROW_LOSS = frozenset({SpLossType.CE_SOFT_BWD, SpLossType.KL_BWD, SpLossType.JS})
+_LN2 = tl.constexpr(math.log(2.0))
 # The widest tile a program holds per row: wider rows loop over tiles. About nine fp32 arrays of the
 # tile are live at once; 8K elements over 16 warps is 16 per thread, which stays in registers.
 # (Chosen without a GPU at hand: to be tuned by bench/bench_sp.py.)
 MAX_BLOCK = 8192
-_LN2 = math.log(2.0)
 
 
 @triton.jit
@@ -61,7 +87,7 @@ def _probs(t, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, eps,
     """Teacher p, log p and student s, log s on a tile; 0 outside the valid entries."""
     ls = tl.where(valid, z - mz[:, None] - lse_z[:, None], 0.0)
     s = tl.where(valid, tl.exp(ls), 0.0)
-    if LOSS == 0:
+    if LOSS == _L.CE:
         hit = cols[None, :] == target[:, None]
         p = tl.where(valid, eps / n_valid[:, None], 0.0) + tl.where(hit & valid, 1.0 - eps, 0.0)
         lp = ls  # unused by ce
@@ -78,18 +104,18 @@ def _probs(t, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, eps,
 def _log_m(lp, ls):
     """log((p + s) / 2) without underflow: logaddexp(log p, log s) - log 2."""
     hi = tl.maximum(lp, ls)
-    return hi + tl.log(1.0 + tl.exp(tl.minimum(lp, ls) - hi)) - 0.6931471805599453
+    return hi + tl.log(1.0 + tl.exp(tl.minimum(lp, ls) - hi)) - _LN2
 
 
 @triton.jit
 def _elem_loss(p, lp, s, ls, LOSS: tl.constexpr):
-    if LOSS <= 1:
+    if LOSS == _L.CE or LOSS == _L.CE_SOFT_FWD:
         e = -p * ls
-    elif LOSS == 2:
+    elif LOSS == _L.CE_SOFT_BWD:
         e = -s * lp
-    elif LOSS == 3:
+    elif LOSS == _L.KL_FWD:
         e = p * (lp - ls)
-    elif LOSS == 4:
+    elif LOSS == _L.KL_BWD:
         e = s * (ls - lp)
     else:
         lm = _log_m(lp, ls)
@@ -105,11 +131,11 @@ def _elem_aux(p, lp, s, ls, LOSS: tl.constexpr):
 
 @triton.jit
 def _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS: tl.constexpr):
-    if LOSS <= 1 or LOSS == 3:
+    if LOSS == _L.CE or LOSS == _L.CE_SOFT_FWD or LOSS == _L.KL_FWD:
         g = s - p
-    elif LOSS == 2:
+    elif LOSS == _L.CE_SOFT_BWD:
         g = s * (-row_loss[:, None] - lp)
-    elif LOSS == 4:
+    elif LOSS == _L.KL_BWD:
         g = s * (ls - lp - row_loss[:, None])
     else:
         g = s * (0.5 * (ls - _log_m(lp, ls)) - 0.5 * row_aux[:, None])
@@ -120,8 +146,8 @@ def _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS: tl.constexpr):
 def _sp_fwd_kernel(
     q_ptr, z_ptr, loss_ptr, grad_ptr,
     N, A, stride_q, stride_z, stride_g, inv_t, eps,
-    LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ROWS: tl.constexpr, BLOCK_A: tl.constexpr,
-    SINGLE_TILE: tl.constexpr,
+    LOSS: tl.constexpr, GRAD_NEEDS_ROW_LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_A: tl.constexpr, SINGLE_TILE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -144,12 +170,12 @@ def _sp_fwd_kernel(
         mt, st = _online_update(mt, st, t)
         mz, sz = _online_update(mz, sz, z)
         n_valid = tl.maximum(tl.sum(valid.to(tl.float32), axis=1), 1.0)  # >= 1 keeps rows past N finite
-        if LOSS == 0:
+        if LOSS == _L.CE:
             target = tl.argmax(q, axis=1).to(tl.int32)
         p, lp, s, ls = _probs(t, z, valid, cols0, mt, tl.log(st), mz, tl.log(sz), n_valid, target, eps,
                               LOSS, HAS_SMOOTHING)
         row_loss = tl.sum(_elem_loss(p, lp, s, ls, LOSS), axis=1)
-        if LOSS == 5:
+        if LOSS == _L.JS:
             row_aux = tl.sum(_elem_aux(p, lp, s, ls, LOSS), axis=1)
         g = _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS)
         tl.store(g_row + cols0[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -160,7 +186,7 @@ def _sp_fwd_kernel(
             mt, st = _online_update(mt, st, t)
             mz, sz = _online_update(mz, sz, z)
             n_valid += tl.sum(valid.to(tl.float32), axis=1)
-            if LOSS == 0:
+            if LOSS == _L.CE:
                 tile_best = tl.max(q, axis=1)
                 tile_arg = tl.argmax(q, axis=1).to(tl.int32) + start
                 better = tile_best > best  # strict: ties keep the lowest index, as torch.argmax
@@ -174,12 +200,12 @@ def _sp_fwd_kernel(
             q, t, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z, inv_t)
             p, lp, s, ls = _probs(t, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, eps, LOSS, HAS_SMOOTHING)
             row_loss += tl.sum(_elem_loss(p, lp, s, ls, LOSS), axis=1)
-            if LOSS == 5:
+            if LOSS == _L.JS:
                 row_aux += tl.sum(_elem_aux(p, lp, s, ls, LOSS), axis=1)
-            if LOSS <= 1 or LOSS == 3:  # the gradient needs no row total: write it in this pass
+            if not GRAD_NEEDS_ROW_LOSS:  # write the gradient in this pass
                 g = _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS)
                 tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
-        if LOSS == 2 or LOSS >= 4:
+        if GRAD_NEEDS_ROW_LOSS:
             for start in range(0, A, BLOCK_A):
                 cols = start + cols0
                 q, t, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z, inv_t)
@@ -191,8 +217,8 @@ def _sp_fwd_kernel(
 
 
 @triton.jit
-def _scale_rows_kernel(g_ptr, scale_ptr, out_ptr, N, A, stride_g, stride_o,
-                       ROWS: tl.constexpr, BLOCK_A: tl.constexpr):
+def _sp_bwd_kernel(g_ptr, scale_ptr, out_ptr, N, A, stride_g, stride_o,
+                   ROWS: tl.constexpr, BLOCK_A: tl.constexpr):
     """``out[r, :] = g[r, :] * scale[r]`` in fp32, one read and one write of the gradient."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -204,13 +230,26 @@ def _scale_rows_kernel(g_ptr, scale_ptr, out_ptr, N, A, stride_g, stride_o,
              (g * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _tiling(A: int, max_block: int):
+def _fwd_tiles(A: int, max_block: int = MAX_BLOCK):
     """(BLOCK_A, ROWS, num_warps). Short rows pack into tiles of about 1K elements; ptxas -v on
     sm_90 (tests/compile_check.py) shows no spills for these choices."""
     block = min(triton.next_power_of_2(A), max_block)
     rows = max(1, min(64, 1024 // block)) if block >= A else 1
     warps = 8 if rows * block <= 4096 else 16
     return block, rows, warps
+
+
+def _bwd_tiles(A: int):
+    """(BLOCK_A, ROWS): tiles of at most 4K elements over 4 warps."""
+    block = min(triton.next_power_of_2(A), 4096)
+    return block, max(1, min(64, 4096 // block))
+
+
+def _fwd_constexprs(loss_type: str, label_smoothing: float, A: int, max_block: int = MAX_BLOCK):
+    block, rows, warps = _fwd_tiles(A, max_block)
+    code = SpLossType.of(loss_type)
+    return dict(LOSS=int(code), GRAD_NEEDS_ROW_LOSS=code in _GRAD_NEEDS_ROW_LOSS, HAS_SMOOTHING=label_smoothing > 0.0,
+                ROWS=rows, BLOCK_A=block, SINGLE_TILE=block >= A), warps
 
 
 def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
@@ -220,26 +259,24 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     Returns ``(row_loss fp32 [N], grad [N, A] in z.dtype)``, the gradient of each row's loss with
     respect to its logits. ``loss_out``/``grad_out`` let tests hand in NaN-poisoned buffers.
     """
-    q, z = q.contiguous(), z.contiguous()
+    q, z = last_dim_contiguous(q), last_dim_contiguous(z)
     N, A = z.shape
     loss = torch.empty(N, dtype=torch.float32, device=z.device) if loss_out is None else loss_out
-    grad = torch.empty_like(z) if grad_out is None else grad_out
-    block, rows, warps = _tiling(A, max_block)
-    _sp_fwd_kernel[(triton.cdiv(N, rows),)](
+    grad = torch.empty(z.shape, dtype=z.dtype, device=z.device) if grad_out is None else grad_out
+    constexprs, warps = _fwd_constexprs(loss_type, label_smoothing, A, max_block)
+    _sp_fwd_kernel[(triton.cdiv(N, constexprs["ROWS"]),)](
         q, z, loss, grad, N, A, q.stride(0), z.stride(0), grad.stride(0),
-        1.0 / temperature, float(label_smoothing),
-        LOSS=LOSS_CODES[loss_type], HAS_SMOOTHING=label_smoothing > 0.0, ROWS=rows, BLOCK_A=block,
-        SINGLE_TILE=block >= A, num_warps=warps,
+        1.0 / temperature, float(label_smoothing), num_warps=warps, **constexprs,
     )
     return loss, grad
 
 
-def scale_rows(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def sp_bwd(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``g`` ``[N, A]`` with row ``r`` scaled by ``scale[r]`` (the upstream gradient of row ``r``)."""
     N, A = g.shape
     out = torch.empty_like(g)
-    block = min(triton.next_power_of_2(A), 4096)
-    rows = max(1, min(64, 4096 // block))
-    _scale_rows_kernel[(triton.cdiv(N, rows), triton.cdiv(A, block))](
+    block, rows = _bwd_tiles(A)
+    _sp_bwd_kernel[(triton.cdiv(N, rows), triton.cdiv(A, block))](
         g, scale.contiguous(), out, N, A, g.stride(0), out.stride(0), ROWS=rows, BLOCK_A=block, num_warps=4
     )
     return out
@@ -254,32 +291,50 @@ def _sp_fwd_op(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: fl
 
 @_sp_fwd_op.register_fake
 def _(q, z, loss_type, temperature, label_smoothing, max_block):
-    return z.new_empty(z.shape[0], dtype=torch.float32), torch.empty_like(z)
+    return z.new_empty(z.shape[0], dtype=torch.float32), torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
 
-@torch.library.custom_op("fusedloss::scale_rows", mutates_args=())
-def _scale_rows_op(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return scale_rows(g, scale)
+@torch.library.custom_op("fusedloss::sp_bwd", mutates_args=())
+def _sp_bwd_op(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return sp_bwd(g, scale)
 
 
-@_scale_rows_op.register_fake
+@_sp_bwd_op.register_fake
 def _(g, scale):
     return torch.empty_like(g)
 
 
-def _sp_setup(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
 
 
-def _sp_backward(ctx, grad_loss, grad_grad):
+def _backward(ctx, grad_rows, grad_grad):
     (g,) = ctx.saved_tensors
-    return None, _scale_rows_op(g, grad_loss), None, None, None, None
+    return None, _sp_bwd_op(g, grad_rows), None, None, None, None
 
 
-_sp_fwd_op.register_autograd(_sp_backward, setup_context=_sp_setup)
+_sp_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
-def sp_fused(q, z, loss_type, temperature, label_smoothing, max_block: int = MAX_BLOCK):
-    """Per-row losses ``[N]`` (fp32) through the kernel; the teacher ``q`` gets no gradient."""
+def sp_fused(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
+             max_block: int = MAX_BLOCK) -> torch.Tensor:
+    """Per-row losses ``[N]`` (fp32) of ``[N, A]`` teacher values ``q`` and student logits ``z``
+    through the kernel; the teacher gets no gradient."""
     rows, _ = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing), max_block)
     return rows
+
+
+def compile_variants():
+    """Every tile shape the launcher picks for these row lengths, in bf16 and fp32."""
+    scalars = {"inv_t": "fp32", "eps": "fp32"}
+    for A in (18, 256, 4096, 32768, 131072):
+        for dt in ("bf16", "fp32"):
+            for code in (SpLossType.CE, SpLossType.CE_SOFT_FWD, SpLossType.JS):
+                c, warps = _fwd_constexprs(code.loss_type, 0.1, A)
+                t = {**scalars, "q_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}"}
+                yield AotVariant(f"sp A={A} {dt} {code.loss_type}", _sp_fwd_kernel, signature(_sp_fwd_kernel, t, c),
+                                 c, warps)
+    block, rows = _bwd_tiles(131072)
+    c = {"ROWS": rows, "BLOCK_A": block}
+    t = {"g_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16"}
+    yield AotVariant("sp backward", _sp_bwd_kernel, signature(_sp_bwd_kernel, t, c), c, 4)

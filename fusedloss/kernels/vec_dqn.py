@@ -1,5 +1,5 @@
 """Fused Triton kernels for vector DQN: pairwise-angle scores, the greedy target, RoPE rotation and
-the cosine loss, plus ``rope_rotate``.
+the cosine loss. (``rope_rotate`` alone is :mod:`fusedloss.kernels.rope`.)
 
 Scores. ``score[a] = Σ_i atan2(<rot90(v_i), v_a>, <v_i, v_a>)``. With even/odd halves ``e, o`` of
 each vector, ``<v_i, v_a> = Σ e_i e_a + o_i o_a`` and ``<rot90(v_i), v_a> = Σ e_i o_a − o_i e_a``.
@@ -13,7 +13,8 @@ Loss. One program per transition ``(b, t < S-1)``: scores of ``target[b, t+1]``,
 to the lowest index), the greedy vector rotated by ``theta``, and ``1 − cos`` against
 ``online[b, t, a]``. The gradient ``−(ŵ − cos·û)/|u|`` (PyTorch's ``cosine_similarity`` with its
 ``eps`` clamp) is stored compactly, ``[N, D]`` fp32; backward expands it into the dense
-``[B, S, A, D]`` gradient scaled by ``grad_output / N`` in one launch.
+``[B, S, A, D]`` gradient, each row scaled by its upstream gradient, in one launch. The loss
+returns per-transition values; the mean is the caller's.
 
 Byte model (loss, forward + backward): read the target vectors at ``t+1`` once per action tile
 (``B·S·A·D·b`` when ``A <= BA``), the taken online vector, write ``[N, D]`` fp32, then backward writes
@@ -26,7 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["vec_dqn_fused", "vec_dqn_scores_fused", "rope_rotate_fused", "vec_dqn_fwd", "scores_fwd"]
+from ._common import AotVariant, last_dim_contiguous, signature
+
+__all__ = ["vec_dqn_scores_fwd", "vec_dqn_scores_fused", "vec_dqn_fwd", "vec_dqn_bwd", "vec_dqn_fused",
+           "compile_variants"]
+
+COS_EPS = 1e-8  # F.cosine_similarity's default eps
 
 
 @triton.jit
@@ -82,8 +88,8 @@ def _score_block(v_ptr, stride_a, a0, A, HALF, BA: tl.constexpr, BI: tl.constexp
 
 
 @triton.jit
-def _scores_kernel(v_ptr, out_ptr, A, HALF, stride_m, stride_a,
-                   BA: tl.constexpr, BI: tl.constexpr, BD: tl.constexpr):
+def _vec_dqn_scores_kernel(v_ptr, out_ptr, A, HALF, stride_m, stride_a,
+                           BA: tl.constexpr, BI: tl.constexpr, BD: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     a0 = tl.program_id(1) * BA
     score, am = _score_block(v_ptr + m * stride_m, stride_a, a0, A, HALF, BA, BI, BD)
@@ -137,9 +143,10 @@ def _vec_dqn_fwd_kernel(on_ptr, tg_ptr, act_ptr, theta_ptr, loss_ptr, g_ptr,
 
 
 @triton.jit
-def _vec_dqn_bwd_kernel(g_ptr, act_ptr, gout_ptr, out_ptr, S, A, HALF, inv_n,
+def _vec_dqn_bwd_kernel(g_ptr, act_ptr, grad_rows_ptr, out_ptr, S, A, HALF, stride_gr,
                         BA: tl.constexpr, BH: tl.constexpr):
-    """Dense ``[B, S, A, D]`` gradient: the compact row at the taken action, zeros elsewhere."""
+    """Dense ``[B, S, A, D]`` gradient: the compact row at the taken action times the row's upstream
+    gradient, zeros elsewhere."""
     row = tl.program_id(0).to(tl.int64)  # b * S + t
     b = row // S
     t = row % S
@@ -147,7 +154,7 @@ def _vec_dqn_bwd_kernel(g_ptr, act_ptr, gout_ptr, out_ptr, S, A, HALF, inv_n,
     tt = tl.minimum(t, S - 2)  # row S-1 has no transition: read a valid row, then zero it
     r = b * (S - 1) + tt
     a = tl.where(has, tl.load(act_ptr + b * S + tt + 1), -1)
-    scale = tl.load(gout_ptr).to(tl.float32) * inv_n
+    scale = tl.load(grad_rows_ptr + r * stride_gr).to(tl.float32)
     D = 2 * HALF
     offs_d = tl.arange(0, BH)
     dm = offs_d < D
@@ -160,25 +167,7 @@ def _vec_dqn_bwd_kernel(g_ptr, act_ptr, gout_ptr, out_ptr, S, A, HALF, inv_n,
                  val.to(out_ptr.dtype.element_ty), mask=am[:, None] & dm[None, :])
 
 
-@triton.jit
-def _rope_kernel(x_ptr, th_ptr, out_ptr, M, HALF, sign, BM: tl.constexpr, BH: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rm = rows < M
-    rows64 = rows.to(tl.int64)
-    theta = tl.load(th_ptr + rows64, mask=rm, other=0.0).to(tl.float32) * sign
-    c = tl.cos(theta)[:, None]
-    s = tl.sin(theta)[:, None]
-    for j0 in range(0, HALF, BH):
-        offs = j0 + tl.arange(0, BH)
-        mask = rm[:, None] & (offs < HALF)[None, :]
-        p = rows64[:, None] * (2 * HALF) + 2 * offs[None, :]
-        x0 = tl.load(x_ptr + p, mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(x_ptr + p + 1, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + p, (x0 * c - x1 * s).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + p + 1, (x0 * s + x1 * c).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# Tile choices, shared by the launchers and tests/compile_check.py (which checks them for spills).
+# Tile choices, shared by the launchers and compile_variants (the AOT spill check).
 SCORE_BD = 8
 SCORE_WARPS = 4
 
@@ -197,35 +186,21 @@ def _bwd_tiles(A: int, D: int):
     return max(1, min(triton.next_power_of_2(A), 4096 // bh)), bh
 
 
-def _rope_tiles(D: int):
-    bh = min(triton.next_power_of_2(D // 2), 64)
-    return max(1, min(64, 1024 // bh)), bh
-
-
-def scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def vec_dqn_scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Scores ``[M, A]`` fp32 of ``[M, A, D]`` vectors."""
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    v = last_dim_contiguous(v)
     M, A, D = v.shape
     out = torch.empty((M, A), dtype=torch.float32, device=v.device) if out is None else out
     ba, bi, bd, warps = _score_tiles(A, D // 2)
-    _scores_kernel[(M, triton.cdiv(A, ba))](v, out, A, D // 2, v.stride(0), v.stride(1), BA=ba, BI=bi, BD=bd,
-                                            num_warps=warps)
+    _vec_dqn_scores_kernel[(M, triton.cdiv(A, ba))](v, out, A, D // 2, v.stride(0), v.stride(1), BA=ba, BI=bi,
+                                                    BD=bd, num_warps=warps)
     return out
 
 
-def vec_dqn_scores_fused(vecs: torch.Tensor) -> torch.Tensor:
-    """Scores need no gradient: they select actions."""
-    lead, (A, D) = vecs.shape[:-2], vecs.shape[-2:]
-    return scores_fwd(vecs.detach().reshape(-1, A, D)).reshape(*lead, A)
-
-
 def vec_dqn_fwd(online, target, action, theta, loss_out=None, g_out=None):
-    """Per-transition loss ``[N]`` and compact gradient ``[N, D]`` (fp32), ``N = B·(S-1)``."""
-    if online.stride(-1) != 1:
-        online = online.contiguous()
-    if target.stride(-1) != 1:
-        target = target.contiguous()
+    """Per-transition loss ``[N]`` and compact gradient ``[N, D]`` (fp32), ``N = B·(S-1)``;
+    ``action`` int64 ``[B, S]`` in ``[0, A)``, ``theta`` fp32 ``[N]``."""
+    online, target = last_dim_contiguous(online), last_dim_contiguous(target)
     B, S, A, D = online.shape
     N = B * (S - 1)
     dev = online.device
@@ -235,39 +210,55 @@ def vec_dqn_fwd(online, target, action, theta, loss_out=None, g_out=None):
     _vec_dqn_fwd_kernel[(N,)](
         online, target, action.contiguous(), theta.contiguous(), loss, g, S, A, D // 2,
         online.stride(0), online.stride(1), online.stride(2), target.stride(0), target.stride(1), target.stride(2),
-        1e-8, BA=ba, BI=bi, BD=bd, BH=triton.next_power_of_2(D // 2), num_warps=warps,
+        COS_EPS, BA=ba, BI=bi, BD=bd, BH=triton.next_power_of_2(D // 2), num_warps=warps,
     )
     return loss, g
 
 
-@torch.library.custom_op("fusedloss::vec_dqn_bwd", mutates_args=())
-def _vec_dqn_bwd_op(g: torch.Tensor, action: torch.Tensor, grad_loss: torch.Tensor, B: int, S: int, A: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+def vec_dqn_bwd(g: torch.Tensor, action: torch.Tensor, grad_rows: torch.Tensor, B: int, S: int, A: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[B, S, A, D]`` gradient from the compact ``g`` and the per-transition upstream
+    gradient ``grad_rows`` ``[N]`` (any stride: the mean's expanded gradient is read in place)."""
     D = g.shape[1]
     out = torch.empty((B, S, A, D), dtype=dtype, device=g.device)
     ba, bh = _bwd_tiles(A, D)
-    _vec_dqn_bwd_kernel[(B * S,)](g, action.contiguous(), grad_loss.reshape(1), out, S, A, D // 2,
-                                  1.0 / (B * (S - 1)), BA=ba, BH=bh)
+    _vec_dqn_bwd_kernel[(B * S,)](g, action.contiguous(), grad_rows, out, S, A, D // 2, grad_rows.stride(0),
+                                  BA=ba, BH=bh)
     return out
 
 
-@_vec_dqn_bwd_op.register_fake
-def _(g, action, grad_loss, B, S, A, dtype):
-    return torch.empty((B, S, A, g.shape[1]), dtype=dtype, device=g.device)
+@torch.library.custom_op("fusedloss::vec_dqn_scores", mutates_args=())
+def _vec_dqn_scores_op(v: torch.Tensor) -> torch.Tensor:
+    return vec_dqn_scores_fwd(v)
 
 
-@torch.library.custom_op("fusedloss::vec_dqn_mean_loss", mutates_args=())
-def _mean_loss_op(online: torch.Tensor, target: torch.Tensor, action: torch.Tensor,
-                  theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, g = vec_dqn_fwd(online, target, action, theta)
-    return rows.mean(), g
+@_vec_dqn_scores_op.register_fake
+def _(v):
+    return v.new_empty(v.shape[:2], dtype=torch.float32)
 
 
-@_mean_loss_op.register_fake
+@torch.library.custom_op("fusedloss::vec_dqn_fwd", mutates_args=())
+def _vec_dqn_fwd_op(online: torch.Tensor, target: torch.Tensor, action: torch.Tensor,
+                    theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return vec_dqn_fwd(online, target, action, theta)
+
+
+@_vec_dqn_fwd_op.register_fake
 def _(online, target, action, theta):
     B, S, A, D = online.shape
-    return (torch.empty((), dtype=torch.float32, device=online.device),
-            torch.empty((B * (S - 1), D), dtype=torch.float32, device=online.device))
+    return (online.new_empty(B * (S - 1), dtype=torch.float32),
+            online.new_empty((B * (S - 1), D), dtype=torch.float32))
+
+
+@torch.library.custom_op("fusedloss::vec_dqn_bwd", mutates_args=())
+def _vec_dqn_bwd_op(g: torch.Tensor, action: torch.Tensor, grad_rows: torch.Tensor, B: int, S: int, A: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    return vec_dqn_bwd(g, action, grad_rows, B, S, A, dtype)
+
+
+@_vec_dqn_bwd_op.register_fake
+def _(g, action, grad_rows, B, S, A, dtype):
+    return g.new_empty((B, S, A, g.shape[1]), dtype=dtype)
 
 
 def _setup(ctx, inputs, output):
@@ -277,51 +268,44 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], action)
 
 
-def _backward(ctx, grad_loss, grad_g):
+def _backward(ctx, grad_rows, grad_g):
     g, action = ctx.saved_tensors
     B, S, A, _ = ctx.shape
-    return _vec_dqn_bwd_op(g, action, grad_loss, B, S, A, ctx.dtype), None, None, None
+    return _vec_dqn_bwd_op(g, action, grad_rows, B, S, A, ctx.dtype), None, None, None
 
 
-_mean_loss_op.register_autograd(_backward, setup_context=_setup)
+_vec_dqn_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
-def vec_dqn_fused(online_vecs, target_vecs, action, theta):
-    """Mean loss through the kernels; ``action`` int64 clamped ``[B, S]``, ``theta`` ``[B, S-1]``."""
-    loss, _ = _mean_loss_op(online_vecs, target_vecs.detach(), action, theta.reshape(-1).to(torch.float32))
-    return loss
+def vec_dqn_scores_fused(vecs: torch.Tensor) -> torch.Tensor:
+    """Scores ``[..., A]`` of ``[..., A, D]`` vectors; they select actions and get no gradient."""
+    lead, (A, D) = vecs.shape[:-2], vecs.shape[-2:]
+    return _vec_dqn_scores_op(vecs.detach().reshape(-1, A, D)).reshape(*lead, A)
 
 
-class _Rope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, theta):
-        ctx.save_for_backward(theta)
-        return _rope(x, theta, 1.0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (theta,) = ctx.saved_tensors
-        return _rope(grad.contiguous(), theta, -1.0), None  # the transpose of a rotation is the inverse
+def vec_dqn_fused(online_vecs: torch.Tensor, target_vecs: torch.Tensor, action: torch.Tensor,
+                  theta: torch.Tensor) -> torch.Tensor:
+    """Per-transition losses ``[B·(S-1)]`` (fp32) of ``[B, S, A, D]`` vectors; ``action`` int64
+    ``[B, S]`` in ``[0, A)``, ``theta`` ``[B, S-1]``. The target vectors get no gradient."""
+    rows, _ = _vec_dqn_fwd_op(online_vecs, target_vecs.detach(), action, theta.reshape(-1).to(torch.float32))
+    return rows
 
 
-def _rope(x, theta, sign):
-    D = x.shape[-1]
-    M = x.numel() // D
-    out = torch.empty_like(x)
-    bm, bh = _rope_tiles(D)
-    _rope_kernel[(triton.cdiv(M, bm),)](x, theta, out, M, D // 2, sign, BM=bm, BH=bh)
-    return out
-
-
-def rope_rotate_fused(x: torch.Tensor, theta) -> torch.Tensor:
-    """Kernel ``rope_rotate``. A ``theta`` that requires grad gets it from PyTorch's reference
-    formula (``d out/d theta = rot90(out)``); ``x`` gets its gradient from the kernel."""
-    x = x.contiguous()
-    th = torch.as_tensor(theta, dtype=torch.float32, device=x.device)
-    th_full = th.expand(x.shape[:-1]).contiguous()
-    out = _Rope.apply(x, th_full)
-    if isinstance(theta, torch.Tensor) and theta.requires_grad:
-        o = out.detach()
-        rot90 = torch.stack((-o[..., 1::2], o[..., 0::2]), dim=-1).flatten(-2)
-        out = out + (theta - theta.detach()).unsqueeze(-1).to(out.dtype) * rot90  # value unchanged, adds d/dtheta
-    return out
+def compile_variants():
+    """Scores, loss and dense backward for small and wide action spaces and vector sizes."""
+    for A, D in ((18, 2), (18, 16), (128, 32), (512, 256)):
+        ba, bi, bd, warps = _score_tiles(A, D // 2)
+        c = {"BA": ba, "BI": bi, "BD": bd}
+        t = {"v_ptr": "*fp32", "out_ptr": "*fp32"}
+        yield AotVariant(f"vec_dqn scores A={A} D={D}", _vec_dqn_scores_kernel,
+                         signature(_vec_dqn_scores_kernel, t, c), c, warps)
+        c = {"BA": ba, "BI": bi, "BD": bd, "BH": triton.next_power_of_2(D // 2)}
+        t = {"on_ptr": "*bf16", "tg_ptr": "*bf16", "act_ptr": "*i64", "theta_ptr": "*fp32", "loss_ptr": "*fp32",
+             "g_ptr": "*fp32", "cos_eps": "fp32"}
+        yield AotVariant(f"vec_dqn loss A={A} D={D}", _vec_dqn_fwd_kernel, signature(_vec_dqn_fwd_kernel, t, c), c,
+                         warps)
+        ba, bh = _bwd_tiles(A, D)
+        c = {"BA": ba, "BH": bh}
+        t = {"g_ptr": "*fp32", "act_ptr": "*i64", "grad_rows_ptr": "*fp32", "out_ptr": "*bf16"}
+        yield AotVariant(f"vec_dqn backward A={A} D={D}", _vec_dqn_bwd_kernel, signature(_vec_dqn_bwd_kernel, t, c),
+                         c, 4)

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._dispatch import Backend, kernel_module, resolve_backend
+from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
 from ._common import (
+    RewardTransform,
     check_config_common,
     check_finite_number,
     check_positive,
-    check_reward_config,
     compute_dtype,
     check_done,
     check_index,
@@ -25,12 +25,15 @@ from ._common import (
     reward_tensor,
     split_done,
     stream_get,
-    transform_rewards,
 )
 
 __all__ = ["DqnLossConfig", "dqn_loss", "dqn_reference", "DqnLoss", "TD_LOSSES"]
 
 TD_LOSSES = ("l2", "huber")
+# The metric names and the kernel's DqnMetric slots that hold them.
+_KERNEL_METRICS = {"q_values_mean": "Q_MEAN", "q_values_std": "Q_STD", "q_values_min": "Q_MIN",
+                   "q_values_max": "Q_MAX", "q_values_target": "Q_TARGET", "dqn_loss": "LOSS",
+                   "cql_penalty": "CQL_PENALTY"}
 
 
 @dataclasses.dataclass
@@ -124,7 +127,7 @@ def dqn_reference(
         next_v = next_q_target.gather(-1, a_next).squeeze(-1)
     else:
         next_v = next_q_target.amax(dim=-1)
-    rewards = transform_rewards(reward[:, 1:].to(cd), cfg, m)
+    rewards = RewardTransform.of(cfg)(reward[:, 1:].to(cd), m)
     discount = cfg.gamma * (1.0 - term - trunc) + cfg.gamma_terminal * term + cfg.gamma_truncated * trunc
     td_target = (rewards + discount * next_v).detach()
 
@@ -164,6 +167,14 @@ def dqn_reference(
     return loss, named, td_abs
 
 
+def _kernel_scalars(cfg: DqnLossConfig) -> dict:
+    """The config as the fused kernel's keyword scalars."""
+    return dict(gamma=float(cfg.gamma), gamma_terminal=float(cfg.gamma_terminal),
+                gamma_truncated=float(cfg.gamma_truncated), **RewardTransform.of(cfg).kernel_args(),
+                cql_weight=float(cfg.cql_weight), cql_eps=float(cfg.cql_scale_q_eps), huber=cfg.td_loss == "huber",
+                huber_delta=float(cfg.huber_delta), double=bool(cfg.double_dqn))
+
+
 def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
     """One-step TD loss on ``out["dqn"]`` against ``out["dqn_target"]`` (both ``[B, S, A]``).
 
@@ -189,7 +200,7 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
         raise ValueError(f"out['dqn'] is empty: got shape [B, S, A] = {tuple(q.shape)}.")
     if S < 2:
         raise ValueError(f"dqn_loss needs S >= 2 steps per sequence to form a transition, got S = {S}.")
-    check_reward_config(cfg, S)
+    RewardTransform.of(cfg).check(S)
     action = stream_get(step_stream, "action")
     check_index(action, "step_stream['action']", (B, S), "[B, S]")
     done = stream_get(step_stream, "done")
@@ -209,11 +220,16 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
     msg_done = "step_stream['done'] holds a value outside {0, 1, 2} (running, terminal, truncated) at a used step (t >= 1)."
     msg_mask = f"step_stream[{cfg.mask_key!r}] leaves no valid transition (steps t and t+1 both valid)."
     if resolve_backend(cfg.backend, "dqn", q, q_target) is Backend.TRITON:
-        # The kernel validates and clamps indices itself; its flags are views of the metrics buffer.
-        loss, named, td_abs, flags = kernel_module("dqn").dqn_fused(q, q_target, action, reward, done, cfg, weight, mask)
-        checks = [(flags["bad_action"], msg_action), (flags["bad_done"], msg_done)]
+        from ..kernels import dqn as kernels
+
+        # The kernel checks and clamps indices itself; metrics and flags are views of one buffer.
+        loss, buf, td_abs = kernels.dqn_fused(q, q_target, action, reward, done, weight, mask, **_kernel_scalars(cfg))
+        slot = kernels.DqnMetric
+        names = list(_KERNEL_METRICS) if cfg.cql_weight > 0.0 else list(_KERNEL_METRICS)[:-1]
+        named = {k: buf[slot[_KERNEL_METRICS[k]]] for k in names}
+        checks = [(buf[slot.BAD_ACTION], msg_action), (buf[slot.BAD_DONE], msg_done)]
         if mask is not None:
-            checks.append((flags["no_valid"], msg_mask))
+            checks.append((buf[slot.NO_VALID], msg_mask))
     else:
         action, bad_action = clamp_index(action, A, slice(1, None))
         terminal, truncated, bad_done = split_done(done)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._dispatch import Backend, kernel_module, resolve_backend
+from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
 from ._common import check_config_common, check_positive, compute_dtype, require_float, stream_get
 
@@ -106,8 +106,11 @@ def sp_reference(
 
 
 def _q_star_checks(q: torch.Tensor, name: str):
-    bad_value = (torch.isnan(q) | (q == float("inf"))).any()
-    empty_row = (q == float("-inf")).all(dim=-1).any()
+    """The teacher's input checks from one pass over it: a row's max is NaN when the row holds a
+    NaN (amax propagates NaN), +inf when it holds +inf, and -inf when every entry is padding."""
+    row_max = q.detach().amax(dim=-1)
+    bad_value = (torch.isnan(row_max) | (row_max == float("inf"))).any()
+    empty_row = (row_max == float("-inf")).any()
     return [
         (bad_value, f"{name} contains NaN or +inf (use -inf to mark padded actions)."),
         (empty_row, f"{name} has a row with no finite entry (every action padded with -inf)."),
@@ -124,8 +127,8 @@ def _reduce(per_row: torch.Tensor, reduction: str, weight: torch.Tensor | None) 
     return per_row
 
 
-def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend):
-    """Validate ``[N, A]`` inputs and run the chosen backend; returns the reduced loss."""
+def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight) -> None:
+    """Validate the ``[N, A]`` inputs and options of the ``sp_*`` helpers."""
     require_float(logits, "logits")
     if not isinstance(q_targets, torch.Tensor):
         raise TypeError(f"q_targets must be a torch.Tensor, got {type(q_targets).__name__}.")
@@ -146,15 +149,21 @@ def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, reducti
         require_float(weight, "weight")
         if tuple(weight.shape) != (logits.shape[0],):
             raise ValueError(f"weight must have shape [N] = ({logits.shape[0]},), got {tuple(weight.shape)}.")
+
+
+def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend) -> torch.Tensor:
+    """Per-row losses of validated ``[N, A]`` inputs on the chosen backend."""
     if resolve_backend(backend, "sp", logits, q_targets) is Backend.TRITON:
-        rows = kernel_module("sp").sp_fused(q_targets, logits, loss_type, temperature, label_smoothing)
-    else:
-        rows = sp_reference(q_targets, logits, loss_type, temperature, label_smoothing)
-    return _reduce(rows, reduction, weight)
+        from ..kernels import sp as kernels
+
+        return kernels.sp_fused(q_targets, logits, loss_type, temperature, label_smoothing)
+    return sp_reference(q_targets, logits, loss_type, temperature, label_smoothing)
 
 
 def _helper(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend, check_inputs):
-    loss = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend)
+    _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight)
+    rows = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend)
+    loss = _reduce(rows, reduction, weight)
     if check_inputs:
         finalize_metrics({}, _q_star_checks(q_targets, "q_targets"), "float")
     return loss
@@ -213,8 +222,9 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
     A = logits.shape[-1]
     if logits.numel() == 0:
         raise ValueError("sp_loss: the batch is empty (no tokens).")
+    _check_options(cfg.loss_type, cfg.temperature, cfg.label_smoothing)
     q_rows, l_rows = q_star.reshape(-1, A), logits.reshape(-1, A)
-    loss = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, "mean", None, cfg.backend)
+    loss = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, cfg.backend).mean()
     checks = _q_star_checks(q_rows, "step_stream['q_star']")
     return loss, finalize_metrics({"sp_loss": loss}, checks, cfg.metrics_mode)
 

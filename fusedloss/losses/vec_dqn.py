@@ -10,17 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._dispatch import Backend, kernel_module, resolve_backend
+from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
 from ._common import (
+    RewardTransform,
     check_config_common,
-    check_reward_config,
     compute_dtype,
     index_tensor,
     require_float,
     reward_tensor,
     stream_get,
-    transform_rewards,
 )
 
 __all__ = [
@@ -91,7 +90,9 @@ def rope_rotate(x: torch.Tensor, theta: torch.Tensor | float, *, backend: str = 
                 f"theta must broadcast to x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(theta.shape)}."
             ) from None
     if resolve_backend(backend, "rope", x) is Backend.TRITON:
-        return kernel_module("rope").rope_rotate_fused(x, theta)
+        from ..kernels import rope as kernels
+
+        return kernels.rope_fused(x, theta)
     return rope_rotate_reference(x, theta)
 
 
@@ -116,7 +117,9 @@ def vec_dqn_scores(vecs: torch.Tensor, *, backend: str = "auto") -> torch.Tensor
         raise ValueError(f"vecs must have shape [..., A, D], got {tuple(vecs.shape)}.")
     _check_even_d(vecs, "vecs")
     if resolve_backend(backend, "vec_dqn", vecs) is Backend.TRITON:
-        return kernel_module("vec_dqn").vec_dqn_scores_fused(vecs)
+        from ..kernels import vec_dqn as kernels
+
+        return kernels.vec_dqn_scores_fused(vecs)
     return vec_dqn_scores_reference(vecs)
 
 
@@ -131,7 +134,7 @@ def vec_dqn_reference(online_vecs, target_vecs, action, reward, cfg):
     curr_action_vecs = curr.gather(2, a).squeeze(2)
     greedy = vec_dqn_scores_reference(nxt).argmax(dim=-1)
     next_action_vecs = nxt.gather(2, greedy.reshape(B, S - 1, 1, 1).expand(B, S - 1, 1, D)).squeeze(2)
-    theta = transform_rewards(reward[:, 1:].to(cd), cfg)
+    theta = RewardTransform.of(cfg)(reward[:, 1:].to(cd))
     rotated = rope_rotate_reference(next_action_vecs, theta)
     cosine = F.cosine_similarity(curr_action_vecs, rotated.detach(), dim=-1)
     loss = (1.0 - cosine).mean()
@@ -141,10 +144,11 @@ def vec_dqn_reference(online_vecs, target_vecs, action, reward, cfg):
 def _metrics(loss: torch.Tensor, last_scores: torch.Tensor) -> dict[str, torch.Tensor]:
     """The seed's metrics: the loss and the |scores| of the online vectors at the last step, over π."""
     abs_scores = last_scores.abs() / math.pi
+    lo, hi = abs_scores.aminmax()
     return {
         "vec_dqn_loss": loss.detach(),
-        "vec_dqn_score_abs_min": abs_scores.min(),
-        "vec_dqn_score_abs_max": abs_scores.max(),
+        "vec_dqn_score_abs_min": lo,
+        "vec_dqn_score_abs_max": hi,
         "vec_dqn_score_abs_mean": abs_scores.mean(),
     }
 
@@ -174,15 +178,17 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
     if S < 2:
         raise ValueError(f"vec_dqn_loss needs S >= 2 steps per sequence, got S = {S}.")
     _check_even_d(online_vecs, "online_vecs")
-    check_reward_config(cfg, S)
+    reward_transform = RewardTransform.of(cfg)
+    reward_transform.check(S)
     action, bad_action = index_tensor(stream_get(step_stream, "action"), "step_stream['action']", (B, S), "[B, S]", A,
                                       used=slice(1, None))
     reward = reward_tensor(step_stream, cfg.use_xformed_reward, (B, S), "[B, S]")
     checks = [(bad_action, f"step_stream['action'] holds a value outside [0, A) = [0, {A}) at a used step (t >= 1).")]
     if resolve_backend(cfg.backend, "vec_dqn", online_vecs, target_vecs) is Backend.TRITON:
-        kernels = kernel_module("vec_dqn")
-        theta = transform_rewards(reward[:, 1:].to(torch.float32), cfg)
-        loss = kernels.vec_dqn_fused(online_vecs, target_vecs, action, theta)
+        from ..kernels import vec_dqn as kernels
+
+        theta = reward_transform(reward[:, 1:].to(torch.float32))
+        loss = kernels.vec_dqn_fused(online_vecs, target_vecs, action, theta).mean()
         named = _metrics(loss, kernels.vec_dqn_scores_fused(online_vecs[:, -1]))
     else:
         loss, named = vec_dqn_reference(online_vecs, target_vecs, action, reward, cfg)

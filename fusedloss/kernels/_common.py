@@ -1,0 +1,55 @@
+"""Helpers shared by the kernel modules: named constexpr slots, input layout, AOT variants."""
+
+from __future__ import annotations
+
+import enum
+import types
+from typing import NamedTuple
+
+import torch
+import triton.language as tl
+
+__all__ = ["constexpr_namespace", "AotVariant", "signature", "last_dim_contiguous", "as_loadable"]
+
+
+def constexpr_namespace(table: type[enum.IntEnum]) -> types.ModuleType:
+    """The members of ``table`` as ``tl.constexpr`` attributes of a module object.
+
+    A ``@triton.jit`` function may read attributes of a module but no other non-constexpr global,
+    so ``_M = constexpr_namespace(DqnMetric)`` lets a kernel write ``metrics_ptr + _M.LOSS`` while
+    the host and the tests index the same buffer with ``DqnMetric.LOSS``.
+    """
+    ns = types.ModuleType(table.__name__, f"constexpr mirror of {table.__qualname__}")
+    for member in table:
+        setattr(ns, member.name, tl.constexpr(int(member)))
+    return ns
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension has stride 1 (kernels take the other strides), else a
+    contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def as_loadable(t: torch.Tensor) -> torch.Tensor:
+    """A small per-step tensor as a kernel loads it: contiguous, bool viewed as uint8."""
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class AotVariant(NamedTuple):
+    """One compile of a kernel for the ahead-of-time check: ``signature`` maps every argument of
+    ``kernel`` to a Triton type or ``"constexpr"``."""
+
+    name: str
+    kernel: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+
+
+def signature(kernel, types_: dict[str, str], constexprs: dict) -> dict:
+    """The AOT signature of ``kernel``: ``constexpr`` for the constants, the given types, ``fp32``
+    for the other float scalars named in ``types_`` and ``i32`` for the rest (sizes, strides)."""
+    return {name: "constexpr" if name in constexprs else types_.get(name, "i32") for name in kernel.arg_names}
