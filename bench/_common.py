@@ -133,3 +133,18 @@ def compiled(fn):
 
 def need_triton():
     pytest.importorskip("triton")
+
+
+def provider_loss(provider: str, public):
+    """The loss call a provider times. ``public(backend)`` returns the public entry of the family
+    on that backend (with sync-free lazy metrics), so every provider does the same work, input
+    checks and metrics included: ``fused*`` on ``"triton"``, ``eager`` on ``"torch"``, ``compile``
+    the ``"torch"`` entry under ``torch.compile(fullgraph=True, dynamic=False)``."""
+    if provider.startswith("fused"):
+        need_triton()
+        return public("triton")
+    if provider == "eager":
+        return public("torch")
+    if provider == "compile":
+        return compiled(public("torch"))
+    raise ValueError(f"unknown provider {provider!r}")

@@ -1,5 +1,6 @@
 """DQN, forward + backward per call: fused kernel (and the same captured in a CUDA graph) vs the
-eager reference vs torch.compile(fullgraph=True) of the reference.
+eager reference vs torch.compile(fullgraph=True) of the reference. Every provider calls the public
+``dqn_loss`` (input checks and lazy metrics included), so they do the same work.
 
 Byte model: forward reads q and the t+1 rows of q_target once and writes the gradient; backward
 reads and writes the gradient: ``5·B·S·A·b``. RL shapes are reported in µs per call and launches
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import fusedloss as fl
-from _common import CUDA, DEVICE, compiled, need_triton, run_benchmark, sync
+from _common import CUDA, DEVICE, provider_loss, run_benchmark, sync
 from fusedloss.testing import make_dqn_inputs
 
 if CUDA:
@@ -23,11 +24,9 @@ PROVIDERS = ["fused", "fused-cudagraph", "eager", "compile"]
 CFG = dict(cql_weight=0.1)
 
 
-def _reference_loss(step, q, qt):
-    cfg = fl.DqnLossConfig(backend="torch", **CFG)
-    action = step["action"].clamp(0, q.shape[-1] - 1)
-    done = step["done"]
-    return fl.dqn_reference(q, qt, action, step["reward"], done == 1, done == 2, cfg)[0]
+def _public(backend):
+    cfg = fl.DqnLossConfig(backend=backend, metrics_mode="lazy", **CFG)
+    return lambda step, q, qt: fl.dqn_loss(step, {"dqn": q, "dqn_target": qt}, cfg)[0]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -37,15 +36,8 @@ def bench_dqn_fwd_bwd(benchmark, dtype, shape, provider):
     B, S, A = shape
     step, out = make_dqn_inputs(B, S, A, dtype, DEVICE, seed=0)
     q, qt = out["dqn"], out["dqn_target"]
-    if provider.startswith("fused"):
-        need_triton()
-        cfg = fl.DqnLossConfig(backend="triton", metrics_mode="lazy", **CFG)
-        loss_fn = lambda: fl.dqn_loss(step, {"dqn": q, "dqn_target": qt}, cfg)[0]
-    elif provider == "eager":
-        loss_fn = lambda: _reference_loss(step, q, qt)
-    else:
-        ref = compiled(_reference_loss)
-        loss_fn = lambda: ref(step, q, qt)
+    call = provider_loss(provider, _public)
+    loss_fn = lambda: call(step, q, qt)
 
     def step_fn():
         (g,) = torch.autograd.grad(loss_fn(), q)

@@ -1,5 +1,6 @@
 """Vector DQN: the loss forward + backward (fused vs eager vs compile), and vec_dqn_scores alone at
-acting batch shapes (µs per call).
+acting batch shapes (µs per call). The loss providers call the public ``vec_dqn_loss`` (checks and
+lazy metrics included), so they do the same work.
 
 Byte model of the loss: read the target vectors at t+1 and the taken online vectors, write the
 dense gradient in backward: ``2·B·S·A·D·b``; the arithmetic is O(B·S·A²·D). Peak extra memory is
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import fusedloss as fl
-from _common import CUDA, DEVICE, compiled, need_triton, run_benchmark, sync
+from _common import CUDA, DEVICE, compiled, need_triton, provider_loss, run_benchmark, sync
 from fusedloss.testing import make_vec_dqn_inputs
 
 if CUDA:
@@ -22,9 +23,9 @@ else:
 PROVIDERS = ["fused", "eager", "compile"]
 
 
-def _ref_loss(step, online, target):
-    action = step["action"].clamp(0, online.shape[2] - 1)
-    return fl.vec_dqn_reference(online, target, action, step["reward"], fl.VecDqnLossConfig())[0]
+def _public(backend):
+    cfg = fl.VecDqnLossConfig(backend=backend, metrics_mode="lazy")
+    return lambda step, online, target: fl.vec_dqn_loss(step, online, target, cfg)[0]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -32,15 +33,8 @@ def _ref_loss(step, online, target):
 def bench_vec_dqn_fwd_bwd(benchmark, shape, provider):
     B, S, A, D = shape
     step, online, target = make_vec_dqn_inputs(B, S, A, D, torch.float32, DEVICE, seed=0)
-    if provider == "fused":
-        need_triton()
-        cfg = fl.VecDqnLossConfig(backend="triton", metrics_mode="lazy")
-        loss_fn = lambda: fl.vec_dqn_loss(step, online, target, cfg)[0]
-    elif provider == "eager":
-        loss_fn = lambda: _ref_loss(step, online, target)
-    else:
-        ref = compiled(_ref_loss)
-        loss_fn = lambda: ref(step, online, target)
+    call = provider_loss(provider, _public)
+    loss_fn = lambda: call(step, online, target)
 
     def timed():
         torch.autograd.grad(loss_fn(), online)

@@ -30,6 +30,7 @@ returns NaN when traced.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -39,7 +40,7 @@ from torch import nn
 
 from ._common import check_positive, compute_dtype, require_float
 
-__all__ = ["SINKHORN_BACKENDS", "sinkhorn_loss", "KOTSinkhornLoss", "sinkhorn_points"]
+__all__ = ["SINKHORN_BACKENDS", "SinkhornOptions", "sinkhorn_loss", "KOTSinkhornLoss", "sinkhorn_points"]
 
 SINKHORN_BACKENDS = ("tensorized", "online", "multiscale")
 
@@ -58,6 +59,34 @@ def check_sinkhorn_options(p, lam_state, blur, scaling, backend, reach=None, red
         check_positive(reach, "reach")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}.")
+
+
+@dataclasses.dataclass
+class SinkhornOptions:
+    """The options of :func:`sinkhorn_loss`, :class:`KOTSinkhornLoss` and the ``sinkhorn_knopp``
+    registry entry, defined once and checked on construction.
+
+    ``p`` (1 or 2) sets the cost and ``ε = blur^p``; ``lam_state`` weighs the state features;
+    ``debias`` picks the Sinkhorn divergence over plain entropic OT; ``backend`` is geomloss's
+    (``"tensorized"``, ``"online"``, ``"multiscale"``); ``scaling`` in (0, 1) is the ε-scaling
+    ratio; ``reach`` (None or > 0) makes the problem unbalanced; ``batched`` adds a leading problem
+    dimension, reduced by ``reduction``; ``gather_distributed`` solves the union of all ranks' clouds.
+    """
+
+    p: int = 2
+    lam_state: float = 1.0
+    blur: float = 0.05
+    debias: bool = True
+    backend: str = "online"
+    scaling: float = 0.5
+    reach: float | None = None
+    batched: bool = False
+    reduction: str = "mean"
+    gather_distributed: bool = False
+
+    def __post_init__(self) -> None:
+        check_sinkhorn_options(self.p, self.lam_state, self.blur, self.scaling, self.backend, self.reach,
+                               self.reduction)
 
 
 def sinkhorn_points(action: torch.Tensor, state: torch.Tensor, lam_state: float, p: int, batched: bool = False):
@@ -191,24 +220,50 @@ def _voxel_labels(x, scale):
     return torch.unique(vox, dim=0, return_inverse=True)[1].to(torch.int32)
 
 
+def _clouds(pred_action, target_action, state_pred, state_target, opts: SinkhornOptions):
+    """Validate both clouds and return their points ``x``, ``y`` as geomloss sees them."""
+    _validate_cloud(pred_action, state_pred, "pred_action", "state_pred", opts.batched)
+    _validate_cloud(target_action, state_target, "target_action", "state_target", opts.batched)
+    x = sinkhorn_points(pred_action, state_pred, opts.lam_state, opts.p, opts.batched)
+    y = sinkhorn_points(target_action, state_target, opts.lam_state, opts.p, opts.batched)
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"predicted points have {x.shape[-1]} features (action + state) but target points have "
+            f"{y.shape[-1]}: pred_action/state_pred and target_action/state_target must match per point."
+        )
+    if opts.batched and x.shape[0] != y.shape[0]:
+        raise ValueError(f"batched clouds must share B: got {x.shape[0]} predicted and {y.shape[0]} target problems.")
+    return x, y
+
+
+def _gather_problem(x, y, a, b, batched: bool):
+    """Every rank's clouds and weights, concatenated along the point dimension (differentiably)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("gather_distributed=True needs an initialized torch.distributed process group.")
+    if dist.get_world_size() == 1:
+        return x, y, a, b
+    point_dim = 1 if batched else 0
+    _check_gather_shapes(x, "the predicted clouds")
+    _check_gather_shapes(y, "the target clouds")
+    x, y = _gather(x, point_dim), _gather(y, point_dim)
+    # Per-rank normalised weights: the union weighs each rank's cloud equally.
+    a, b = _gather(a, point_dim), _gather(b, point_dim)
+    a = None if a is None else a / a.sum(dim=-1, keepdim=True)
+    b = None if b is None else b / b.sum(dim=-1, keepdim=True)
+    return x, y, a, b
+
+
 def sinkhorn_loss(
     pred_action: torch.Tensor,
     target_action: torch.Tensor,
     state_pred: torch.Tensor,
     state_target: torch.Tensor,
     *,
-    p: int = 2,
-    lam_state: float = 1.0,
-    blur: float = 0.05,
-    debias: bool = True,
-    backend: str = "online",
-    scaling: float = 0.5,
-    reach: float | None = None,
     weights_pred: torch.Tensor | None = None,
     weights_target: torch.Tensor | None = None,
-    batched: bool = False,
-    reduction: str = "mean",
-    gather_distributed: bool = False,
+    **options,
 ) -> torch.Tensor:
     """Sinkhorn divergence between the predicted and target (action, state) clouds.
 
@@ -216,66 +271,40 @@ def sinkhorn_loss(
     ``state_target`` ``[M, ...]``; returns a 0-dim fp32 tensor. ``batched=True``: a leading problem
     dimension ``B`` on all four (``[B, N, ...]``); ``reduction`` ``"mean"``, ``"sum"`` or ``"none"``
     (``[B]``). Optional ``weights_pred`` ``[(B,) N]`` and ``weights_target`` ``[(B,) M]`` are normalized
-    per problem. ``reach`` enables unbalanced OT. bf16/fp16 inputs are solved in fp32 (KeOps takes
-    float and double only) and their gradients come back in the input dtype. ``gather_distributed``
-    solves the union of all ranks' clouds (see the module docstring).
+    per problem. ``options`` are the fields of :class:`SinkhornOptions` (``p=2, lam_state=1.0,
+    blur=0.05, debias=True, backend="online", scaling=0.5, reach=None, batched=False,
+    reduction="mean", gather_distributed=False``). bf16/fp16 inputs are solved in fp32 (KeOps takes
+    float and double only) and their gradients come back in the input dtype.
     """
-    check_sinkhorn_options(p, lam_state, blur, scaling, backend, reach, reduction)
-    _validate_cloud(pred_action, state_pred, "pred_action", "state_pred", batched)
-    _validate_cloud(target_action, state_target, "target_action", "state_target", batched)
-    lead = 2 if batched else 1
-    x = sinkhorn_points(pred_action, state_pred, lam_state, p, batched)
-    y = sinkhorn_points(target_action, state_target, lam_state, p, batched)
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(
-            f"predicted points have {x.shape[-1]} features (action + state) but target points have "
-            f"{y.shape[-1]}: pred_action/state_pred and target_action/state_target must match per point."
-        )
-    if batched and x.shape[0] != y.shape[0]:
-        raise ValueError(f"batched clouds must share B: got {x.shape[0]} predicted and {y.shape[0]} target problems.")
+    opts = SinkhornOptions(**options)
+    x, y = _clouds(pred_action, target_action, state_pred, state_target, opts)
+    lead = 2 if opts.batched else 1
     a = _validate_weights(weights_pred, pred_action.shape[:lead], "weights_pred")
     b = _validate_weights(weights_target, target_action.shape[:lead], "weights_target")
-    if gather_distributed:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("gather_distributed=True needs an initialized torch.distributed process group.")
-        if dist.get_world_size() > 1:
-            point_dim = 1 if batched else 0
-            _check_gather_shapes(x, "the predicted clouds")
-            _check_gather_shapes(y, "the target clouds")
-            x, y = _gather(x, point_dim), _gather(y, point_dim)
-            # Per-rank normalised weights: the union weighs each rank's cloud equally.
-            a = _gather(a, point_dim)
-            b = _gather(b, point_dim)
-            a = None if a is None else a / a.sum(dim=-1, keepdim=True)
-            b = None if b is None else b / b.sum(dim=-1, keepdim=True)
-    if backend == "online":
+    if opts.gather_distributed:
+        x, y, a, b = _gather_problem(x, y, a, b, opts.batched)
+    if opts.backend == "online":
         problem = _keops_problem(x.device.type)
         if problem is not None:
             raise RuntimeError(
                 f"sinkhorn backend='online' needs KeOps: {problem}. Fall back to backend='tensorized' "
                 "(dense cost matrix, quadratic memory), or fix the KeOps install."
             )
-    value = _solve_outside_graph(x, y, a, b, p, float(blur), None if reach is None else float(reach), debias,
-                                 scaling, backend)
-    if not batched or reduction == "none":
+    value = _solve_outside_graph(x, y, a, b, opts.p, float(opts.blur), None if opts.reach is None else float(opts.reach),
+                                 opts.debias, opts.scaling, opts.backend)
+    if not opts.batched or opts.reduction == "none":
         return value
-    return value.mean() if reduction == "mean" else value.sum()
+    return value.mean() if opts.reduction == "mean" else value.sum()
 
 
 class KOTSinkhornLoss(nn.Module):
-    """``nn.Module`` form of :func:`sinkhorn_loss`;
-    ``forward(pred_action, target_action, state_pred, state_target)`` plus optional weights."""
+    """``nn.Module`` form of :func:`sinkhorn_loss`, built from the :class:`SinkhornOptions` fields
+    (positionally in their order, or by name); ``forward(pred_action, target_action, state_pred,
+    state_target, weights_pred=None, weights_target=None)``."""
 
-    def __init__(self, p: int = 2, lam_state: float = 1.0, blur: float = 0.05, debias: bool = True,
-                 backend: str = "online", scaling: float = 0.5, reach: float | None = None,
-                 batched: bool = False, reduction: str = "mean", gather_distributed: bool = False):
+    def __init__(self, *args, **kwargs):
         super().__init__()
-        check_sinkhorn_options(p, lam_state, blur, scaling, backend, reach, reduction)
-        self.options = dict(p=p, lam_state=lam_state, blur=blur, debias=debias, backend=backend,
-                            scaling=scaling, reach=reach, batched=batched, reduction=reduction,
-                            gather_distributed=gather_distributed)
+        self.options = dataclasses.asdict(SinkhornOptions(*args, **kwargs))
 
     def forward(self, pred_action, target_action, state_pred, state_target, weights_pred=None, weights_target=None):
         return sinkhorn_loss(pred_action, target_action, state_pred, state_target,

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..losses.dqn import DqnLoss, DqnLossConfig
 from ..losses.moe import RouterZLoss, SwitchLoadBalancingLoss
-from ..losses.sinkhorn import KOTSinkhornLoss, check_sinkhorn_options
+from ..losses.sinkhorn import KOTSinkhornLoss, SinkhornOptions
 from ..losses.sp import SpLoss, SpLossConfig
 from ..losses.sv import SvLoss, SvLossConfig
 from ..losses.vec_dqn import VecDqnLoss, VecDqnLossConfig
@@ -42,22 +42,8 @@ class L2LossFactory:
 
 @LOSS_BUILDER_REGISTRY.register("sinkhorn_knopp")
 @dataclasses.dataclass
-class SinkhornKnoppLossFactory:
+class SinkhornKnoppLossFactory(SinkhornOptions):
     """:class:`~fusedloss.losses.sinkhorn.KOTSinkhornLoss`; ``backend`` is geomloss's."""
-
-    p: int = 2
-    lam_state: float = 1.0
-    blur: float = 0.05
-    debias: bool = True
-    backend: str = "online"
-    scaling: float = 0.5
-    reach: float | None = None
-    batched: bool = False
-    reduction: str = "mean"
-    gather_distributed: bool = False
-
-    def __post_init__(self) -> None:
-        check_sinkhorn_options(self.p, self.lam_state, self.blur, self.scaling, self.backend, self.reach, self.reduction)
 
     def build(self) -> nn.Module:
         return KOTSinkhornLoss(**dataclasses.asdict(self))
