@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss.losses._common import RewardTransform
+from fusedloss.losses._common import transform_rewards
 from fusedloss.testing import assert_close_to_float64, make_vec_dqn_inputs, nan_like
 
 pytest.importorskip("triton")
@@ -68,7 +68,7 @@ def test_loss_and_gradient_match_reference(dtype, shape, norm, device):
     cfg = dict(normalize_reward_mean=norm, normalize_reward_std=norm, reward_scale=0.7, reward_shift=0.2)
     step, online, target = make_vec_dqn_inputs(B, S, A, D, dtype, device, argmax_margin=1e-3)
     # The kernel's own outputs, poisoned first.
-    theta = RewardTransform.of(fl.VecDqnLossConfig(**cfg))(step["reward"][:, 1:].float()).reshape(-1)
+    theta = transform_rewards(step["reward"][:, 1:].float(), fl.VecDqnLossConfig(**cfg)).reshape(-1)
     rows, g = K.vec_dqn_fwd(online.detach(), target, step["action"], theta,
                             loss_out=nan_like((B * (S - 1),), torch.float32, device),
                             g_out=nan_like((B * (S - 1), D), torch.float32, device))

@@ -8,15 +8,29 @@ are clamped first, so a bad value can never read out of bounds or trip a device-
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from .._dispatch import Backend
 from ..metrics import check_metrics_mode
+
+
+class ConfigLoss(nn.Module):
+    """Base of the config-driven loss modules: holds ``cfg`` (a default ``config_cls()`` when
+    None) and shows it in the repr; a subclass sets ``config_cls`` and defines ``forward``."""
+
+    config_cls: type
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = self.config_cls() if cfg is None else cfg
+
+    def extra_repr(self) -> str:
+        return repr(self.cfg)
 
 
 def stream_get(stream: Any, key: str, argname: str = "step_stream") -> torch.Tensor:
@@ -123,58 +137,41 @@ def reward_tensor(stream: Any, use_xformed: bool, shape: tuple[int, ...], form: 
     return r
 
 
-@dataclasses.dataclass(frozen=True)
-class RewardTransform:
-    """The reward transform of dqn and vec_dqn, defined once: per-sequence mean and std
-    normalisation over dim 1, then ``r * scale + shift``. The reference applies it
-    (:meth:`__call__`); the fused DQN kernel applies the same steps to the scalars of
-    :meth:`kernel_args`. Built from a config's ``reward_*`` and ``normalize_reward_*`` fields by
-    :meth:`of`, whose names its errors use."""
+def transform_rewards(r: torch.Tensor, cfg: Any, m: torch.Tensor | None = None) -> torch.Tensor:
+    """The reward transform of dqn and vec_dqn, written once for both and their fused paths:
+    per-sequence mean/std normalisation over dim 1 (over the entries where the float 0/1 mask ``m``
+    is 1, when given), then ``r * reward_scale + reward_shift``. The fused DQN kernel applies the
+    same steps to the scalars of :func:`reward_kernel_args`."""
+    if m is None:
+        if cfg.normalize_reward_mean:
+            r = r - r.mean(dim=1, keepdim=True)
+        if cfg.normalize_reward_std:
+            r = r / (r.std(dim=1, keepdim=True) + cfg.normalize_reward_eps) * cfg.normalize_reward_std_target
+    else:
+        n = m.sum(dim=1, keepdim=True)
+        if cfg.normalize_reward_mean:
+            r = r - (r * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
+        if cfg.normalize_reward_std:
+            mean = (r * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
+            std = (((r - mean) ** 2 * m).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+            r = r / (std + cfg.normalize_reward_eps) * cfg.normalize_reward_std_target
+    return r * cfg.reward_scale + cfg.reward_shift
 
-    scale: float = 1.0
-    shift: float = 0.0
-    normalize_mean: bool = False
-    normalize_std: bool = False
-    eps: float = 1e-8
-    std_target: float = 1.0
 
-    @classmethod
-    def of(cls, cfg: Any) -> "RewardTransform":
-        return cls(cfg.reward_scale, cfg.reward_shift, cfg.normalize_reward_mean, cfg.normalize_reward_std,
-                   cfg.normalize_reward_eps, cfg.normalize_reward_std_target)
+def reward_kernel_args(cfg: Any) -> dict:
+    """The reward transform of ``cfg`` as the fused DQN kernel's keyword scalars."""
+    return dict(reward_scale=float(cfg.reward_scale), reward_shift=float(cfg.reward_shift),
+                norm_mean=bool(cfg.normalize_reward_mean), norm_std=bool(cfg.normalize_reward_std),
+                norm_eps=float(cfg.normalize_reward_eps), norm_target=float(cfg.normalize_reward_std_target))
 
-    def check(self, S: int) -> None:
-        """Raise for non-finite values, a negative eps, or a std over fewer than 2 transitions."""
-        for name, value in (("reward_scale", self.scale), ("reward_shift", self.shift),
-                            ("normalize_reward_std_target", self.std_target)):
-            check_finite_number(value, name)
-        if not (math.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f"normalize_reward_eps must be a finite number >= 0, got {self.eps!r}.")
-        if self.normalize_std and S < 3:
-            raise ValueError(
-                f"normalize_reward_std needs at least 2 transitions per sequence (S >= 3) for an "
-                f"unbiased std, got S = {S}."
-            )
 
-    def __call__(self, r: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
-        """``r`` ``[B, T]`` transformed; the statistics are over the entries where the float 0/1
-        mask ``m`` is 1, when given."""
-        if m is None:
-            if self.normalize_mean:
-                r = r - r.mean(dim=1, keepdim=True)
-            if self.normalize_std:
-                r = r / (r.std(dim=1, keepdim=True) + self.eps) * self.std_target
-        else:
-            n = m.sum(dim=1, keepdim=True)
-            if self.normalize_mean:
-                r = r - (r * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
-            if self.normalize_std:
-                mean = (r * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
-                std = (((r - mean) ** 2 * m).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
-                r = r / (std + self.eps) * self.std_target
-        return r * self.scale + self.shift
-
-    def kernel_args(self) -> dict:
-        """The transform as the fused DQN kernel's keyword scalars."""
-        return dict(reward_scale=float(self.scale), reward_shift=float(self.shift), norm_mean=bool(self.normalize_mean),
-                    norm_std=bool(self.normalize_std), norm_eps=float(self.eps), norm_target=float(self.std_target))
+def check_reward_config(cfg: Any, S: int) -> None:
+    for name in ("reward_scale", "reward_shift", "normalize_reward_std_target"):
+        check_finite_number(getattr(cfg, name), name)
+    if not (math.isfinite(cfg.normalize_reward_eps) and cfg.normalize_reward_eps >= 0):
+        raise ValueError(f"normalize_reward_eps must be a finite number >= 0, got {cfg.normalize_reward_eps!r}.")
+    if cfg.normalize_reward_std and S < 3:
+        raise ValueError(
+            f"normalize_reward_std needs at least 2 transitions per sequence (S >= 3) for an "
+            f"unbiased std, got S = {S}."
+        )

@@ -7,24 +7,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
 from ._common import (
-    RewardTransform,
+    ConfigLoss,
     check_config_common,
     check_finite_number,
     check_positive,
+    check_reward_config,
     compute_dtype,
     check_done,
     check_index,
     clamp_index,
     require_float,
     require_shape,
+    reward_kernel_args,
     reward_tensor,
     split_done,
     stream_get,
+    transform_rewards,
 )
 
 __all__ = ["DqnLossConfig", "dqn_loss", "dqn_reference", "DqnLoss", "TD_LOSSES"]
@@ -127,7 +129,7 @@ def dqn_reference(
         next_v = next_q_target.gather(-1, a_next).squeeze(-1)
     else:
         next_v = next_q_target.amax(dim=-1)
-    rewards = RewardTransform.of(cfg)(reward[:, 1:].to(cd), m)
+    rewards = transform_rewards(reward[:, 1:].to(cd), cfg, m)
     discount = cfg.gamma * (1.0 - term - trunc) + cfg.gamma_terminal * term + cfg.gamma_truncated * trunc
     td_target = (rewards + discount * next_v).detach()
 
@@ -170,7 +172,7 @@ def dqn_reference(
 def _kernel_scalars(cfg: DqnLossConfig) -> dict:
     """The config as the fused kernel's keyword scalars."""
     return dict(gamma=float(cfg.gamma), gamma_terminal=float(cfg.gamma_terminal),
-                gamma_truncated=float(cfg.gamma_truncated), **RewardTransform.of(cfg).kernel_args(),
+                gamma_truncated=float(cfg.gamma_truncated), **reward_kernel_args(cfg),
                 cql_weight=float(cfg.cql_weight), cql_eps=float(cfg.cql_scale_q_eps), huber=cfg.td_loss == "huber",
                 huber_delta=float(cfg.huber_delta), double=bool(cfg.double_dqn))
 
@@ -200,7 +202,7 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
         raise ValueError(f"out['dqn'] is empty: got shape [B, S, A] = {tuple(q.shape)}.")
     if S < 2:
         raise ValueError(f"dqn_loss needs S >= 2 steps per sequence to form a transition, got S = {S}.")
-    RewardTransform.of(cfg).check(S)
+    check_reward_config(cfg, S)
     action = stream_get(step_stream, "action")
     check_index(action, "step_stream['action']", (B, S), "[B, S]")
     done = stream_get(step_stream, "done")
@@ -243,15 +245,10 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
     return loss, metrics
 
 
-class DqnLoss(nn.Module):
+class DqnLoss(ConfigLoss):
     """``nn.Module`` form of :func:`dqn_loss`; ``forward(step_stream, out)``."""
 
-    def __init__(self, cfg: DqnLossConfig | None = None):
-        super().__init__()
-        self.cfg = DqnLossConfig() if cfg is None else cfg
+    config_cls = DqnLossConfig
 
     def forward(self, step_stream: Any, out: Any):
         return dqn_loss(step_stream, out, self.cfg)
-
-    def extra_repr(self) -> str:
-        return repr(self.cfg)

@@ -18,12 +18,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
-from ._common import check_config_common, check_positive, compute_dtype, require_float, stream_get
+from ._common import ConfigLoss, check_config_common, check_positive, compute_dtype, require_float, stream_get
 
 __all__ = [
     "SP_LOSS_TYPES",
@@ -229,15 +227,10 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
     return loss, finalize_metrics({"sp_loss": loss}, checks, cfg.metrics_mode)
 
 
-class SpLoss(nn.Module):
+class SpLoss(ConfigLoss):
     """``nn.Module`` form of :func:`sp_loss`; ``forward(step_stream, logits)``."""
 
-    def __init__(self, cfg: SpLossConfig | None = None):
-        super().__init__()
-        self.cfg = SpLossConfig() if cfg is None else cfg
+    config_cls = SpLossConfig
 
     def forward(self, step_stream: Any, logits: torch.Tensor):
         return sp_loss(step_stream, logits, self.cfg)
-
-    def extra_repr(self) -> str:
-        return repr(self.cfg)

@@ -6,11 +6,10 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..metrics import finalize_metrics
 from .._dispatch import resolve_backend
-from ._common import check_config_common, compute_dtype, require_float, stream_get
+from ._common import ConfigLoss, check_config_common, compute_dtype, require_float, stream_get
 
 __all__ = ["SV_LOSS_TYPES", "SvLossConfig", "sv_loss", "sv_reference", "SvLoss"]
 
@@ -62,15 +61,10 @@ def sv_loss(step_stream: Any, logits: torch.Tensor, cfg: SvLossConfig | None = N
     return loss, finalize_metrics({"sv_loss": loss}, checks, cfg.metrics_mode)
 
 
-class SvLoss(nn.Module):
+class SvLoss(ConfigLoss):
     """``nn.Module`` form of :func:`sv_loss`; ``forward(step_stream, logits)``."""
 
-    def __init__(self, cfg: SvLossConfig | None = None):
-        super().__init__()
-        self.cfg = SvLossConfig() if cfg is None else cfg
+    config_cls = SvLossConfig
 
     def forward(self, step_stream: Any, logits: torch.Tensor):
         return sv_loss(step_stream, logits, self.cfg)
-
-    def extra_repr(self) -> str:
-        return repr(self.cfg)

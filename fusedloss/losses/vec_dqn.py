@@ -8,18 +8,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
 from ._common import (
-    RewardTransform,
+    ConfigLoss,
     check_config_common,
+    check_reward_config,
     compute_dtype,
     index_tensor,
     require_float,
     reward_tensor,
     stream_get,
+    transform_rewards,
 )
 
 __all__ = [
@@ -134,7 +135,7 @@ def vec_dqn_reference(online_vecs, target_vecs, action, reward, cfg):
     curr_action_vecs = curr.gather(2, a).squeeze(2)
     greedy = vec_dqn_scores_reference(nxt).argmax(dim=-1)
     next_action_vecs = nxt.gather(2, greedy.reshape(B, S - 1, 1, 1).expand(B, S - 1, 1, D)).squeeze(2)
-    theta = RewardTransform.of(cfg)(reward[:, 1:].to(cd))
+    theta = transform_rewards(reward[:, 1:].to(cd), cfg)
     rotated = rope_rotate_reference(next_action_vecs, theta)
     cosine = F.cosine_similarity(curr_action_vecs, rotated.detach(), dim=-1)
     loss = (1.0 - cosine).mean()
@@ -178,8 +179,7 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
     if S < 2:
         raise ValueError(f"vec_dqn_loss needs S >= 2 steps per sequence, got S = {S}.")
     _check_even_d(online_vecs, "online_vecs")
-    reward_transform = RewardTransform.of(cfg)
-    reward_transform.check(S)
+    check_reward_config(cfg, S)
     action, bad_action = index_tensor(stream_get(step_stream, "action"), "step_stream['action']", (B, S), "[B, S]", A,
                                       used=slice(1, None))
     reward = reward_tensor(step_stream, cfg.use_xformed_reward, (B, S), "[B, S]")
@@ -187,7 +187,7 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
     if resolve_backend(cfg.backend, "vec_dqn", online_vecs, target_vecs) is Backend.TRITON:
         from ..kernels import vec_dqn as kernels
 
-        theta = reward_transform(reward[:, 1:].to(torch.float32))
+        theta = transform_rewards(reward[:, 1:].to(torch.float32), cfg)
         loss = kernels.vec_dqn_fused(online_vecs, target_vecs, action, theta).mean()
         named = _metrics(loss, kernels.vec_dqn_scores_fused(online_vecs[:, -1]))
     else:
@@ -195,15 +195,10 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
     return loss, finalize_metrics(named, checks, cfg.metrics_mode)
 
 
-class VecDqnLoss(nn.Module):
+class VecDqnLoss(ConfigLoss):
     """``nn.Module`` form of :func:`vec_dqn_loss`; ``forward(step_stream, online_vecs, target_vecs)``."""
 
-    def __init__(self, cfg: VecDqnLossConfig | None = None):
-        super().__init__()
-        self.cfg = VecDqnLossConfig() if cfg is None else cfg
+    config_cls = VecDqnLossConfig
 
     def forward(self, step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch.Tensor):
         return vec_dqn_loss(step_stream, online_vecs, target_vecs, self.cfg)
-
-    def extra_repr(self) -> str:
-        return repr(self.cfg)

@@ -21,8 +21,17 @@ __all__ = [
 ]
 
 
-def _config_of(factory, config_cls):
-    return config_cls(**{f.name: getattr(factory, f.name) for f in dataclasses.fields(config_cls)})
+def _config_factory(key: str, config_cls: type, module_cls: type) -> type:
+    """Register ``key`` as a factory that subclasses ``config_cls`` (so ``build_loss`` checks params
+    against the config's fields) and builds ``module_cls(config)``."""
+
+    def build(self) -> nn.Module:
+        return module_cls(config_cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(config_cls)}))
+
+    name = f"{module_cls.__name__}Factory"
+    factory = dataclasses.dataclass(type(name, (config_cls,), {"build": build, "__module__": __name__,
+                                                                "__doc__": f"Builds :class:`{module_cls.__name__}`."}))
+    return LOSS_BUILDER_REGISTRY.register(key)(factory)
 
 
 @LOSS_BUILDER_REGISTRY.register("l2_loss")
@@ -49,32 +58,10 @@ class SinkhornKnoppLossFactory(SinkhornOptions):
         return KOTSinkhornLoss(**dataclasses.asdict(self))
 
 
-@LOSS_BUILDER_REGISTRY.register("dqn")
-@dataclasses.dataclass
-class DqnLossFactory(DqnLossConfig):
-    def build(self) -> nn.Module:
-        return DqnLoss(_config_of(self, DqnLossConfig))
-
-
-@LOSS_BUILDER_REGISTRY.register("vec_dqn")
-@dataclasses.dataclass
-class VecDqnLossFactory(VecDqnLossConfig):
-    def build(self) -> nn.Module:
-        return VecDqnLoss(_config_of(self, VecDqnLossConfig))
-
-
-@LOSS_BUILDER_REGISTRY.register("sp")
-@dataclasses.dataclass
-class SpLossFactory(SpLossConfig):
-    def build(self) -> nn.Module:
-        return SpLoss(_config_of(self, SpLossConfig))
-
-
-@LOSS_BUILDER_REGISTRY.register("sv")
-@dataclasses.dataclass
-class SvLossFactory(SvLossConfig):
-    def build(self) -> nn.Module:
-        return SvLoss(_config_of(self, SvLossConfig))
+DqnLossFactory = _config_factory("dqn", DqnLossConfig, DqnLoss)
+VecDqnLossFactory = _config_factory("vec_dqn", VecDqnLossConfig, VecDqnLoss)
+SpLossFactory = _config_factory("sp", SpLossConfig, SpLoss)
+SvLossFactory = _config_factory("sv", SvLossConfig, SvLoss)
 
 
 @LOSS_BUILDER_REGISTRY.register("router_z")
