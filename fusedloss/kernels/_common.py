@@ -9,7 +9,8 @@ from typing import NamedTuple
 import torch
 import triton.language as tl
 
-__all__ = ["constexpr_namespace", "AotVariant", "signature", "last_dim_contiguous", "as_loadable"]
+__all__ = ["constexpr_namespace", "AotVariant", "signature", "last_dim_contiguous", "as_loadable", "stored_grad_dtype",
+           "no_double_backward", "reject_grad_transforms"]
 
 
 def constexpr_namespace(table: type[enum.IntEnum]) -> types.ModuleType:
@@ -23,6 +24,32 @@ def constexpr_namespace(table: type[enum.IntEnum]) -> types.ModuleType:
     for member in table:
         setattr(ns, member.name, tl.constexpr(int(member)))
     return ns
+
+
+def no_double_backward(op, family: str) -> None:
+    """Give the backward custom op ``op`` an autograd formula that raises a clear error: the fused
+    backward is not itself differentiable (double backward needs the reference)."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"double backward through the fused {family} kernel is not supported; use "
+                           "backend='torch' for higher-order gradients.")
+
+    op.register_autograd(backward)
+
+
+def reject_grad_transforms(family: str, *tensors: torch.Tensor) -> None:
+    """Raise a clear error under ``torch.func.grad`` / ``vjp`` / ``jacrev`` (and friends), which
+    the fused kernels do not support; ``vmap`` alone works."""
+    if any(isinstance(t, torch.Tensor) and torch._C._functorch.is_gradtrackingtensor(t) for t in tensors):
+        raise RuntimeError(f"torch.func gradient transforms (grad, vjp, jacrev, ...) are not supported by the fused "
+                           f"{family} kernel; use backend='torch' inside them.")
+
+
+def stored_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a gradient a forward stores for its backward to scale: the input's, except
+    fp16, whose range (65504) an unscaled gradient can overflow and whose subnormals a small one
+    can lose; fp16 inputs store it in fp32, and backward casts once, after scaling."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,14 @@ the kernel reads them through their constexpr mirrors ``_P`` and ``_M``.
 from __future__ import annotations
 
 import enum
+import threading
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, as_loadable, constexpr_namespace, last_dim_contiguous, signature
+from ._common import (AotVariant, as_loadable, constexpr_namespace, last_dim_contiguous, no_double_backward,
+                      reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["DqnPartial", "DqnMetric", "dqn_fwd", "dqn_bwd", "dqn_fused", "compile_variants"]
 
@@ -86,7 +88,7 @@ FLAGS = ("norm_mean", "norm_std", "huber", "double")
 MAX_BLOCK_A = 1024
 TILE_ELEMS = 1024
 TILE_WARPS = 8
-_COUNTERS: dict = {}
+_LOCAL = threading.local()  # each thread's ticket counters, by (device, stream)
 
 
 @triton.jit
@@ -132,9 +134,9 @@ def _step_inputs(act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean, r_st
     """Per transition: the clamped action, validity, transformed reward and discount, and flags
     for an action outside ``[0, A)`` or a ``done`` outside ``{0, 1, 2}``."""
     a_raw = tl.load(act_ptr + step + t + 1, mask=tv, other=0).to(tl.int64)
-    d_raw = tl.load(done_ptr + step + t + 1, mask=tv, other=0).to(tl.float32)  # int, bool or float done
+    d_raw = tl.load(done_ptr + step + t + 1, mask=tv, other=0)  # compared in its own dtype, as the reference does
     bad_a = (tv & ((a_raw < 0) | (a_raw >= A))).to(tl.float32)
-    bad_d = (tv & (d_raw != 0.0) & (d_raw != 1.0) & (d_raw != 2.0)).to(tl.float32)
+    bad_d = (tv & (d_raw != 0) & (d_raw != 1) & (d_raw != 2)).to(tl.float32)
     a = tl.minimum(tl.maximum(a_raw, 0), A - 1)
     valid, r = _transition(m_ptr, rew_ptr, step, t, tv, HAS_MASK)
     if NORM_MEAN:
@@ -142,8 +144,8 @@ def _step_inputs(act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean, r_st
     if NORM_STD:
         r = r / (r_std + norm_eps) * norm_target
     r = r * reward_scale + reward_shift
-    term = (d_raw == 1.0).to(tl.float32)
-    trunc = (d_raw == 2.0).to(tl.float32)
+    term = (d_raw == 1).to(tl.float32)
+    trunc = (d_raw == 2).to(tl.float32)
     disc = gamma * (1.0 - term - trunc) + gamma_terminal * term + gamma_truncated * trunc
     return a, valid, r, disc, bad_a, bad_d
 
@@ -152,12 +154,19 @@ def _step_inputs(act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean, r_st
 def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.constexpr,
                  T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
     """Pass 1 over the action tiles: ``q[t, a]``, the bootstrap value of ``q_target[t+1]`` (max,
-    or at the argmax of ``q[t+1]`` with ``DOUBLE``) and the online (max, sum) of ``exp q[t]``."""
+    or at the argmax of ``q[t+1]`` with ``DOUBLE``) and the online (max, sum) of ``exp q[t]``.
+
+    NaN is never dropped (GPU max/argmax would skip it): a NaN in ``q_target[t+1]`` makes the max
+    NaN, the double-DQN argmax takes the first NaN as torch.argmax does, and a NaN anywhere in
+    ``q[t]`` makes the CQL logsumexp NaN. The running max starts at -inf (0 stands in for it in
+    the exponents until a finite value arrives), so huge negative values keep their own max."""
     offs_a = tl.arange(0, BLOCK_A)
     q_sa = tl.zeros([T_BLOCK], tl.float32)
     next_v = tl.full([T_BLOCK], float("-inf"), tl.float32)
     best = tl.full([T_BLOCK], float("-inf"), tl.float32)
-    lse_m = tl.full([T_BLOCK], -1e30, tl.float32)
+    nan_next = tl.zeros([T_BLOCK], tl.int32) != 0
+    nan_q = tl.zeros([T_BLOCK], tl.int32) != 0
+    lse_m = tl.full([T_BLOCK], float("-inf"), tl.float32)
     lse_s = tl.zeros([T_BLOCK], tl.float32)
     for a0 in range(0, A, BLOCK_A):
         cols = a0 + offs_a
@@ -167,18 +176,31 @@ def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.
         q_sa += tl.sum(tl.where(cols[None, :] == a[:, None], tl.where(lm, qv, 0.0), 0.0), axis=1)
         if DOUBLE:
             qn = tl.load(qn_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
-            tile_best = tl.max(qn, axis=1)
-            tile_arg = tl.argmax(qn, axis=1) + a0
-            at = tl.sum(tl.where(cols[None, :] == tile_arg[:, None], tl.where(lm, qtn, 0.0), 0.0), axis=1)
-            better = tile_best > best  # strict: ties keep the lowest index, as torch.argmax
-            next_v = tl.where(better, at, next_v)
+            isnan = qn != qn
+            tile_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
+            first_nan = tl.min(tl.where(isnan, cols[None, :], A), axis=1)
+            key = tl.where(isnan, float("-inf"), qn)
+            tile_best = tl.max(key, axis=1)
+            # strict: ties keep the lowest index, as torch.argmax; a first NaN wins over any number
+            better = (tile_best > best) & ~nan_next
+            new_nan = tile_nan & ~nan_next
+            pick = tl.where(new_nan, first_nan, tl.argmax(key, axis=1) + a0)
+            at = tl.sum(tl.where(cols[None, :] == pick[:, None], tl.where(lm, qtn, 0.0), 0.0), axis=1)
+            next_v = tl.where(better | new_nan, at, next_v)
             best = tl.maximum(best, tile_best)
+            nan_next = nan_next | tile_nan
         else:
             next_v = tl.maximum(next_v, tl.max(qtn, axis=1))
+            nan_next = nan_next | (tl.max((qtn != qtn).to(tl.int32), axis=1) > 0)
         if CQL:
+            nan_q = nan_q | (tl.max((qv != qv).to(tl.int32), axis=1) > 0)
             m_new = tl.maximum(lse_m, tl.max(qv, axis=1))
-            lse_s = lse_s * tl.exp(lse_m - m_new) + tl.sum(tl.exp(qv - m_new[:, None]), axis=1)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            lse_s = lse_s * tl.exp(lse_m - m_safe) + tl.sum(tl.exp(qv - m_safe[:, None]), axis=1)
             lse_m = m_new
+    if not DOUBLE:
+        next_v = tl.where(nan_next, float("nan"), next_v)
+    lse_m = tl.where(nan_q, float("nan"), lse_m)
     return q_sa, tl.where(tv, next_v, 0.0), lse_m, lse_s
 
 
@@ -207,13 +229,14 @@ def _grad_pass(g_row, q_row, a, tv, in_seq, coef_sa, coef_sm, lse_m, A, CQL: tl.
     """Pass 2: ``coef_sa·onehot(a) + coef_sm·exp(q[t] - lse_m)`` for every action; rows without a
     transition get 0."""
     offs_a = tl.arange(0, BLOCK_A)
+    lse_safe = tl.where(lse_m == float("-inf"), 0.0, lse_m)  # rows with no transition: exp(-inf) = 0
     for a0 in range(0, A, BLOCK_A):
         cols = a0 + offs_a
         sm = in_seq[:, None] & (cols < A)[None, :]
         g = tl.where(cols[None, :] == a[:, None], coef_sa[:, None], 0.0)
         if CQL:
             qv = tl.load(q_row + cols[None, :], mask=tv[:, None] & (cols < A)[None, :], other=float("-inf")).to(tl.float32)
-            g += coef_sm[:, None] * tl.exp(qv - lse_m[:, None])
+            g += coef_sm[:, None] * tl.exp(qv - lse_safe[:, None])
         tl.store(g_row + cols[None, :], g.to(g_row.dtype.element_ty), mask=sm)
 
 
@@ -287,8 +310,9 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
     tl.store(loss_ptr, loss)
     tl.store(metrics_ptr + _M.Q_MEAN, g_mean)
     tl.store(metrics_ptr + _M.Q_STD, tl.sqrt(tl.sum(s_m2, axis=0) / tl.maximum(total - 1.0, 1.0)))
-    tl.store(metrics_ptr + _M.Q_MIN, tl.min(s_min, axis=0))
-    tl.store(metrics_ptr + _M.Q_MAX, tl.max(s_max, axis=0))
+    # GPU min/max skip NaN; a NaN q[t, a] has already made the mean NaN, and must show here too.
+    tl.store(metrics_ptr + _M.Q_MIN, tl.where(g_mean != g_mean, g_mean, tl.min(s_min, axis=0)))
+    tl.store(metrics_ptr + _M.Q_MAX, tl.where(g_mean != g_mean, g_mean, tl.max(s_max, axis=0)))
     tl.store(metrics_ptr + _M.Q_TARGET, tl.sum(s_tgt, axis=0) / total)
     tl.store(metrics_ptr + _M.LOSS, loss)
     tl.store(metrics_ptr + _M.CQL_PENALTY, tl.sum(s_cql, axis=0) / total)
@@ -389,12 +413,32 @@ def _tiles(A: int, S: int, max_block_a: int = MAX_BLOCK_A):
     return block_a, t_block, TILE_WARPS if t_block * block_a > 256 else 4
 
 
+def _counters() -> dict:
+    if not hasattr(_LOCAL, "counters"):
+        _LOCAL.counters = {}
+    return _LOCAL.counters
+
+
+def _counter_key(device: torch.device):
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
+    return device.type, device.index, stream
+
+
 def _counter(device: torch.device) -> torch.Tensor:
-    """A per-device int32 ticket counter, zero between calls (the last program resets it)."""
-    key = (device.type, device.index)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
+    """The int32 ticket counter of this thread on this device and stream, zero between calls (the
+    last program resets it). Calls from two threads, or on two streams, never share one; kernels
+    on one stream run in order, so they never overlap on one."""
+    counters = _counters()
+    key = _counter_key(device)
+    if key not in counters:
+        counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counters[key]
+
+
+def _drop_counter(device: torch.device) -> None:
+    """Forget the counter of a launch that did not finish (an interrupt or an error while it was
+    being launched or interpreted): it may hold a partial count, so the next call takes a new one."""
+    _counters().pop(_counter_key(device), None)
 
 
 def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, gamma_terminal: float,
@@ -404,14 +448,14 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
     """Launch the fused forward on ``q``, ``q_target`` ``[B, S, A]`` and ``[B, S]`` step tensors
     (``weight``, ``mask`` optional). CQL runs when ``cql_weight > 0``.
 
-    Returns ``(loss 0-dim fp32, metrics [len(DqnMetric)] fp32, grad [B, S, A] in q.dtype,
-    |td| [B, S-1] fp32)``; the gradient is that of the sum of per-transition losses (backward
-    divides by the count). ``grad_out``/``td_out`` let tests pass NaN-poisoned buffers.
+    Returns ``(loss 0-dim fp32, metrics [len(DqnMetric)] fp32, grad [B, S, A], |td| [B, S-1] fp32)``;
+    the gradient is that of the sum of per-transition losses (backward divides by the count), in
+    ``q.dtype`` (fp32 for fp16 ``q``: :func:`stored_grad_dtype`). ``grad_out``/``td_out`` let tests pass NaN-poisoned buffers.
     """
     q, q_target = last_dim_contiguous(q), last_dim_contiguous(q_target)
     B, S, A = q.shape
     dev = q.device
-    grad = torch.empty(q.shape, dtype=q.dtype, device=dev) if grad_out is None else grad_out
+    grad = torch.empty(q.shape, dtype=stored_grad_dtype(q.dtype), device=dev) if grad_out is None else grad_out
     td = torch.empty((B, S - 1), dtype=torch.float32, device=dev) if td_out is None else td_out
     part = torch.empty((B, len(DqnPartial)), dtype=torch.float32, device=dev)
     metrics = torch.empty(len(DqnMetric), dtype=torch.float32, device=dev)
@@ -420,21 +464,25 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
     w = as_loadable(weight) if weight is not None else reward
     m = as_loadable(mask) if mask is not None else done
     block_a, t_block, warps = _tiles(A, S, max_block_a)
-    _dqn_fwd_kernel[(B,)](
-        q, q_target, action, reward, done, w, m, grad, td, part, metrics, loss, _counter(dev),
-        B, S, A, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), grad.stride(0), grad.stride(1),
-        gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
-        cql_weight, cql_eps, huber_delta,
-        HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, NORM_MEAN=norm_mean, NORM_STD=norm_std,
-        CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, T_BLOCK=t_block, BLOCK_A=block_a,
-        B_BLOCK=min(triton.next_power_of_2(B), 1024), num_warps=warps,
-    )
+    try:
+        _dqn_fwd_kernel[(B,)](
+            q, q_target, action, reward, done, w, m, grad, td, part, metrics, loss, _counter(dev),
+            B, S, A, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), grad.stride(0), grad.stride(1),
+            gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
+            cql_weight, cql_eps, huber_delta,
+            HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, NORM_MEAN=norm_mean, NORM_STD=norm_std,
+            CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, T_BLOCK=t_block, BLOCK_A=block_a,
+            B_BLOCK=min(triton.next_power_of_2(B), 1024), num_warps=warps,
+        )
+    except BaseException:
+        _drop_counter(dev)
+        raise
     return loss, metrics, grad, td
 
 
-def dqn_bwd(g: torch.Tensor, grad_output: torch.Tensor, inv_count: torch.Tensor) -> torch.Tensor:
-    """``g · grad_output · inv_count`` (two 0-dim device scalars) in ``g.dtype``: one launch."""
-    out = torch.empty_like(g)
+def dqn_bwd(g: torch.Tensor, grad_output: torch.Tensor, inv_count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``g · grad_output · inv_count`` (two 0-dim device scalars) in ``dtype``: one launch."""
+    out = torch.empty(g.shape, dtype=dtype, device=g.device)
     numel = g.numel()
     _dqn_bwd_kernel[(triton.cdiv(numel, _BWD_BLOCK),)](g, out, grad_output.reshape(1), inv_count, numel,
                                                         BLOCK=_BWD_BLOCK)
@@ -453,32 +501,35 @@ def _dqn_fwd_op(q: torch.Tensor, q_target: torch.Tensor, action: torch.Tensor, r
 def _(q, q_target, action, reward, done, weight, mask, params, flags, max_block_a):
     B, S, _ = q.shape
     f32 = dict(dtype=torch.float32, device=q.device)
-    return (torch.empty((), **f32), torch.empty(len(DqnMetric), **f32), torch.empty_like(q),
-            torch.empty((B, S - 1), **f32))
+    return (torch.empty((), **f32), torch.empty(len(DqnMetric), **f32),
+            torch.empty(q.shape, dtype=stored_grad_dtype(q.dtype), device=q.device), torch.empty((B, S - 1), **f32))
 
 
 @torch.library.custom_op("fusedloss::dqn_bwd", mutates_args=())
-def _dqn_bwd_op(g: torch.Tensor, grad_output: torch.Tensor, inv_count: torch.Tensor) -> torch.Tensor:
-    return dqn_bwd(g, grad_output, inv_count)
+def _dqn_bwd_op(g: torch.Tensor, grad_output: torch.Tensor, inv_count: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    return dqn_bwd(g, grad_output, inv_count, dtype)
 
 
 @_dqn_bwd_op.register_fake
-def _(g, grad_output, inv_count):
-    return torch.empty_like(g)
+def _(g, grad_output, inv_count, dtype):
+    return torch.empty(g.shape, dtype=dtype, device=g.device)
 
 
 def _setup(ctx, inputs, output):
     _, metrics, grad, _ = output
+    ctx.dtype = inputs[0].dtype
     ctx.save_for_backward(grad, metrics)
 
 
 def _backward(ctx, grad_loss, grad_metrics, grad_grad, grad_td):
     grad, metrics = ctx.saved_tensors
     inv_count = metrics[DqnMetric.INV_COUNT:DqnMetric.INV_COUNT + 1]
-    return _dqn_bwd_op(grad, grad_loss, inv_count), None, None, None, None, None, None, None, None, None
+    return _dqn_bwd_op(grad, grad_loss, inv_count, ctx.dtype), None, None, None, None, None, None, None, None, None
 
 
 _dqn_fwd_op.register_autograd(_backward, setup_context=_setup)
+no_double_backward(_dqn_bwd_op, "dqn")
 
 
 def dqn_fused(q, q_target, action, reward, done, weight=None, mask=None, *, max_block_a: int = MAX_BLOCK_A,
@@ -486,6 +537,7 @@ def dqn_fused(q, q_target, action, reward, done, weight=None, mask=None, *, max_
     """The fused path behind :func:`fusedloss.dqn_loss`; ``scalars`` are :func:`dqn_fwd`'s keyword
     scalars. Returns ``(loss, metrics, td_abs)``: ``metrics`` is the ``[len(DqnMetric)]`` device
     buffer, metric values and input-check flags alike (no extra launch)."""
+    reject_grad_transforms("dqn", q)
     params = [float(scalars[k]) for k in PARAMS]
     flags = [bool(scalars[k]) for k in FLAGS]
     loss, metrics, _, td = _dqn_fwd_op(q, q_target.detach(), action, reward, done, weight, mask, params, flags,

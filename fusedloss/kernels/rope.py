@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, signature
+from ._common import AotVariant, reject_grad_transforms, signature
 
 __all__ = ["rope_fwd", "rope_fused", "compile_variants"]
 
@@ -81,6 +81,7 @@ _rope_fwd_op.register_autograd(_backward, setup_context=_setup)
 def rope_fused(x: torch.Tensor, theta) -> torch.Tensor:
     """Kernel ``rope_rotate``. ``x`` gets its gradient from the kernel; a ``theta`` that requires
     grad gets it from the reference formula ``d out / d theta = rot90(out)``."""
+    reject_grad_transforms("rope", x, theta)
     th = torch.as_tensor(theta, dtype=torch.float32, device=x.device)
     out = _rope_fwd_op(x, th.detach().expand(x.shape[:-1]).contiguous(), 1.0)
     if isinstance(theta, torch.Tensor) and theta.requires_grad:

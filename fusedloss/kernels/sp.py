@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, constexpr_namespace, last_dim_contiguous, signature
+from ._common import (AotVariant, constexpr_namespace, last_dim_contiguous, no_double_backward, reject_grad_transforms,
+                      signature, stored_grad_dtype)
 
 __all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "compile_variants"]
 
@@ -65,10 +66,20 @@ MAX_BLOCK = 8192
 
 @triton.jit
 def _online_update(m, s, x):
-    """Fold a tile ``x`` ([ROWS, BLOCK], -inf where masked) into running (max, sum of exp)."""
+    """Fold a tile ``x`` ([ROWS, BLOCK], -inf where masked) into running (max, sum of exp). The
+    max starts at -inf, so rows of huge negative values (``finfo.min`` padding) keep their own
+    max; while a row has seen nothing finite, 0 stands in for it in the exponents."""
     m_new = tl.maximum(m, tl.max(x, axis=1))
-    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
     return m_new, s
+
+
+@triton.jit
+def _wmul(w, x):
+    """``w·x`` with ``0·x = 0`` for any ``x``: the ``0·log 0`` convention, also where a log
+    overflowed to -inf. NaN weights stay NaN."""
+    return tl.where(w == 0.0, 0.0, w * x)
 
 
 @triton.jit
@@ -110,23 +121,23 @@ def _log_m(lp, ls):
 @triton.jit
 def _elem_loss(p, lp, s, ls, LOSS: tl.constexpr):
     if LOSS == _L.CE or LOSS == _L.CE_SOFT_FWD:
-        e = -p * ls
+        e = _wmul(p, -ls)
     elif LOSS == _L.CE_SOFT_BWD:
-        e = -s * lp
+        e = _wmul(s, -lp)
     elif LOSS == _L.KL_FWD:
-        e = p * (lp - ls)
+        e = _wmul(p, lp - ls)
     elif LOSS == _L.KL_BWD:
-        e = s * (ls - lp)
+        e = _wmul(s, ls - lp)
     else:
         lm = _log_m(lp, ls)
-        e = 0.5 * (p * (lp - lm) + s * (ls - lm))
+        e = 0.5 * (_wmul(p, lp - lm) + _wmul(s, ls - lm))
     return e
 
 
 @triton.jit
 def _elem_aux(p, lp, s, ls, LOSS: tl.constexpr):
     """The row scalar the gradient of js needs: K = Σ s (log s - log m)."""
-    return s * (ls - _log_m(lp, ls))
+    return _wmul(s, ls - _log_m(lp, ls))
 
 
 @triton.jit
@@ -134,11 +145,11 @@ def _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS: tl.constexpr):
     if LOSS == _L.CE or LOSS == _L.CE_SOFT_FWD or LOSS == _L.KL_FWD:
         g = s - p
     elif LOSS == _L.CE_SOFT_BWD:
-        g = s * (-row_loss[:, None] - lp)
+        g = _wmul(s, -row_loss[:, None] - lp)
     elif LOSS == _L.KL_BWD:
-        g = s * (ls - lp - row_loss[:, None])
+        g = _wmul(s, ls - lp - row_loss[:, None])
     else:
-        g = s * (0.5 * (ls - _log_m(lp, ls)) - 0.5 * row_aux[:, None])
+        g = _wmul(s, 0.5 * (ls - _log_m(lp, ls)) - 0.5 * row_aux[:, None])
     return g
 
 
@@ -154,8 +165,8 @@ def _sp_fwd_kernel(
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     cols0 = tl.arange(0, BLOCK_A)
-    mt = tl.full([ROWS], -1e30, tl.float32)
-    mz = tl.full([ROWS], -1e30, tl.float32)
+    mt = tl.full([ROWS], float("-inf"), tl.float32)
+    mz = tl.full([ROWS], float("-inf"), tl.float32)
     st = tl.zeros([ROWS], tl.float32)
     sz = tl.zeros([ROWS], tl.float32)
     n_valid = tl.zeros([ROWS], tl.float32)
@@ -256,13 +267,14 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
            max_block: int = MAX_BLOCK, loss_out: torch.Tensor | None = None, grad_out: torch.Tensor | None = None):
     """Launch the forward kernel on ``[N, A]`` teacher values and student logits.
 
-    Returns ``(row_loss fp32 [N], grad [N, A] in z.dtype)``, the gradient of each row's loss with
-    respect to its logits. ``loss_out``/``grad_out`` let tests hand in NaN-poisoned buffers.
+    Returns ``(row_loss fp32 [N], grad [N, A])``, the gradient of each row's loss with respect to
+    its logits, in ``z.dtype`` (fp32 for fp16 ``z``: :func:`stored_grad_dtype`). ``loss_out`` and
+    ``grad_out`` let tests hand in NaN-poisoned buffers.
     """
     q, z = last_dim_contiguous(q), last_dim_contiguous(z)
     N, A = z.shape
     loss = torch.empty(N, dtype=torch.float32, device=z.device) if loss_out is None else loss_out
-    grad = torch.empty(z.shape, dtype=z.dtype, device=z.device) if grad_out is None else grad_out
+    grad = torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device) if grad_out is None else grad_out
     constexprs, warps = _fwd_constexprs(loss_type, label_smoothing, A, max_block)
     _sp_fwd_kernel[(triton.cdiv(N, constexprs["ROWS"]),)](
         q, z, loss, grad, N, A, q.stride(0), z.stride(0), grad.stride(0),
@@ -271,10 +283,11 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     return loss, grad
 
 
-def sp_bwd(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``g`` ``[N, A]`` with row ``r`` scaled by ``scale[r]`` (the upstream gradient of row ``r``)."""
+def sp_bwd(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``g`` ``[N, A]`` with row ``r`` scaled by ``scale[r]`` (the upstream gradient of row ``r``),
+    in ``dtype``."""
     N, A = g.shape
-    out = torch.empty_like(g)
+    out = torch.empty((N, A), dtype=dtype, device=g.device)
     block, rows = _bwd_tiles(A)
     _sp_bwd_kernel[(triton.cdiv(N, rows), triton.cdiv(A, block))](
         g, scale.contiguous(), out, N, A, g.stride(0), out.stride(0), ROWS=rows, BLOCK_A=block, num_warps=4
@@ -291,35 +304,39 @@ def _sp_fwd_op(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: fl
 
 @_sp_fwd_op.register_fake
 def _(q, z, loss_type, temperature, label_smoothing, max_block):
-    return z.new_empty(z.shape[0], dtype=torch.float32), torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    return (z.new_empty(z.shape[0], dtype=torch.float32),
+            torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device))
 
 
 @torch.library.custom_op("fusedloss::sp_bwd", mutates_args=())
-def _sp_bwd_op(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return sp_bwd(g, scale)
+def _sp_bwd_op(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return sp_bwd(g, scale, dtype)
 
 
 @_sp_bwd_op.register_fake
-def _(g, scale):
-    return torch.empty_like(g)
+def _(g, scale, dtype):
+    return torch.empty(g.shape, dtype=dtype, device=g.device)
 
 
 def _setup(ctx, inputs, output):
+    ctx.dtype = inputs[1].dtype
     ctx.save_for_backward(output[1])
 
 
 def _backward(ctx, grad_rows, grad_grad):
     (g,) = ctx.saved_tensors
-    return None, _sp_bwd_op(g, grad_rows), None, None, None, None
+    return None, _sp_bwd_op(g, grad_rows, ctx.dtype), None, None, None, None
 
 
 _sp_fwd_op.register_autograd(_backward, setup_context=_setup)
+no_double_backward(_sp_bwd_op, "sp")
 
 
 def sp_fused(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
              max_block: int = MAX_BLOCK) -> torch.Tensor:
     """Per-row losses ``[N]`` (fp32) of ``[N, A]`` teacher values ``q`` and student logits ``z``
     through the kernel; the teacher gets no gradient."""
+    reject_grad_transforms("sp", z)
     rows, _ = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing), max_block)
     return rows
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, last_dim_contiguous, signature
+from ._common import AotVariant, last_dim_contiguous, no_double_backward, reject_grad_transforms, signature
 
 __all__ = ["vec_dqn_scores_fwd", "vec_dqn_scores_fused", "vec_dqn_fwd", "vec_dqn_bwd", "vec_dqn_fused",
            "compile_variants"]
@@ -56,15 +56,18 @@ def _atan2(y, x):
     r = tl.where(big, 0.7853981633974483 + p, p)
     r = tl.where(ay > ax, 1.5707963267948966 - r, r)
     r = tl.where(x < 0.0, 3.141592653589793 - r, r)
-    return tl.where(y < 0.0, -r, r)
+    r = tl.where(y < 0.0, -r, r)
+    return tl.where((x != x) | (y != y), float("nan"), r)  # NaN in, NaN out (the max above may drop it)
 
 
 @triton.jit
 def _score_block(v_ptr, stride_a, a0, A, HALF, BA: tl.constexpr, BI: tl.constexpr, BD: tl.constexpr):
-    """Scores of actions ``a0 .. a0+BA`` of the ``[A, D]`` vectors at ``v_ptr`` (int64 base)."""
+    """Scores of actions ``a0 .. a0+BA`` of the ``[A, D]`` vectors at ``v_ptr`` (int64 base), and
+    how many of those actions' components are NaN or inf."""
     offs_a = a0 + tl.arange(0, BA)
     am = offs_a < A
     score = tl.zeros([BA], tl.float32)
+    nonfinite = tl.zeros([BA], tl.int32)
     for i0 in range(0, A, BI):
         offs_i = i0 + tl.arange(0, BI)
         im = offs_i < A
@@ -81,10 +84,11 @@ def _score_block(v_ptr, stride_a, a0, A, HALF, BA: tl.constexpr, BI: tl.constexp
             oa = tl.load(pa + 1, mask=ma, other=0.0).to(tl.float32)
             ei = tl.load(pi, mask=mi, other=0.0).to(tl.float32)
             oi = tl.load(pi + 1, mask=mi, other=0.0).to(tl.float32)
+            nonfinite += tl.sum(((ea - ea) != 0.0).to(tl.int32) + ((oa - oa) != 0.0).to(tl.int32), axis=1)
             cos += tl.sum(ei[:, None, :] * ea[None, :, :] + oi[:, None, :] * oa[None, :, :], axis=2)
             sin += tl.sum(ei[:, None, :] * oa[None, :, :] - oi[:, None, :] * ea[None, :, :], axis=2)
         score += tl.sum(tl.where(im[:, None], _atan2(sin, cos), 0.0), axis=0)
-    return score, am
+    return score, am, nonfinite
 
 
 @triton.jit
@@ -92,7 +96,7 @@ def _vec_dqn_scores_kernel(v_ptr, out_ptr, A, HALF, stride_m, stride_a,
                            BA: tl.constexpr, BI: tl.constexpr, BD: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     a0 = tl.program_id(1) * BA
-    score, am = _score_block(v_ptr + m * stride_m, stride_a, a0, A, HALF, BA, BI, BD)
+    score, am, _ = _score_block(v_ptr + m * stride_m, stride_a, a0, A, HALF, BA, BI, BD)
     tl.store(out_ptr + m * A + a0 + tl.arange(0, BA), score, mask=am)
 
 
@@ -106,13 +110,19 @@ def _vec_dqn_fwd_kernel(on_ptr, tg_ptr, act_ptr, theta_ptr, loss_ptr, g_ptr,
     tg = tg_ptr + b * stride_tb + (t + 1) * stride_ts
     best = tl.full([BA], float("-inf"), tl.float32).max(axis=0)
     greedy = tl.zeros([BA], tl.int32).max(axis=0)
+    nonfinite = tl.zeros([BA], tl.int32)
     for a0 in range(0, A, BA):
-        score, am = _score_block(tg, stride_ta, a0, A, HALF, BA, BI, BD)
-        score = tl.where(am, score, float("-inf"))
+        score, am, nf = _score_block(tg, stride_ta, a0, A, HALF, BA, BI, BD)
+        nonfinite += nf
+        score = tl.where(am & (score == score), score, float("-inf"))
         tile_best = tl.max(score, axis=0)
         tile_arg = tl.argmax(score, axis=0).to(tl.int32) + a0
         greedy = tl.where(tile_best > best, tile_arg, greedy)  # strict: ties keep the lowest index
         best = tl.maximum(best, tile_best)
+    # A NaN or inf target vector at t+1 leaves no meaningful greedy action: the loss and the
+    # gradient of the transition are NaN, as in the reference.
+    bad = tl.sum(nonfinite, axis=0) > 0
+    greedy = tl.minimum(tl.maximum(greedy, 0), A - 1)
     offs = tl.arange(0, BH)
     hm = offs < HALF
     wp = tg + greedy.to(tl.int64) * stride_ta + 2 * offs
@@ -128,18 +138,17 @@ def _vec_dqn_fwd_kernel(on_ptr, tg_ptr, act_ptr, theta_ptr, loss_ptr, g_ptr,
     ue = tl.load(up, mask=hm, other=0.0).to(tl.float32)
     uo = tl.load(up + 1, mask=hm, other=0.0).to(tl.float32)
     dot = tl.sum(ue * re + uo * ro, axis=0)
-    nu2 = tl.sum(ue * ue + uo * uo, axis=0)
-    nw2 = tl.sum(re * re + ro * ro, axis=0)
-    prod = nu2 * nw2
-    clamped = prod < cos_eps * cos_eps
-    denom = tl.sqrt(tl.maximum(prod, cos_eps * cos_eps))
-    cosv = dot / denom
-    tl.store(loss_ptr + r, 1.0 - cosv)
-    # d(1 - cos)/du: -(w/denom - dot·nw2·u/denom³), the second term absent when the eps clamp is active.
-    k = tl.where(clamped, 0.0, dot * nw2 / (denom * denom * denom))
+    nu_raw = tl.sqrt(tl.sum(ue * ue + uo * uo, axis=0))
+    nu = tl.maximum(nu_raw, cos_eps)  # F.cosine_similarity clamps each norm to eps
+    nw = tl.maximum(tl.sqrt(tl.sum(re * re + ro * ro, axis=0)), cos_eps)
+    nan = float("nan")
+    tl.store(loss_ptr + r, tl.where(bad, nan, 1.0 - dot / (nu * nw)))
+    # d(1 - cos)/du = -(w/(nu·nw) - dot·u/(nu²·|u|·nw)): PyTorch clamps the norm's value but
+    # differentiates the norm unclamped (d|u|/du = u/|u|, 0 at u = 0).
+    k = tl.where(nu_raw > 0.0, dot / (nu * nu * tl.where(nu_raw > 0.0, nu_raw, 1.0) * nw), 0.0)
     gp = g_ptr + r * (2 * HALF) + 2 * offs
-    tl.store(gp, -(re / denom - k * ue), mask=hm)
-    tl.store(gp + 1, -(ro / denom - k * uo), mask=hm)
+    tl.store(gp, tl.where(bad, nan, -(re / (nu * nw) - k * ue)), mask=hm)
+    tl.store(gp + 1, tl.where(bad, nan, -(ro / (nu * nw) - k * uo)), mask=hm)
 
 
 @triton.jit
@@ -275,6 +284,7 @@ def _backward(ctx, grad_rows, grad_g):
 
 
 _vec_dqn_fwd_op.register_autograd(_backward, setup_context=_setup)
+no_double_backward(_vec_dqn_bwd_op, "vec_dqn")
 
 
 def vec_dqn_scores_fused(vecs: torch.Tensor) -> torch.Tensor:
@@ -287,6 +297,7 @@ def vec_dqn_fused(online_vecs: torch.Tensor, target_vecs: torch.Tensor, action: 
                   theta: torch.Tensor) -> torch.Tensor:
     """Per-transition losses ``[B·(S-1)]`` (fp32) of ``[B, S, A, D]`` vectors; ``action`` int64
     ``[B, S]`` in ``[0, A)``, ``theta`` ``[B, S-1]``. The target vectors get no gradient."""
+    reject_grad_transforms("vec_dqn", online_vecs)
     rows, _ = _vec_dqn_fwd_op(online_vecs, target_vecs.detach(), action, theta.reshape(-1).to(torch.float32))
     return rows
 

@@ -53,6 +53,16 @@ def require_float(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}.")
 
 
+def require_same_device(tensors: Mapping[str, torch.Tensor | None]) -> None:
+    """Raise ``ValueError`` naming the arguments when the given tensors (None skipped) are not all
+    on one device."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}.")
+
+
 def require_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, form: str) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {form} = {tuple(shape)}, got {tuple(t.shape)}.")
@@ -137,6 +147,13 @@ def reward_tensor(stream: Any, use_xformed: bool, shape: tuple[int, ...], form: 
     return r
 
 
+def masked(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the entries where the 0/1 mask ``m`` is 0 set to 0 (``x`` itself when ``m`` is
+    None). Unlike ``x * m``, a NaN or inf under the mask does not leak through ``0·NaN``, and its
+    gradient there is 0."""
+    return x if m is None else torch.where(m > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def transform_rewards(r: torch.Tensor, cfg: Any, m: torch.Tensor | None = None) -> torch.Tensor:
     """The reward transform of dqn and vec_dqn, written once for both and their fused paths:
     per-sequence mean/std normalisation over dim 1 (over the entries where the float 0/1 mask ``m``
@@ -150,10 +167,10 @@ def transform_rewards(r: torch.Tensor, cfg: Any, m: torch.Tensor | None = None) 
     else:
         n = m.sum(dim=1, keepdim=True)
         if cfg.normalize_reward_mean:
-            r = r - (r * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
+            r = r - masked(r, m).sum(dim=1, keepdim=True) / n.clamp(min=1)
         if cfg.normalize_reward_std:
-            mean = (r * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
-            std = (((r - mean) ** 2 * m).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+            mean = masked(r, m).sum(dim=1, keepdim=True) / n.clamp(min=1)
+            std = (masked((r - mean) ** 2, m).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
             r = r / (std + cfg.normalize_reward_eps) * cfg.normalize_reward_std_target
     return r * cfg.reward_scale + cfg.reward_shift
 

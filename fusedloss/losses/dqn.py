@@ -18,6 +18,7 @@ from ._common import (
     check_reward_config,
     compute_dtype,
     check_done,
+    masked,
     check_index,
     clamp_index,
     require_float,
@@ -86,15 +87,20 @@ class DqnLossConfig:
 
 def _masked_moments(x: torch.Tensor, m: torch.Tensor | None):
     """Mean and unbiased std of ``x`` over the entries where ``m`` (float 0/1) is 1; the std of a
-    single entry is 0, not NaN."""
+    single entry is 0, not NaN. Computed on ``x / max|x|``, so sums and squares of values near the
+    dtype's range do not overflow; masked entries never reach the result (not even a NaN)."""
+    x = masked(x, m)
     if m is None:
-        mean = x.mean()
-        var = ((x - mean) ** 2).sum() / max(x.numel() - 1, 1)
+        n, n_minus_1 = x.numel(), max(x.numel() - 1, 1)
     else:
         n = m.sum()
-        mean = (x * m).sum() / n
-        var = ((x - mean) ** 2 * m).sum() / (n - 1).clamp(min=1)
-    return mean, var.sqrt()
+        n_minus_1 = (n - 1).clamp(min=1)
+    scale = x.abs().amax()
+    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    xs = x / scale
+    mean = xs.sum() / n
+    var = masked((xs - mean) ** 2, m).sum() / n_minus_1
+    return mean * scale, var.sqrt() * scale
 
 
 def dqn_reference(
@@ -143,12 +149,9 @@ def dqn_reference(
         cql_penalty = curr_q.logsumexp(dim=-1) - q_values
         per = per + cfg.cql_weight * q_scale * cql_penalty
     if weight is not None:
-        per = per * weight[:, 1:].to(cd)
+        per = per * weight[:, 1:].detach().to(cd)  # importance weights are constants, as in the kernel
 
-    if m is None:
-        loss = per.mean()
-    else:
-        loss = (per * m).sum() / m.sum()
+    loss = per.mean() if m is None else masked(per, m).sum() / m.sum()
 
     q_det = q_values.detach()
     q_mean, q_std = _masked_moments(q_det, m)
@@ -163,10 +166,7 @@ def dqn_reference(
     }
     if cfg.cql_weight > 0.0:
         named["cql_penalty"] = _masked_moments(cql_penalty.detach(), m)[0]
-    td_abs = diff.detach().abs()
-    if m is not None:
-        td_abs = td_abs * m
-    return loss, named, td_abs
+    return loss, named, masked(diff.detach().abs(), m)
 
 
 def _kernel_scalars(cfg: DqnLossConfig) -> dict:

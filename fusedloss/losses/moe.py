@@ -44,6 +44,8 @@ def switch_load_balancing_loss(router_logits: torch.Tensor, top_k: int = 1, mask
                 f"mask must have shape router_logits.shape[:-1] = {tuple(router_logits.shape[:-1])}, got {tuple(mask.shape)}."
             )
         m = mask.reshape(T).to(torch.bool).to(x.dtype)
+        # A padded token's logits (often -inf or garbage) must not reach the loss, not even as 0·NaN.
+        x = torch.where(m[:, None] > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
     probs = x.softmax(dim=-1)
     chosen = probs.detach().topk(top_k, dim=-1).indices
     slots = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)

@@ -38,7 +38,7 @@ import math
 import torch
 from torch import nn
 
-from ._common import check_positive, compute_dtype, require_float
+from ._common import check_positive, compute_dtype, require_float, require_same_device
 
 __all__ = ["SINKHORN_BACKENDS", "SinkhornOptions", "sinkhorn_loss", "KOTSinkhornLoss", "sinkhorn_points"]
 
@@ -89,13 +89,15 @@ class SinkhornOptions:
                                self.reduction)
 
 
-def sinkhorn_points(action: torch.Tensor, state: torch.Tensor, lam_state: float, p: int, batched: bool = False):
-    """The points ``[N, F]`` (``[B, N, F]`` when ``batched``) that geomloss sees, in fp32 or fp64.
+def sinkhorn_points(action: torch.Tensor, state: torch.Tensor, lam_state: float, p: int, batched: bool = False,
+                    dtype: torch.dtype | None = None):
+    """The points ``[N, F]`` (``[B, N, F]`` when ``batched``) that geomloss sees, in ``dtype``
+    (default: fp64 if either input is fp64, else fp32).
 
     For ``p = 2`` they carry the extra ``√2`` that turns geomloss's ``½‖x−y‖²`` into ``‖z−z'‖²``.
     """
     lead = 2 if batched else 1
-    cd = compute_dtype(action, state)
+    cd = compute_dtype(action, state) if dtype is None else dtype
     a = action.to(cd).flatten(lead) if action.dim() > lead else action.to(cd).unsqueeze(-1)
     s = state.to(cd).flatten(lead) if state.dim() > lead else state.to(cd).unsqueeze(-1)
     z = torch.cat((a, math.sqrt(lam_state) * s), dim=-1)
@@ -221,11 +223,19 @@ def _voxel_labels(x, scale):
 
 
 def _clouds(pred_action, target_action, state_pred, state_target, opts: SinkhornOptions):
-    """Validate both clouds and return their points ``x``, ``y`` as geomloss sees them."""
+    """Validate both clouds and return their points ``x``, ``y`` as geomloss sees them, both in one
+    dtype: fp64 when any input is fp64, else fp32 (mixed clouds are promoted, never mixed)."""
     _validate_cloud(pred_action, state_pred, "pred_action", "state_pred", opts.batched)
     _validate_cloud(target_action, state_target, "target_action", "state_target", opts.batched)
-    x = sinkhorn_points(pred_action, state_pred, opts.lam_state, opts.p, opts.batched)
-    y = sinkhorn_points(target_action, state_target, opts.lam_state, opts.p, opts.batched)
+    clouds = {"pred_action": pred_action, "target_action": target_action, "state_pred": state_pred,
+              "state_target": state_target}
+    require_same_device(clouds)
+    if pred_action.device.type == "meta":
+        raise ValueError("sinkhorn_loss needs tensors with data: geomloss reads the clouds' diameter on the host, "
+                         "so meta tensors cannot be solved.")
+    cd = compute_dtype(*clouds.values())
+    x = sinkhorn_points(pred_action, state_pred, opts.lam_state, opts.p, opts.batched, cd)
+    y = sinkhorn_points(target_action, state_target, opts.lam_state, opts.p, opts.batched, cd)
     if x.shape[-1] != y.shape[-1]:
         raise ValueError(
             f"predicted points have {x.shape[-1]} features (action + state) but target points have "

@@ -62,6 +62,12 @@ def _check_options(loss_type: str, temperature: float, label_smoothing: float) -
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}.")
 
 
+def _wmul(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``w·x`` with ``0·x = 0`` for any ``x`` (the ``0·log 0`` convention, also where a log
+    overflowed to -inf), with finite gradients there; NaN weights stay NaN."""
+    return w * torch.where(w == 0, torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
 def sp_reference(
     q_targets: torch.Tensor,
     logits: torch.Tensor,
@@ -81,6 +87,8 @@ def sp_reference(
     if loss_type == "ce":
         target = q.argmax(dim=-1, keepdim=True)
         nll = -log_s0.gather(-1, target).squeeze(-1)
+        if eps == 0.0:
+            return nll
         smooth = -log_s0.sum(dim=-1) / n_valid.squeeze(-1)
         return (1.0 - eps) * nll + eps * smooth
     log_t = torch.log_softmax(q / temperature, dim=-1)
@@ -90,16 +98,16 @@ def sp_reference(
     p_t = log_t0.exp().masked_fill(pad, 0.0)
     p_s = log_s0.exp().masked_fill(pad, 0.0)
     if loss_type == "ce-soft-fwd":
-        per = -(p_t * log_s0)
+        per = _wmul(p_t, -log_s0)
     elif loss_type == "ce-soft-bwd":
-        per = -(p_s * log_t0)
+        per = _wmul(p_s, -log_t0)
     elif loss_type == "kl-fwd":
-        per = p_t * (log_t0 - log_s0)
+        per = _wmul(p_t, log_t0 - log_s0)
     elif loss_type == "kl-bwd":
-        per = p_s * (log_s0 - log_t0)
+        per = _wmul(p_s, log_s0 - log_t0)
     else:  # js
         log_m = torch.logaddexp(log_t0, log_s0) - math.log(2.0)
-        per = 0.5 * (p_t * (log_t0 - log_m) + p_s * (log_s0 - log_m))
+        per = 0.5 * (_wmul(p_t, log_t0 - log_m) + _wmul(p_s, log_s0 - log_m))
     return per.sum(dim=-1)
 
 

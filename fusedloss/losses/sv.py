@@ -34,12 +34,14 @@ class SvLossConfig:
 
 def sv_reference(q_targets: torch.Tensor, logits: torch.Tensor, loss_type: str) -> torch.Tensor:
     """Mean error over the finite entries of ``q_targets``, without boolean indexing (no sync).
-    Padded entries (``-inf``, or any non-finite value) get exactly zero gradient."""
+    Padded entries (``-inf``, or any non-finite value) get exactly zero gradient, whatever the
+    student logit there (even -inf or NaN). The teacher is a target: it gets no gradient."""
     cd = compute_dtype(q_targets, logits)
     finite = torch.isfinite(q_targets)
-    diff = logits.to(cd) - torch.where(finite, q_targets.to(cd), torch.zeros((), dtype=cd, device=logits.device))
+    zero = torch.zeros((), dtype=cd, device=logits.device)
+    diff = torch.where(finite, logits.to(cd), zero) - torch.where(finite, q_targets.detach().to(cd), zero)
     err = diff.square() if loss_type == "mse" else diff.abs()
-    return torch.where(finite, err, torch.zeros((), dtype=cd, device=logits.device)).sum() / finite.sum()
+    return err.sum() / finite.sum()
 
 
 def sv_loss(step_stream: Any, logits: torch.Tensor, cfg: SvLossConfig | None = None):

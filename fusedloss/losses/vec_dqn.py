@@ -138,7 +138,10 @@ def vec_dqn_reference(online_vecs, target_vecs, action, reward, cfg):
     theta = transform_rewards(reward[:, 1:].to(cd), cfg)
     rotated = rope_rotate_reference(next_action_vecs, theta)
     cosine = F.cosine_similarity(curr_action_vecs, rotated.detach(), dim=-1)
-    loss = (1.0 - cosine).mean()
+    # A NaN or inf among the target vectors at t+1 leaves no meaningful greedy action: that
+    # transition's loss and gradient are NaN (the NaN-as-max argmax would otherwise hide it).
+    bad = ~torch.isfinite(nxt).all(dim=-1).all(dim=-1)
+    loss = ((1.0 - cosine) * torch.where(bad, float("nan"), 1.0)).mean()
     return loss, _metrics(loss, vec_dqn_scores_reference(online[:, -1].detach()))
 
 
