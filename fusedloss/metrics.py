@@ -86,4 +86,8 @@ def finalize_metrics(named: Mapping[str, torch.Tensor], checks: list[Check], mod
     """Turn named 0-dim tensors and input checks into the metrics the caller asked for."""
     if mode == "lazy":
         return LazyMetrics(named, checks)
-    return _unpack(list(named), checks, _pack(named, checks).tolist())
+    packed = _pack(named, checks)
+    if packed.device.type == "meta":
+        raise ValueError("meta tensors hold no data, so the metrics and input checks cannot be read: use "
+                         "metrics_mode='lazy' (check_inputs=False for the sp_* helpers) to propagate shapes only.")
+    return _unpack(list(named), checks, packed.tolist())

@@ -23,6 +23,8 @@ the dense gradient: about ``2·B·S·A·D·b``. Arithmetic is ``O(A²·D)`` per 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -200,6 +202,8 @@ def vec_dqn_scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torc
     v = last_dim_contiguous(v)
     M, A, D = v.shape
     out = torch.empty((M, A), dtype=torch.float32, device=v.device) if out is None else out
+    if M == 0 or A == 0:
+        return out
     ba, bi, bd, warps = _score_tiles(A, D // 2)
     _vec_dqn_scores_kernel[(M, triton.cdiv(A, ba))](v, out, A, D // 2, v.stride(0), v.stride(1), BA=ba, BI=bi,
                                                     BD=bd, num_warps=warps)
@@ -290,7 +294,7 @@ no_double_backward(_vec_dqn_bwd_op, "vec_dqn")
 def vec_dqn_scores_fused(vecs: torch.Tensor) -> torch.Tensor:
     """Scores ``[..., A]`` of ``[..., A, D]`` vectors; they select actions and get no gradient."""
     lead, (A, D) = vecs.shape[:-2], vecs.shape[-2:]
-    return _vec_dqn_scores_op(vecs.detach().reshape(-1, A, D)).reshape(*lead, A)
+    return _vec_dqn_scores_op(vecs.detach().reshape(math.prod(lead), A, D)).reshape(*lead, A)
 
 
 def vec_dqn_fused(online_vecs: torch.Tensor, target_vecs: torch.Tensor, action: torch.Tensor,

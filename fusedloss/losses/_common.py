@@ -8,7 +8,9 @@ are clamped first, so a bad value can never read out of bounds or trip a device-
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +19,60 @@ from torch import nn
 
 from .._dispatch import Backend
 from ..metrics import check_metrics_mode
+
+
+_TYPE_CHECKS = {
+    "bool": (lambda v: isinstance(v, bool), "a bool (True or False)"),
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+    "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "None": (lambda v: v is None, "None"),
+}
+
+
+def check_field_types(cfg: Any) -> None:
+    """Check every field of the dataclass ``cfg`` against its annotation (``bool``, ``float``,
+    ``int``, ``str``, optionally ``| None``): a bool must be a bool (``"false"`` is not), a float
+    takes any real number but not a string or a bool. Raises ``TypeError`` naming the field."""
+    for f in dataclasses.fields(cfg):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if not all(k in _TYPE_CHECKS for k in kinds):
+            continue
+        value = getattr(cfg, f.name)
+        if any(_TYPE_CHECKS[k][0](value) for k in kinds):
+            continue
+        form = " or ".join(_TYPE_CHECKS[k][1] for k in kinds)
+        hint = ""
+        if isinstance(value, str) and "float" in kinds and _parses_as_float(value):
+            hint = (" (YAML reads a number without a decimal point, such as 1e-3, as a string: write 1.0e-3, "
+                    "or convert it)")
+        raise TypeError(f"{type(cfg).__name__}.{f.name} must be {form}, got {value!r} "
+                        f"({type(value).__name__}){hint}.")
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Base of the loss configs. Field types are checked on construction, and :meth:`validate`
+    runs again each time a loss uses the config, so one mutated after construction is caught
+    before it runs. Subclasses check their values in :meth:`check_values`."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check_field_types(self)
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Raise ``ValueError`` for a value out of its range."""
 
 
 class ConfigLoss(nn.Module):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
 from ._common import (
+    LossConfig,
     ConfigLoss,
     check_config_common,
     check_finite_number,
@@ -22,6 +23,7 @@ from ._common import (
     check_index,
     clamp_index,
     require_float,
+    require_same_device,
     require_shape,
     reward_kernel_args,
     reward_tensor,
@@ -40,7 +42,7 @@ _KERNEL_METRICS = {"q_values_mean": "Q_MEAN", "q_values_std": "Q_STD", "q_values
 
 
 @dataclasses.dataclass
-class DqnLossConfig:
+class DqnLossConfig(LossConfig):
     """Configuration of :func:`dqn_loss`. The first fields are the seed's, with its defaults.
 
     Beyond the seed, each off by default: ``double_dqn`` (next action by argmax of the online
@@ -74,7 +76,7 @@ class DqnLossConfig:
     backend: str = "auto"
     metrics_mode: str = "float"
 
-    def __post_init__(self) -> None:
+    def check_values(self) -> None:
         for name in ("gamma", "gamma_terminal", "gamma_truncated", "cql_scale_q_eps"):
             check_finite_number(getattr(self, name), name)
         if not (isinstance(self.cql_weight, (int, float)) and self.cql_weight >= 0):
@@ -190,6 +192,7 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
     Returns ``(loss, metrics)`` (and ``|TD error|`` ``[B, S-1]`` when ``cfg.return_td_error``).
     """
     cfg = DqnLossConfig() if cfg is None else cfg
+    cfg.validate()
     q = stream_get(out, "dqn", "out")
     q_target = stream_get(out, "dqn_target", "out")
     require_float(q, "out['dqn']")
@@ -217,6 +220,10 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
         mask = stream_get(step_stream, cfg.mask_key)
         require_shape(mask, (B, S), f"step_stream[{cfg.mask_key!r}]", "[B, S]")
         mask = mask.to(torch.bool)
+    reward_name = "step_stream['xformed_reward']" if cfg.use_xformed_reward else "step_stream['reward']"
+    require_same_device({"out['dqn']": q, "out['dqn_target']": q_target, "step_stream['action']": action,
+                         "step_stream['done']": done, reward_name: reward,
+                         f"step_stream[{cfg.weight_key!r}]": weight, f"step_stream[{cfg.mask_key!r}]": mask})
 
     msg_action = f"step_stream['action'] holds a value outside [0, A) = [0, {A}) at a used step (t >= 1)."
     msg_done = "step_stream['done'] holds a value outside {0, 1, 2} (running, terminal, truncated) at a used step (t >= 1)."

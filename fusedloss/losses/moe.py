@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import compute_dtype, require_float
+from ._common import compute_dtype, require_float, require_same_device
 
 __all__ = ["router_z_loss", "switch_load_balancing_loss", "RouterZLoss", "SwitchLoadBalancingLoss"]
 
@@ -39,6 +39,7 @@ def switch_load_balancing_loss(router_logits: torch.Tensor, top_k: int = 1, mask
     if mask is None:
         m = torch.ones(T, dtype=x.dtype, device=x.device)
     else:
+        require_same_device({"router_logits": router_logits, "mask": mask})
         if tuple(mask.shape) != tuple(router_logits.shape[:-1]):
             raise ValueError(
                 f"mask must have shape router_logits.shape[:-1] = {tuple(router_logits.shape[:-1])}, got {tuple(mask.shape)}."

@@ -38,7 +38,7 @@ import math
 import torch
 from torch import nn
 
-from ._common import check_positive, compute_dtype, require_float, require_same_device
+from ._common import LossConfig, check_positive, compute_dtype, require_float, require_same_device
 
 __all__ = ["SINKHORN_BACKENDS", "SinkhornOptions", "sinkhorn_loss", "KOTSinkhornLoss", "sinkhorn_points"]
 
@@ -62,7 +62,7 @@ def check_sinkhorn_options(p, lam_state, blur, scaling, backend, reach=None, red
 
 
 @dataclasses.dataclass
-class SinkhornOptions:
+class SinkhornOptions(LossConfig):
     """The options of :func:`sinkhorn_loss`, :class:`KOTSinkhornLoss` and the ``sinkhorn_knopp``
     registry entry, defined once and checked on construction.
 
@@ -84,7 +84,7 @@ class SinkhornOptions:
     reduction: str = "mean"
     gather_distributed: bool = False
 
-    def __post_init__(self) -> None:
+    def check_values(self) -> None:
         check_sinkhorn_options(self.p, self.lam_state, self.blur, self.scaling, self.backend, self.reach,
                                self.reduction)
 

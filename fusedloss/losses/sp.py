@@ -21,7 +21,7 @@ import torch
 
 from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
-from ._common import ConfigLoss, check_config_common, check_positive, compute_dtype, require_float, stream_get
+from ._common import ConfigLoss, LossConfig, require_same_device, check_config_common, check_positive, compute_dtype, require_float, stream_get
 
 __all__ = [
     "SP_LOSS_TYPES",
@@ -39,7 +39,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 @dataclasses.dataclass
-class SpLossConfig:
+class SpLossConfig(LossConfig):
     """Configuration of :func:`sp_loss`, with the seed's fields and defaults."""
 
     weight: float = 0.0
@@ -49,7 +49,7 @@ class SpLossConfig:
     backend: str = "auto"
     metrics_mode: str = "float"
 
-    def __post_init__(self) -> None:
+    def check_values(self) -> None:
         _check_options(self.loss_type, self.temperature, self.label_smoothing)
         check_config_common(self.backend, self.metrics_mode)
 
@@ -155,6 +155,7 @@ def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, redu
         require_float(weight, "weight")
         if tuple(weight.shape) != (logits.shape[0],):
             raise ValueError(f"weight must have shape [N] = ({logits.shape[0]},), got {tuple(weight.shape)}.")
+    require_same_device({"q_targets": q_targets, "logits": logits, "weight": weight})
 
 
 def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend) -> torch.Tensor:
@@ -215,6 +216,7 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
     ``step_stream["q_star"]`` of the same shape, mean over rows. Returns ``(loss, metrics)``
     with the metric ``sp_loss``."""
     cfg = SpLossConfig() if cfg is None else cfg
+    cfg.validate()
     require_float(logits, "logits")
     q_star = stream_get(step_stream, "q_star")
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -223,12 +225,12 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
         raise ValueError(
             f"step_stream['q_star'] must have the shape of logits {tuple(logits.shape)}, got {tuple(q_star.shape)}."
         )
+    require_same_device({"logits": logits, "step_stream['q_star']": q_star})
     if not q_star.is_floating_point():
         raise TypeError(f"step_stream['q_star'] must be a floating-point tensor, got {q_star.dtype}.")
     A = logits.shape[-1]
     if logits.numel() == 0:
         raise ValueError("sp_loss: the batch is empty (no tokens).")
-    _check_options(cfg.loss_type, cfg.temperature, cfg.label_smoothing)
     q_rows, l_rows = q_star.reshape(-1, A), logits.reshape(-1, A)
     loss = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, cfg.backend).mean()
     checks = _q_star_checks(q_rows, "step_stream['q_star']")

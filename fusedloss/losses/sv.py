@@ -9,7 +9,7 @@ import torch
 
 from ..metrics import finalize_metrics
 from .._dispatch import resolve_backend
-from ._common import ConfigLoss, check_config_common, compute_dtype, require_float, stream_get
+from ._common import ConfigLoss, LossConfig, require_same_device, check_config_common, compute_dtype, require_float, stream_get
 
 __all__ = ["SV_LOSS_TYPES", "SvLossConfig", "sv_loss", "sv_reference", "SvLoss"]
 
@@ -17,7 +17,7 @@ SV_LOSS_TYPES = ("mse", "mae")
 
 
 @dataclasses.dataclass
-class SvLossConfig:
+class SvLossConfig(LossConfig):
     """Configuration of :func:`sv_loss`, with the seed's fields and defaults. There is no fused
     kernel for this family; ``backend="triton"`` raises ``NotImplementedError``."""
 
@@ -26,7 +26,7 @@ class SvLossConfig:
     backend: str = "auto"
     metrics_mode: str = "float"
 
-    def __post_init__(self) -> None:
+    def check_values(self) -> None:
         if self.loss_type not in SV_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {SV_LOSS_TYPES}, got {self.loss_type!r}.")
         check_config_common(self.backend, self.metrics_mode)
@@ -48,6 +48,7 @@ def sv_loss(step_stream: Any, logits: torch.Tensor, cfg: SvLossConfig | None = N
     """Regress ``logits`` ``[..., A]`` on ``step_stream["q_star"]`` of the same shape, over its finite
     entries (``-inf`` marks padding). Returns ``(loss, metrics)`` with the metric ``sv_loss``."""
     cfg = SvLossConfig() if cfg is None else cfg
+    cfg.validate()
     require_float(logits, "logits")
     q_star = stream_get(step_stream, "q_star")
     require_float(q_star, "step_stream['q_star']")
@@ -55,6 +56,7 @@ def sv_loss(step_stream: Any, logits: torch.Tensor, cfg: SvLossConfig | None = N
         raise ValueError(
             f"step_stream['q_star'] must have the shape of logits {tuple(logits.shape)}, got {tuple(q_star.shape)}."
         )
+    require_same_device({"logits": logits, "step_stream['q_star']": q_star})
     if logits.numel() == 0:
         raise ValueError("sv_loss: the batch is empty (no tokens).")
     resolve_backend(cfg.backend, "sv", logits)  # raises for backend="triton": no kernel

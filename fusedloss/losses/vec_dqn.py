@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
 from ._common import (
+    LossConfig,
     ConfigLoss,
     check_config_common,
     check_reward_config,
     compute_dtype,
     index_tensor,
     require_float,
+    require_same_device,
     reward_tensor,
     stream_get,
     transform_rewards,
@@ -36,7 +38,7 @@ __all__ = [
 
 
 @dataclasses.dataclass
-class VecDqnLossConfig:
+class VecDqnLossConfig(LossConfig):
     """Configuration of :func:`vec_dqn_loss`, with the seed's fields and defaults."""
 
     weight: float = 0.0
@@ -51,7 +53,7 @@ class VecDqnLossConfig:
     backend: str = "auto"
     metrics_mode: str = "float"
 
-    def __post_init__(self) -> None:
+    def check_values(self) -> None:
         check_config_common(self.backend, self.metrics_mode)
 
 
@@ -84,12 +86,15 @@ def rope_rotate(x: torch.Tensor, theta: torch.Tensor | float, *, backend: str = 
     _check_even_d(x, "x")
     if isinstance(theta, torch.Tensor):
         require_float(theta, "theta")
+        require_same_device({"x": x, "theta": theta})
         try:
-            torch.broadcast_shapes(theta.shape, x.shape[:-1])
+            fits = torch.broadcast_shapes(theta.shape, x.shape[:-1]) == x.shape[:-1]
         except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(
                 f"theta must broadcast to x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(theta.shape)}."
-            ) from None
+            )
     if resolve_backend(backend, "rope", x) is Backend.TRITON:
         from ..kernels import rope as kernels
 
@@ -167,6 +172,7 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
     Returns ``(loss, metrics)``.
     """
     cfg = VecDqnLossConfig() if cfg is None else cfg
+    cfg.validate()
     require_float(online_vecs, "online_vecs")
     require_float(target_vecs, "target_vecs")
     if online_vecs.dim() != 4:
@@ -186,6 +192,8 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
     action, bad_action = index_tensor(stream_get(step_stream, "action"), "step_stream['action']", (B, S), "[B, S]", A,
                                       used=slice(1, None))
     reward = reward_tensor(step_stream, cfg.use_xformed_reward, (B, S), "[B, S]")
+    require_same_device({"online_vecs": online_vecs, "target_vecs": target_vecs, "step_stream['action']": action,
+                         "step_stream['reward']": reward})
     checks = [(bad_action, f"step_stream['action'] holds a value outside [0, A) = [0, {A}) at a used step (t >= 1).")]
     if resolve_backend(cfg.backend, "vec_dqn", online_vecs, target_vecs) is Backend.TRITON:
         from ..kernels import vec_dqn as kernels

@@ -7,6 +7,7 @@ import dataclasses
 
 from torch import nn
 
+from ..losses._common import check_field_types
 from ..losses.dqn import DqnLoss, DqnLossConfig
 from ..losses.moe import RouterZLoss, SwitchLoadBalancingLoss
 from ..losses.sinkhorn import KOTSinkhornLoss, SinkhornOptions
@@ -42,6 +43,7 @@ class L2LossFactory:
     reduction: str = "mean"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.reduction not in ("mean", "sum", "none"):
             raise ValueError(f"l2_loss reduction must be 'mean', 'sum' or 'none', got {self.reduction!r}.")
 
@@ -77,6 +79,7 @@ class SwitchLoadBalancingLossFactory:
     top_k: int = 1
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"switch_load_balancing top_k must be an integer >= 1, got {self.top_k!r}.")
 
