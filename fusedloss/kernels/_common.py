@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import enum
+import functools
+import os
+import threading
 import types
 from typing import NamedTuple
 
@@ -10,7 +13,24 @@ import torch
 import triton.language as tl
 
 __all__ = ["constexpr_namespace", "AotVariant", "signature", "last_dim_contiguous", "as_loadable", "stored_grad_dtype",
-           "no_double_backward", "reject_grad_transforms"]
+           "no_double_backward", "reject_grad_transforms", "launcher"]
+
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def launcher(fn):
+    """Mark a launcher. Under ``TRITON_INTERPRET=1`` its launches are serialized: the interpreter
+    patches ``triton.language`` while a kernel runs, so two threads interpreting at once would
+    break each other. On the GPU it adds nothing."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return fn(*args, **kwargs)
+        with _INTERPRETER_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def constexpr_namespace(table: type[enum.IntEnum]) -> types.ModuleType:

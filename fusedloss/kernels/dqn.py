@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, as_loadable, constexpr_namespace, last_dim_contiguous, no_double_backward,
-                      reject_grad_transforms, signature, stored_grad_dtype)
+from ._common import (AotVariant, as_loadable, constexpr_namespace, last_dim_contiguous, launcher,
+                      no_double_backward, reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["DqnPartial", "DqnMetric", "dqn_fwd", "dqn_bwd", "dqn_fused", "compile_variants"]
 
@@ -441,6 +441,7 @@ def _drop_counter(device: torch.device) -> None:
     _counters().pop(_counter_key(device), None)
 
 
+@launcher
 def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, gamma_terminal: float,
             gamma_truncated: float, reward_scale: float, reward_shift: float, norm_mean: bool, norm_std: bool,
             norm_eps: float, norm_target: float, cql_weight: float, cql_eps: float, huber: bool, huber_delta: float,
@@ -480,6 +481,7 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
     return loss, metrics, grad, td
 
 
+@launcher
 def dqn_bwd(g: torch.Tensor, grad_output: torch.Tensor, inv_count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``g · grad_output · inv_count`` (two 0-dim device scalars) in ``dtype``: one launch."""
     out = torch.empty(g.shape, dtype=dtype, device=g.device)

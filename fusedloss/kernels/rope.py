@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, reject_grad_transforms, signature
+from ._common import AotVariant, launcher, reject_grad_transforms, signature
 
 __all__ = ["rope_fwd", "rope_fused", "compile_variants"]
 
@@ -43,6 +43,7 @@ def _tiles(D: int):
     return max(1, min(64, 1024 // bh)), bh
 
 
+@launcher
 def rope_fwd(x: torch.Tensor, theta: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
     """``x`` ``[..., D]`` rotated by ``sign · theta``, ``theta`` fp32 of ``x.shape[:-1]``."""
     x = x.contiguous()

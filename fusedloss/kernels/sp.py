@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, constexpr_namespace, last_dim_contiguous, no_double_backward, reject_grad_transforms,
-                      signature, stored_grad_dtype)
+from ._common import (AotVariant, constexpr_namespace, last_dim_contiguous, launcher, no_double_backward,
+                      reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "compile_variants"]
 
@@ -263,6 +263,7 @@ def _fwd_constexprs(loss_type: str, label_smoothing: float, A: int, max_block: i
                 ROWS=rows, BLOCK_A=block, SINGLE_TILE=block >= A), warps
 
 
+@launcher
 def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
            max_block: int = MAX_BLOCK, loss_out: torch.Tensor | None = None, grad_out: torch.Tensor | None = None):
     """Launch the forward kernel on ``[N, A]`` teacher values and student logits.
@@ -283,6 +284,7 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     return loss, grad
 
 
+@launcher
 def sp_bwd(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``g`` ``[N, A]`` with row ``r`` scaled by ``scale[r]`` (the upstream gradient of row ``r``),
     in ``dtype``."""

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, last_dim_contiguous, no_double_backward, reject_grad_transforms, signature
+from ._common import AotVariant, last_dim_contiguous, launcher, no_double_backward, reject_grad_transforms, signature
 
 __all__ = ["vec_dqn_scores_fwd", "vec_dqn_scores_fused", "vec_dqn_fwd", "vec_dqn_bwd", "vec_dqn_fused",
            "compile_variants"]
@@ -197,6 +197,7 @@ def _bwd_tiles(A: int, D: int):
     return max(1, min(triton.next_power_of_2(A), 4096 // bh)), bh
 
 
+@launcher
 def vec_dqn_scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Scores ``[M, A]`` fp32 of ``[M, A, D]`` vectors."""
     v = last_dim_contiguous(v)
@@ -210,6 +211,7 @@ def vec_dqn_scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torc
     return out
 
 
+@launcher
 def vec_dqn_fwd(online, target, action, theta, loss_out=None, g_out=None):
     """Per-transition loss ``[N]`` and compact gradient ``[N, D]`` (fp32), ``N = B·(S-1)``;
     ``action`` int64 ``[B, S]`` in ``[0, A)``, ``theta`` fp32 ``[N]``."""
@@ -228,6 +230,7 @@ def vec_dqn_fwd(online, target, action, theta, loss_out=None, g_out=None):
     return loss, g
 
 
+@launcher
 def vec_dqn_bwd(g: torch.Tensor, action: torch.Tensor, grad_rows: torch.Tensor, B: int, S: int, A: int,
                 dtype: torch.dtype) -> torch.Tensor:
     """The dense ``[B, S, A, D]`` gradient from the compact ``g`` and the per-transition upstream
