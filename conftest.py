@@ -13,8 +13,15 @@ os.environ.pop("FUSEDLOSS_BACKEND", None)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true",
+                     help="run tests/test_fuzz.py with twenty times more examples, drawn at random")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+    if config.getoption("--fuzz-long"):
+        os.environ["FUSEDLOSS_FUZZ_LONG"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -212,12 +212,13 @@ def _td_loss(q_sa, target, lse_m, lse_s, cql_weight, cql_eps, huber_delta, CQL: 
     if HUBER:
         ad = tl.abs(d)
         per = tl.where(ad <= huber_delta, 0.5 * d * d, huber_delta * (ad - 0.5 * huber_delta))
-        dsa = tl.minimum(tl.maximum(d, -huber_delta), huber_delta)
+        # GPU min/max would return the number where d is NaN; the reference's gradient is NaN there.
+        dsa = tl.minimum(tl.maximum(d, -huber_delta, propagate_nan=tl.PropagateNan.ALL), huber_delta, propagate_nan=tl.PropagateNan.ALL)
     else:
         per = d * d
         dsa = 2.0 * d
     q_scale = tl.abs(target) + cql_eps
-    pen = lse_m + tl.log(tl.maximum(lse_s, 1e-30)) - q_sa
+    pen = lse_m + tl.log(tl.maximum(lse_s, 1e-30, propagate_nan=tl.PropagateNan.ALL)) - q_sa
     if CQL:
         per = per + cql_weight * q_scale * pen
         dsa = dsa - cql_weight * q_scale
@@ -291,8 +292,8 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
         pn = _load_partial(part_ptr, bb, bm, _P.COUNT, 0.0)
         s_n += pn
         s_nm += pn * _load_partial(part_ptr, bb, bm, _P.MEAN, 0.0)
-        s_min = tl.minimum(s_min, _load_partial(part_ptr, bb, bm, _P.MIN, float("inf")))
-        s_max = tl.maximum(s_max, _load_partial(part_ptr, bb, bm, _P.MAX, float("-inf")))
+        s_min = tl.minimum(s_min, _load_partial(part_ptr, bb, bm, _P.MIN, float("inf")), propagate_nan=tl.PropagateNan.ALL)
+        s_max = tl.maximum(s_max, _load_partial(part_ptr, bb, bm, _P.MAX, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
         s_loss += _load_partial(part_ptr, bb, bm, _P.LOSS, 0.0)
         s_tgt += _load_partial(part_ptr, bb, bm, _P.TARGET, 0.0)
         s_cql += _load_partial(part_ptr, bb, bm, _P.CQL, 0.0)
@@ -373,14 +374,14 @@ def _dqn_fwd_kernel(
         tl.store(td_ptr + b64 * n_tr + t, tl.abs(d) * valid.to(tl.float32), mask=tv)
 
         c_n, c_mean, c_m2 = _chan_update(c_n, c_mean, c_m2, q_sa, valid)
-        c_min = tl.where(valid, tl.minimum(c_min, q_sa), c_min)
-        c_max = tl.where(valid, tl.maximum(c_max, q_sa), c_max)
+        c_min = tl.where(valid, tl.minimum(c_min, q_sa, propagate_nan=tl.PropagateNan.ALL), c_min)
+        c_max = tl.where(valid, tl.maximum(c_max, q_sa, propagate_nan=tl.PropagateNan.ALL), c_max)
         c_loss += tl.where(valid, per * w, 0.0)
         c_tgt += tl.where(valid, target, 0.0)
         c_cql += tl.where(valid, pen, 0.0)
 
         coef_sa = tl.where(valid, dsa * w, 0.0)
-        coef_sm = tl.where(valid, cql_weight * q_scale * w / tl.maximum(lse_s, 1e-30), 0.0)
+        coef_sm = tl.where(valid, cql_weight * q_scale * w / tl.maximum(lse_s, 1e-30, propagate_nan=tl.PropagateNan.ALL), 0.0)
         _grad_pass(grad_ptr + b64 * stride_gb + t64[:, None] * stride_gs, q_row, a, tv, t < S, coef_sa, coef_sm,
                    lse_m, A, CQL, BLOCK_A)
 

@@ -65,13 +65,14 @@ MAX_BLOCK = 8192
 
 
 @triton.jit
-def _online_update(m, s, x):
-    """Fold a tile ``x`` ([ROWS, BLOCK], -inf where masked) into running (max, sum of exp). The
-    max starts at -inf, so rows of huge negative values (``finfo.min`` padding) keep their own
-    max; while a row has seen nothing finite, 0 stands in for it in the exponents."""
+def _online_update(m, s, x, scale):
+    """Fold a tile ``x`` ([ROWS, BLOCK], -inf where masked) into the running max ``m`` of ``x`` and
+    the sum ``s`` of ``exp((x - m)·scale)``. Differences are scaled, never ``x`` itself, so a
+    temperature below 1 cannot overflow ``finfo.min`` padding to -inf. The max starts at -inf;
+    while a row has seen nothing finite, 0 stands in for it in the exponents."""
     m_new = tl.maximum(m, tl.max(x, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+    s = s * tl.exp((m - m_safe) * scale) + tl.sum(tl.exp((x - m_safe[:, None]) * scale), axis=1)
     return m_new, s
 
 
@@ -83,17 +84,17 @@ def _wmul(w, x):
 
 
 @triton.jit
-def _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z, inv_t):
+def _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z):
     mask = rmask[:, None] & (cols < A)[None, :]
     q = tl.load(q_ptr + rows64[:, None] * stride_q + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
     z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     valid = mask & (q != float("-inf"))
     z = tl.where(valid, z, float("-inf"))
-    return q, q * inv_t, z, valid, mask
+    return q, z, valid, mask
 
 
 @triton.jit
-def _probs(t, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, eps,
+def _probs(q, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, inv_t, eps,
            LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
     """Teacher p, log p and student s, log s on a tile; 0 outside the valid entries."""
     ls = tl.where(valid, z - mz[:, None] - lse_z[:, None], 0.0)
@@ -103,19 +104,19 @@ def _probs(t, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, eps,
         p = tl.where(valid, eps / n_valid[:, None], 0.0) + tl.where(hit & valid, 1.0 - eps, 0.0)
         lp = ls  # unused by ce
     else:
-        lp = tl.where(valid, t - mt[:, None] - lse_t[:, None], 0.0)
+        lp = tl.where(valid, (q - mt[:, None]) * inv_t - lse_t[:, None], 0.0)
         p = tl.where(valid, tl.exp(lp), 0.0)
         if HAS_SMOOTHING:
             p = tl.where(valid, (1.0 - eps) * p + eps / n_valid[:, None], 0.0)
-            lp = tl.where(valid, tl.log(tl.maximum(p, 1e-37)), 0.0)
+            lp = tl.where(valid, tl.log(tl.maximum(p, 1e-37, propagate_nan=tl.PropagateNan.ALL)), 0.0)
     return p, lp, s, ls
 
 
 @triton.jit
 def _log_m(lp, ls):
     """log((p + s) / 2) without underflow: logaddexp(log p, log s) - log 2."""
-    hi = tl.maximum(lp, ls)
-    return hi + tl.log(1.0 + tl.exp(tl.minimum(lp, ls) - hi)) - _LN2
+    hi = tl.maximum(lp, ls, propagate_nan=tl.PropagateNan.ALL)  # GPU max/min skip NaN unless asked not to
+    return hi + tl.log(1.0 + tl.exp(tl.minimum(lp, ls, propagate_nan=tl.PropagateNan.ALL) - hi)) - _LN2
 
 
 @triton.jit
@@ -177,13 +178,13 @@ def _sp_fwd_kernel(
     g_row = grad_ptr + rows64[:, None] * stride_g
     if SINGLE_TILE:
         # The whole row is in registers: every input byte is read once.
-        q, t, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols0, A, stride_q, stride_z, inv_t)
-        mt, st = _online_update(mt, st, t)
-        mz, sz = _online_update(mz, sz, z)
+        q, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols0, A, stride_q, stride_z)
+        mt, st = _online_update(mt, st, q, inv_t)
+        mz, sz = _online_update(mz, sz, z, 1.0)
         n_valid = tl.maximum(tl.sum(valid.to(tl.float32), axis=1), 1.0)  # >= 1 keeps rows past N finite
         if LOSS == _L.CE:
             target = tl.argmax(q, axis=1).to(tl.int32)
-        p, lp, s, ls = _probs(t, z, valid, cols0, mt, tl.log(st), mz, tl.log(sz), n_valid, target, eps,
+        p, lp, s, ls = _probs(q, z, valid, cols0, mt, tl.log(st), mz, tl.log(sz), n_valid, target, inv_t, eps,
                               LOSS, HAS_SMOOTHING)
         row_loss = tl.sum(_elem_loss(p, lp, s, ls, LOSS), axis=1)
         if LOSS == _L.JS:
@@ -193,9 +194,9 @@ def _sp_fwd_kernel(
     else:
         for start in range(0, A, BLOCK_A):
             cols = start + cols0
-            q, t, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z, inv_t)
-            mt, st = _online_update(mt, st, t)
-            mz, sz = _online_update(mz, sz, z)
+            q, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z)
+            mt, st = _online_update(mt, st, q, inv_t)
+            mz, sz = _online_update(mz, sz, z, 1.0)
             n_valid += tl.sum(valid.to(tl.float32), axis=1)
             if LOSS == _L.CE:
                 tile_best = tl.max(q, axis=1)
@@ -208,8 +209,9 @@ def _sp_fwd_kernel(
         lse_z = tl.log(sz)
         for start in range(0, A, BLOCK_A):
             cols = start + cols0
-            q, t, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z, inv_t)
-            p, lp, s, ls = _probs(t, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, eps, LOSS, HAS_SMOOTHING)
+            q, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z)
+            p, lp, s, ls = _probs(q, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, inv_t, eps, LOSS,
+                                  HAS_SMOOTHING)
             row_loss += tl.sum(_elem_loss(p, lp, s, ls, LOSS), axis=1)
             if LOSS == _L.JS:
                 row_aux += tl.sum(_elem_aux(p, lp, s, ls, LOSS), axis=1)
@@ -219,8 +221,8 @@ def _sp_fwd_kernel(
         if GRAD_NEEDS_ROW_LOSS:
             for start in range(0, A, BLOCK_A):
                 cols = start + cols0
-                q, t, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z, inv_t)
-                p, lp, s, ls = _probs(t, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, eps,
+                q, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z)
+                p, lp, s, ls = _probs(q, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, inv_t, eps,
                                       LOSS, HAS_SMOOTHING)
                 g = _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS)
                 tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)

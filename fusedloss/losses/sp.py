@@ -91,7 +91,8 @@ def sp_reference(
             return nll
         smooth = -log_s0.sum(dim=-1) / n_valid.squeeze(-1)
         return (1.0 - eps) * nll + eps * smooth
-    log_t = torch.log_softmax(q / temperature, dim=-1)
+    # (q - max) / T: the same distribution, but finfo.min padding cannot overflow to -inf at T < 1.
+    log_t = torch.log_softmax((q - q.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if eps > 0.0:
         log_t = torch.log((1.0 - eps) * log_t.exp() + eps / n_valid)
     log_t0 = log_t.masked_fill(pad, 0.0)
