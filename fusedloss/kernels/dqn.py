@@ -151,6 +151,12 @@ def _step_inputs(act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean, r_st
 
 
 @triton.jit
+def _nanmax(a, b):
+    """max that returns NaN when either side is NaN (GPU max skips NaN by default)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.constexpr,
                  T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
     """Pass 1 over the action tiles: ``q[t, a]``, the bootstrap value of ``q_target[t+1]`` (max,
@@ -158,14 +164,13 @@ def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.
 
     NaN is never dropped (GPU max/argmax would skip it): a NaN in ``q_target[t+1]`` makes the max
     NaN, the double-DQN argmax takes the first NaN as torch.argmax does, and a NaN anywhere in
-    ``q[t]`` makes the CQL logsumexp NaN. The running max starts at -inf (0 stands in for it in
+    ``q[t]`` makes the CQL sum of exponentials, and so the logsumexp, NaN. The running max starts at -inf (0 stands in for it in
     the exponents until a finite value arrives), so huge negative values keep their own max."""
     offs_a = tl.arange(0, BLOCK_A)
     q_sa = tl.zeros([T_BLOCK], tl.float32)
     next_v = tl.full([T_BLOCK], float("-inf"), tl.float32)
     best = tl.full([T_BLOCK], float("-inf"), tl.float32)
     nan_next = tl.zeros([T_BLOCK], tl.int32) != 0
-    nan_q = tl.zeros([T_BLOCK], tl.int32) != 0
     lse_m = tl.full([T_BLOCK], float("-inf"), tl.float32)
     lse_s = tl.zeros([T_BLOCK], tl.float32)
     for a0 in range(0, A, BLOCK_A):
@@ -190,17 +195,12 @@ def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.
             best = tl.maximum(best, tile_best)
             nan_next = nan_next | tile_nan
         else:
-            next_v = tl.maximum(next_v, tl.max(qtn, axis=1))
-            nan_next = nan_next | (tl.max((qtn != qtn).to(tl.int32), axis=1) > 0)
+            next_v = _nanmax(next_v, tl.reduce(qtn, 1, _nanmax))
         if CQL:
-            nan_q = nan_q | (tl.max((qv != qv).to(tl.int32), axis=1) > 0)
             m_new = tl.maximum(lse_m, tl.max(qv, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             lse_s = lse_s * tl.exp(lse_m - m_safe) + tl.sum(tl.exp(qv - m_safe[:, None]), axis=1)
             lse_m = m_new
-    if not DOUBLE:
-        next_v = tl.where(nan_next, float("nan"), next_v)
-    lse_m = tl.where(nan_q, float("nan"), lse_m)
     return q_sa, tl.where(tv, next_v, 0.0), lse_m, lse_s
 
 
