@@ -158,6 +158,31 @@ def test_dqn_nan_in_taken_q_reaches_min_max_metrics(device):
             assert torch.isnan(m[key]), (backend, key)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_dqn_masked_transitions_never_leak(bad, device):
+    step, out = make_dqn_inputs(2, 5, 3, device=device, seed=15, weight=True, mask=True)
+    step["mask"][:] = True
+    step["mask"][1, 3:] = False  # transitions t = 2, 3 of sequence 1 are masked
+    q, qt = out["dqn"].detach().clone(), out["dqn_target"].clone()
+    q[1, 3, :] = bad
+    qt[1, 4, :] = bad
+    step["reward"][1, 4] = bad
+    step["weight"][1, 4] = bad
+    res = {}
+    for backend in BACKENDS:
+        qq = q.clone().requires_grad_(True)
+        cfg = fl.DqnLossConfig(backend=backend, cql_weight=0.3, double_dqn=True, mask_key="mask", weight_key="weight",
+                               normalize_reward_mean=True, metrics_mode="lazy")
+        loss, metrics = fl.dqn_loss(step, {"dqn": qq, "dqn_target": qt}, cfg)
+        g = _grad(loss, qq)
+        assert torch.isfinite(loss) and torch.isfinite(g).all(), backend
+        assert (g[1, 2:] == 0).all(), backend
+        assert all(torch.isfinite(v) for v in metrics.tensors().values()), backend
+        res[backend] = (loss, g)
+    assert torch.allclose(res["triton"][0], res["torch"][0], rtol=1e-5)
+    assert torch.allclose(res["triton"][1], res["torch"][1], rtol=1e-4, atol=1e-6)
+
+
 # 5. The ticket counter survives an interrupted launch and calls from two threads.
 def test_dqn_counter_survives_an_interrupted_launch(device, monkeypatch):
     if device != "cpu":

@@ -226,18 +226,19 @@ def _td_loss(q_sa, target, lse_m, lse_s, cql_weight, cql_eps, huber_delta, CQL: 
 
 
 @triton.jit
-def _grad_pass(g_row, q_row, a, tv, in_seq, coef_sa, coef_sm, lse_m, A, CQL: tl.constexpr, BLOCK_A: tl.constexpr):
+def _grad_pass(g_row, q_row, a, tv, valid, in_seq, coef_sa, coef_sm, lse_m, A, CQL: tl.constexpr,
+               BLOCK_A: tl.constexpr):
     """Pass 2: ``coef_sa·onehot(a) + coef_sm·exp(q[t] - lse_m)`` for every action; rows without a
-    transition get 0."""
+    valid transition get exactly 0 (whatever their q), a valid row of all -inf gets NaN, as
+    torch's softmax does."""
     offs_a = tl.arange(0, BLOCK_A)
-    lse_safe = tl.where(lse_m == float("-inf"), 0.0, lse_m)  # rows with no transition: exp(-inf) = 0
     for a0 in range(0, A, BLOCK_A):
         cols = a0 + offs_a
         sm = in_seq[:, None] & (cols < A)[None, :]
         g = tl.where(cols[None, :] == a[:, None], coef_sa[:, None], 0.0)
         if CQL:
             qv = tl.load(q_row + cols[None, :], mask=tv[:, None] & (cols < A)[None, :], other=float("-inf")).to(tl.float32)
-            g += coef_sm[:, None] * tl.exp(qv - lse_safe[:, None])
+            g += tl.where(valid[:, None], coef_sm[:, None] * tl.exp(qv - lse_m[:, None]), 0.0)
         tl.store(g_row + cols[None, :], g.to(g_row.dtype.element_ty), mask=sm)
 
 
@@ -382,7 +383,7 @@ def _dqn_fwd_kernel(
 
         coef_sa = tl.where(valid, dsa * w, 0.0)
         coef_sm = tl.where(valid, cql_weight * q_scale * w / tl.maximum(lse_s, 1e-30, propagate_nan=tl.PropagateNan.ALL), 0.0)
-        _grad_pass(grad_ptr + b64 * stride_gb + t64[:, None] * stride_gs, q_row, a, tv, t < S, coef_sa, coef_sm,
+        _grad_pass(grad_ptr + b64 * stride_gb + t64[:, None] * stride_gs, q_row, a, tv, valid, t < S, coef_sa, coef_sm,
                    lse_m, A, CQL, BLOCK_A)
 
     _write_partials(part_ptr + b64 * _NP, c_n, c_mean, c_m2, c_min, c_max, c_loss, c_tgt, c_cql, c_bad_a, c_bad_d)

@@ -183,7 +183,7 @@ def _sp_fwd_kernel(
         mz, sz = _online_update(mz, sz, z, 1.0)
         n_valid = tl.maximum(tl.sum(valid.to(tl.float32), axis=1), 1.0)  # >= 1 keeps rows past N finite
         if LOSS == _L.CE:
-            target = tl.argmax(q, axis=1).to(tl.int32)
+            target = tl.argmax(tl.where(q == q, q, float("-inf")), axis=1).to(tl.int32)  # a NaN teacher is an error
         p, lp, s, ls = _probs(q, z, valid, cols0, mt, tl.log(st), mz, tl.log(sz), n_valid, target, inv_t, eps,
                               LOSS, HAS_SMOOTHING)
         row_loss = tl.sum(_elem_loss(p, lp, s, ls, LOSS), axis=1)
@@ -199,8 +199,9 @@ def _sp_fwd_kernel(
             mz, sz = _online_update(mz, sz, z, 1.0)
             n_valid += tl.sum(valid.to(tl.float32), axis=1)
             if LOSS == _L.CE:
-                tile_best = tl.max(q, axis=1)
-                tile_arg = tl.argmax(q, axis=1).to(tl.int32) + start
+                key = tl.where(q == q, q, float("-inf"))  # a NaN teacher is reported by the loss; no crash here
+                tile_best = tl.max(key, axis=1)
+                tile_arg = tl.argmax(key, axis=1).to(tl.int32) + start
                 better = tile_best > best  # strict: ties keep the lowest index, as torch.argmax
                 target = tl.where(better, tile_arg, target)
                 best = tl.maximum(best, tile_best)

@@ -130,6 +130,9 @@ def dqn_reference(
     term = terminal[:, 1:].to(cd)
     trunc = truncated[:, 1:].to(cd)
     m = None if mask is None else (mask[:, :-1] & mask[:, 1:]).to(cd)
+    # Masked transitions must not reach the loss or the gradient, not even as 0·NaN in a backward:
+    # their q rows, targets and weights are replaced by zeros before anything is computed on them.
+    curr_q = curr_q if m is None else masked(curr_q, m.unsqueeze(-1))
 
     q_values = curr_q.gather(-1, a.unsqueeze(-1)).squeeze(-1)
     if cfg.double_dqn:
@@ -139,7 +142,7 @@ def dqn_reference(
         next_v = next_q_target.amax(dim=-1)
     rewards = transform_rewards(reward[:, 1:].to(cd), cfg, m)
     discount = cfg.gamma * (1.0 - term - trunc) + cfg.gamma_terminal * term + cfg.gamma_truncated * trunc
-    td_target = (rewards + discount * next_v).detach()
+    td_target = masked((rewards + discount * next_v).detach(), m)
 
     diff = q_values - td_target
     if cfg.td_loss == "huber":
@@ -151,7 +154,7 @@ def dqn_reference(
         cql_penalty = curr_q.logsumexp(dim=-1) - q_values
         per = per + cfg.cql_weight * q_scale * cql_penalty
     if weight is not None:
-        per = per * weight[:, 1:].detach().to(cd)  # importance weights are constants, as in the kernel
+        per = per * masked(weight[:, 1:].detach().to(cd), m)  # importance weights are constants, as in the kernel
 
     loss = per.mean() if m is None else masked(per, m).sum() / m.sum()
 
