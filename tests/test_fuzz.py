@@ -202,7 +202,10 @@ def test_fuzz_sp(seed, N, A, dtype, kind, loss_type, T, eps, pad, special, targe
         rows = fl.sp_kl_loss(q, zz.detach(), T, eps, reduction="none", backend=backend, check_inputs=False)
         return {"loss": loss, "grad": grad, "rows": rows, **metrics}
 
-    compare(run_both(call, KERNEL_BACKENDS), dtype, special is None, "sp")
+    # ce-soft-bwd and kl-bwd weigh log p by the student's mass: a finfo.min teacher entry is a real,
+    # astronomically unlikely action there, and its log p overflows fp32 (use -inf for padding).
+    overflow = pad == "finfo.min" and loss_type in ("ce-soft-bwd", "kl-bwd")
+    compare(run_both(call, KERNEL_BACKENDS), dtype, special is None and not overflow, "sp")
 
 
 @fuzz(12)

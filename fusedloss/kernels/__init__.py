@@ -25,8 +25,13 @@ Who does what:
 - The loss (``fusedloss/losses/<fam>.py``) validates the inputs, reduces, and builds the metrics,
   each once; it picks the path with :func:`fusedloss._dispatch.resolve_backend`. Kernels import
   nothing from ``losses/``.
-- ``<fam>_fused`` detaches what gets no gradient and makes the last dimension contiguous; the
-  launcher does not copy again.
+- ``<fam>_fused`` detaches what gets no gradient and rejects ``torch.func`` gradient transforms;
+  the launcher (marked ``@launcher``, which serializes launches under the interpreter) copies an
+  input only when its last dimension is not contiguous.
+- The stored forward gradient is in the input dtype, fp32 for fp16 (``stored_grad_dtype``); a
+  backward op that is not differentiable says so (``no_double_backward``).
+- NaN in, NaN out: GPU ``tl.maximum``/``tl.minimum`` and ``tl.max`` skip NaN, so values that
+  may carry one use ``propagate_nan=tl.PropagateNan.ALL`` or a NaN-propagating ``tl.reduce``.
 - Per-row results come back per row and the loss reduces them (sp, vec_dqn). A kernel computes
   a reduction itself only where it is part of the one pass (dqn's masked mean and metrics, which
   its last program folds in a fixed order).

@@ -198,7 +198,8 @@ def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.
             next_v = _nanmax(next_v, tl.reduce(qtn, 1, _nanmax))
         if CQL:
             m_new = tl.maximum(lse_m, tl.max(qv, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            # +-inf maxima: exponents relative to 0, so a +inf entry gives torch's logsumexp of +inf
+            m_safe = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
             lse_s = lse_s * tl.exp(lse_m - m_safe) + tl.sum(tl.exp(qv - m_safe[:, None]), axis=1)
             lse_m = m_new
     return q_sa, tl.where(tv, next_v, 0.0), lse_m, lse_s

@@ -151,6 +151,9 @@ def _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS: tl.constexpr):
         g = _wmul(s, ls - lp - row_loss[:, None])
     else:
         g = _wmul(s, 0.5 * (ls - _log_m(lp, ls)) - 0.5 * row_aux[:, None])
+    if LOSS == _L.CE_SOFT_BWD or LOSS == _L.KL_BWD:
+        # A row whose loss overflowed has no gradient: NaN across the row, as autograd gives.
+        g = tl.where((tl.abs(row_loss) < float("inf"))[:, None], g, float("nan"))  # False for NaN too
     return g
 
 

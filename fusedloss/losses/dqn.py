@@ -11,17 +11,17 @@ import torch.nn.functional as F
 from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
 from ._common import (
-    LossConfig,
     ConfigLoss,
+    LossConfig,
     check_config_common,
+    check_done,
     check_finite_number,
+    check_index,
     check_positive,
     check_reward_config,
-    compute_dtype,
-    check_done,
-    masked,
-    check_index,
     clamp_index,
+    compute_dtype,
+    masked,
     require_float,
     require_same_device,
     require_shape,

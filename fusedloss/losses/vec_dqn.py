@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
 from ._common import (
-    LossConfig,
     ConfigLoss,
+    LossConfig,
     check_config_common,
     check_reward_config,
     compute_dtype,
