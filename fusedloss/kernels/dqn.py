@@ -186,8 +186,9 @@ def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.
             first_nan = tl.min(tl.where(isnan, cols[None, :], A), axis=1)
             key = tl.where(isnan, float("-inf"), qn)
             tile_best = tl.max(key, axis=1)
-            # strict: ties keep the lowest index, as torch.argmax; a first NaN wins over any number
-            better = (tile_best > best) & ~nan_next
+            # strict: ties keep the lowest index, as torch.argmax (the first tile always counts, so a
+            # row of -inf picks 0 as torch does); a first NaN wins over any number
+            better = ((tile_best > best) | (a0 == 0)) & ~nan_next
             new_nan = tile_nan & ~nan_next
             pick = tl.where(new_nan, first_nan, tl.argmax(key, axis=1) + a0)
             at = tl.sum(tl.where(cols[None, :] == pick[:, None], tl.where(lm, qtn, 0.0), 0.0), axis=1)

@@ -142,7 +142,7 @@ def _elem_aux(p, lp, s, ls, LOSS: tl.constexpr):
 
 
 @triton.jit
-def _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS: tl.constexpr):
+def _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, LOSS: tl.constexpr):
     if LOSS == _L.CE or LOSS == _L.CE_SOFT_FWD or LOSS == _L.KL_FWD:
         g = s - p
     elif LOSS == _L.CE_SOFT_BWD:
@@ -152,8 +152,9 @@ def _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS: tl.constexpr):
     else:
         g = _wmul(s, 0.5 * (ls - _log_m(lp, ls)) - 0.5 * row_aux[:, None])
     if LOSS == _L.CE_SOFT_BWD or LOSS == _L.KL_BWD:
-        # A row whose loss overflowed has no gradient: NaN across the row, as autograd gives.
-        g = tl.where((tl.abs(row_loss) < float("inf"))[:, None], g, float("nan"))  # False for NaN too
+        # A row whose loss overflowed or is NaN has no gradient: NaN at its valid entries, as autograd gives.
+        bad = (tl.abs(row_loss) < float("inf")) == 0  # NaN too
+        g = tl.where(valid & bad[:, None], float("nan"), g)
     return g
 
 
@@ -192,7 +193,7 @@ def _sp_fwd_kernel(
         row_loss = tl.sum(_elem_loss(p, lp, s, ls, LOSS), axis=1)
         if LOSS == _L.JS:
             row_aux = tl.sum(_elem_aux(p, lp, s, ls, LOSS), axis=1)
-        g = _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS)
+        g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, LOSS)
         tl.store(g_row + cols0[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         for start in range(0, A, BLOCK_A):
@@ -220,7 +221,7 @@ def _sp_fwd_kernel(
             if LOSS == _L.JS:
                 row_aux += tl.sum(_elem_aux(p, lp, s, ls, LOSS), axis=1)
             if not GRAD_NEEDS_ROW_LOSS:  # write the gradient in this pass
-                g = _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS)
+                g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, LOSS)
                 tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
         if GRAD_NEEDS_ROW_LOSS:
             for start in range(0, A, BLOCK_A):
@@ -228,7 +229,7 @@ def _sp_fwd_kernel(
                 q, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z)
                 p, lp, s, ls = _probs(q, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, inv_t, eps,
                                       LOSS, HAS_SMOOTHING)
-                g = _elem_grad(p, lp, s, ls, row_loss, row_aux, LOSS)
+                g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, LOSS)
                 tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(loss_ptr + rows, row_loss, mask=rmask)
 

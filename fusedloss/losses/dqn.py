@@ -160,12 +160,11 @@ def dqn_reference(
 
     q_det = q_values.detach()
     q_mean, q_std = _masked_moments(q_det, m)
-    big = torch.finfo(cd).max
     named = {
         "q_values_mean": q_mean,
         "q_values_std": q_std,
-        "q_values_min": q_det.amin() if m is None else torch.where(m > 0, q_det, big).amin(),
-        "q_values_max": q_det.amax() if m is None else torch.where(m > 0, q_det, -big).amax(),
+        "q_values_min": q_det.amin() if m is None else torch.where(m > 0, q_det, float("inf")).amin(),
+        "q_values_max": q_det.amax() if m is None else torch.where(m > 0, q_det, float("-inf")).amax(),
         "q_values_target": _masked_moments(td_target, m)[0],
         "dqn_loss": loss.detach(),
     }
