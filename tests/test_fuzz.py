@@ -116,14 +116,15 @@ def run_both(call, backends):
     return results
 
 
-def compare(results, dtype, finite_input: bool, what: str):
+def compare(results, dtype, finite_input: bool, what: str, skip=()):
     if results is None:
         return
     items = list(results.items())
     (name_a, a) = items[0]
     for name_b, b in items[1:]:
         for key in a:
-            assert_agree(b[key], a[key], dtype, f"{what} {key} ({name_b} vs {name_a})")
+            if key not in skip:
+                assert_agree(b[key], a[key], dtype, f"{what} {key} ({name_b} vs {name_a})")
     if finite_input:
         for name, r in items:
             assert_finite(r, f"{what} [{name}]")
@@ -204,8 +205,10 @@ def test_fuzz_sp(seed, N, A, dtype, kind, loss_type, T, eps, pad, special, targe
 
     # ce-soft-bwd and kl-bwd weigh log p by the student's mass: a finfo.min teacher entry is a real,
     # astronomically unlikely action there, and its log p overflows fp32 (use -inf for padding).
+    # The loss is then inf on both paths; its gradient is non-finite on both, not in one pattern.
     overflow = pad == "finfo.min" and loss_type in ("ce-soft-bwd", "kl-bwd")
-    compare(run_both(call, KERNEL_BACKENDS), dtype, special is None and not overflow, "sp")
+    compare(run_both(call, KERNEL_BACKENDS), dtype, special is None and not overflow, "sp",
+            skip=("grad",) if overflow else ())
 
 
 @fuzz(12)

@@ -374,7 +374,7 @@ def _dqn_fwd_kernel(
         w = tl.full([T_BLOCK], 1.0, tl.float32)
         if HAS_WEIGHT:
             w = tl.load(w_ptr + step + t + 1, mask=tv, other=0.0).to(tl.float32)
-        tl.store(td_ptr + b64 * n_tr + t, tl.abs(d) * valid.to(tl.float32), mask=tv)
+        tl.store(td_ptr + b64 * n_tr + t, tl.where(valid, tl.abs(d), 0.0), mask=tv)  # not 0·NaN
 
         c_n, c_mean, c_m2 = _chan_update(c_n, c_mean, c_m2, q_sa, valid)
         c_min = tl.where(valid, tl.minimum(c_min, q_sa, propagate_nan=tl.PropagateNan.ALL), c_min)
