@@ -196,7 +196,9 @@ def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.
             best = tl.maximum(best, tile_best)
             nan_next = nan_next | tile_nan
         else:
-            next_v = _nanmax(next_v, tl.reduce(qtn, 1, _nanmax))
+            # tl.max skips NaN on the GPU; adding the row's sum of its NaNs (0 when there are none) restores it
+            nan_probe = tl.sum(tl.where(qtn != qtn, qtn, 0.0), axis=1)
+            next_v = _nanmax(next_v, tl.max(qtn, axis=1) + nan_probe)
         if CQL:
             m_new = tl.maximum(lse_m, tl.max(qv, axis=1))
             # +-inf maxima: exponents relative to 0, so a +inf entry gives torch's logsumexp of +inf
