@@ -97,6 +97,6 @@ class AotVariant(NamedTuple):
 
 
 def signature(kernel, types_: dict[str, str], constexprs: dict) -> dict:
-    """The AOT signature of ``kernel``: ``constexpr`` for the constants, the given types, ``fp32``
-    for the other float scalars named in ``types_`` and ``i32`` for the rest (sizes, strides)."""
+    """The AOT signature of ``kernel``: ``constexpr`` for the constants, the type ``types_`` gives
+    (pointers such as ``*bf16``, float scalars ``fp32``), and ``i32`` for the rest (sizes, strides)."""
     return {name: "constexpr" if name in constexprs else types_.get(name, "i32") for name in kernel.arg_names}

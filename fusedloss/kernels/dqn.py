@@ -157,6 +157,12 @@ def _nanmax(a, b):
 
 
 @triton.jit
+def _nanmin(a, b):
+    """min that returns NaN when either side is NaN."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.constexpr,
                  T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
     """Pass 1 over the action tiles: ``q[t, a]``, the bootstrap value of ``q_target[t+1]`` (max,
@@ -164,8 +170,9 @@ def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.
 
     NaN is never dropped (GPU max/argmax would skip it): a NaN in ``q_target[t+1]`` makes the max
     NaN, the double-DQN argmax takes the first NaN as torch.argmax does, and a NaN anywhere in
-    ``q[t]`` makes the CQL sum of exponentials, and so the logsumexp, NaN. The running max starts at -inf (0 stands in for it in
-    the exponents until a finite value arrives), so huge negative values keep their own max."""
+    ``q[t]`` makes the CQL sum of exponentials, and so the logsumexp, NaN. The running max starts
+    at -inf (0 stands in for it in the exponents until a finite value arrives), so huge negative
+    values keep their own max."""
     offs_a = tl.arange(0, BLOCK_A)
     q_sa = tl.zeros([T_BLOCK], tl.float32)
     next_v = tl.full([T_BLOCK], float("-inf"), tl.float32)
@@ -217,12 +224,12 @@ def _td_loss(q_sa, target, lse_m, lse_s, cql_weight, cql_eps, huber_delta, CQL: 
         ad = tl.abs(d)
         per = tl.where(ad <= huber_delta, 0.5 * d * d, huber_delta * (ad - 0.5 * huber_delta))
         # GPU min/max would return the number where d is NaN; the reference's gradient is NaN there.
-        dsa = tl.minimum(tl.maximum(d, -huber_delta, propagate_nan=tl.PropagateNan.ALL), huber_delta, propagate_nan=tl.PropagateNan.ALL)
+        dsa = _nanmin(_nanmax(d, -huber_delta), huber_delta)
     else:
         per = d * d
         dsa = 2.0 * d
     q_scale = tl.abs(target) + cql_eps
-    pen = lse_m + tl.log(tl.maximum(lse_s, 1e-30, propagate_nan=tl.PropagateNan.ALL)) - q_sa
+    pen = lse_m + tl.log(_nanmax(lse_s, 1e-30)) - q_sa
     if CQL:
         per = per + cql_weight * q_scale * pen
         dsa = dsa - cql_weight * q_scale
@@ -241,7 +248,8 @@ def _grad_pass(g_row, q_row, a, tv, valid, in_seq, coef_sa, coef_sm, lse_m, A, C
         sm = in_seq[:, None] & (cols < A)[None, :]
         g = tl.where(cols[None, :] == a[:, None], coef_sa[:, None], 0.0)
         if CQL:
-            qv = tl.load(q_row + cols[None, :], mask=tv[:, None] & (cols < A)[None, :], other=float("-inf")).to(tl.float32)
+            lm = tv[:, None] & (cols < A)[None, :]
+            qv = tl.load(q_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
             g += tl.where(valid[:, None], coef_sm[:, None] * tl.exp(qv - lse_m[:, None]), 0.0)
         tl.store(g_row + cols[None, :], g.to(g_row.dtype.element_ty), mask=sm)
 
@@ -297,8 +305,8 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
         pn = _load_partial(part_ptr, bb, bm, _P.COUNT, 0.0)
         s_n += pn
         s_nm += pn * _load_partial(part_ptr, bb, bm, _P.MEAN, 0.0)
-        s_min = tl.minimum(s_min, _load_partial(part_ptr, bb, bm, _P.MIN, float("inf")), propagate_nan=tl.PropagateNan.ALL)
-        s_max = tl.maximum(s_max, _load_partial(part_ptr, bb, bm, _P.MAX, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
+        s_min = _nanmin(s_min, _load_partial(part_ptr, bb, bm, _P.MIN, float("inf")))
+        s_max = _nanmax(s_max, _load_partial(part_ptr, bb, bm, _P.MAX, float("-inf")))
         s_loss += _load_partial(part_ptr, bb, bm, _P.LOSS, 0.0)
         s_tgt += _load_partial(part_ptr, bb, bm, _P.TARGET, 0.0)
         s_cql += _load_partial(part_ptr, bb, bm, _P.CQL, 0.0)
@@ -379,14 +387,14 @@ def _dqn_fwd_kernel(
         tl.store(td_ptr + b64 * n_tr + t, tl.where(valid, tl.abs(d), 0.0), mask=tv)  # not 0·NaN
 
         c_n, c_mean, c_m2 = _chan_update(c_n, c_mean, c_m2, q_sa, valid)
-        c_min = tl.where(valid, tl.minimum(c_min, q_sa, propagate_nan=tl.PropagateNan.ALL), c_min)
-        c_max = tl.where(valid, tl.maximum(c_max, q_sa, propagate_nan=tl.PropagateNan.ALL), c_max)
+        c_min = tl.where(valid, _nanmin(c_min, q_sa), c_min)
+        c_max = tl.where(valid, _nanmax(c_max, q_sa), c_max)
         c_loss += tl.where(valid, per * w, 0.0)
         c_tgt += tl.where(valid, target, 0.0)
         c_cql += tl.where(valid, pen, 0.0)
 
         coef_sa = tl.where(valid, dsa * w, 0.0)
-        coef_sm = tl.where(valid, cql_weight * q_scale * w / tl.maximum(lse_s, 1e-30, propagate_nan=tl.PropagateNan.ALL), 0.0)
+        coef_sm = tl.where(valid, cql_weight * q_scale * w / _nanmax(lse_s, 1e-30), 0.0)
         _grad_pass(grad_ptr + b64 * stride_gb + t64[:, None] * stride_gs, q_row, a, tv, valid, t < S, coef_sa, coef_sm,
                    lse_m, A, CQL, BLOCK_A)
 

@@ -141,7 +141,8 @@ def _vec_dqn_fwd_kernel(on_ptr, tg_ptr, act_ptr, theta_ptr, loss_ptr, g_ptr,
     uo = tl.load(up + 1, mask=hm, other=0.0).to(tl.float32)
     dot = tl.sum(ue * re + uo * ro, axis=0)
     nu_raw = tl.sqrt(tl.sum(ue * ue + uo * uo, axis=0))
-    nu = tl.maximum(nu_raw, cos_eps, propagate_nan=tl.PropagateNan.ALL)  # F.cosine_similarity clamps each norm to eps; NaN stays NaN
+    # F.cosine_similarity clamps each norm to eps; a NaN norm stays NaN
+    nu = tl.maximum(nu_raw, cos_eps, propagate_nan=tl.PropagateNan.ALL)
     nw = tl.maximum(tl.sqrt(tl.sum(re * re + ro * ro, axis=0)), cos_eps, propagate_nan=tl.PropagateNan.ALL)
     nan = float("nan")
     tl.store(loss_ptr + r, tl.where(bad, nan, 1.0 - dot / (nu * nw)))
