@@ -26,7 +26,7 @@ LONG = os.environ.get("FUSEDLOSS_FUZZ_LONG") == "1"
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Disagreement allowed between two paths in the same dtype, relative to the result's magnitude.
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
-KERNEL = pytest.importorskip("triton") is not None
+pytest.importorskip("triton")
 
 
 def fuzz(examples: int):
@@ -281,9 +281,8 @@ def test_fuzz_sv(seed, N, A, dtype, kind, loss_type, special, target, device):
         (grad,) = torch.autograd.grad(loss, zz)
         return {"loss": loss, "grad": grad, **metrics}
 
-    # Padded entries ignore the student entirely, so only a special value in a used logit spoils the result.
-    finite = special is None or target == "q_star"
-    compare(run_both(call, ["torch"]), dtype, finite and special is None, "sv")
+    # A NaN or -inf teacher entry is padding: only a special value in a used logit spoils the result.
+    compare(run_both(call, ["torch"]), dtype, special is None or target == "q_star", "sv")
 
 
 @fuzz(15)
