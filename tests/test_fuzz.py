@@ -171,7 +171,10 @@ def test_fuzz_dqn(seed, B, S, A, dtype, kind, special, target, lay, opts, mask, 
         (grad,) = torch.autograd.grad(loss, qq)
         return {"loss": loss, "grad": grad, "td": td, **metrics}
 
-    compare(run_both(call, KERNEL_BACKENDS), dtype, special is None, "dqn")
+    # A sequence with one valid transition (or equal rewards) has std 0: rewards / (0 + 1e-8) reach
+    # 1e8 and the gradient overflows fp16's range on both paths, rightly.
+    fits = not (dtype == torch.float16 and opts["normalize_reward_std"])
+    compare(run_both(call, KERNEL_BACKENDS), dtype, special is None and fits, "dqn")
 
 
 @fuzz(20)
