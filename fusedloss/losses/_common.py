@@ -21,33 +21,53 @@ from .._dispatch import Backend
 from ..metrics import check_metrics_mode
 
 
+# kind: (exact types accepted at once, full check for the rest, the form an error names)
 _TYPE_CHECKS = {
-    "bool": (lambda v: isinstance(v, bool), "a bool (True or False)"),
-    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
-    "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "None": (lambda v: v is None, "None"),
+    "bool": ({bool}, lambda v: isinstance(v, bool), "a bool (True or False)"),
+    "float": ({float, int}, lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+    "int": ({int}, lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
+    "str": ({str}, lambda v: isinstance(v, str), "a string"),
+    "None": ({type(None)}, lambda v: v is None, "None"),
 }
+
+
+def _typed_fields(cfg: Any) -> tuple:
+    """``(name, kinds, exact types, checks)`` of each field of the dataclass ``cfg`` whose
+    annotation is made of the kinds in ``_TYPE_CHECKS``."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        kinds = tuple(k.strip() for k in str(f.type).split("|"))
+        if all(k in _TYPE_CHECKS for k in kinds):
+            exact = frozenset().union(*(_TYPE_CHECKS[k][0] for k in kinds))
+            out.append((f.name, kinds, exact, tuple(_TYPE_CHECKS[k][1] for k in kinds)))
+    return tuple(out)
+
+
+_TYPED_FIELDS: dict[type, tuple] = {}  # parsed once per config class: every loss call checks
 
 
 def check_field_types(cfg: Any) -> None:
     """Check every field of the dataclass ``cfg`` against its annotation (``bool``, ``float``,
     ``int``, ``str``, optionally ``| None``): a bool must be a bool (``"false"`` is not), a float
     takes any real number but not a string or a bool. Raises ``TypeError`` naming the field."""
-    for f in dataclasses.fields(cfg):
-        kinds = [k.strip() for k in str(f.type).split("|")]
-        if not all(k in _TYPE_CHECKS for k in kinds):
+    if torch.compiler.is_compiling():  # traced: parse in the graph's own terms, no module cache
+        specs = _typed_fields(cfg)
+    else:
+        specs = _TYPED_FIELDS.get(type(cfg))
+        if specs is None:
+            specs = _TYPED_FIELDS[type(cfg)] = _typed_fields(cfg)
+    for name, kinds, exact, accepts in specs:
+        value = getattr(cfg, name)
+        if type(value) in exact or any(ok(value) for ok in accepts):
             continue
-        value = getattr(cfg, f.name)
-        if any(_TYPE_CHECKS[k][0](value) for k in kinds):
-            continue
-        form = " or ".join(_TYPE_CHECKS[k][1] for k in kinds)
+        form = " or ".join(_TYPE_CHECKS[k][2] for k in kinds)
         hint = ""
         if isinstance(value, str) and "float" in kinds and _parses_as_float(value):
             hint = (" (YAML reads a number without a decimal point, such as 1e-3, as a string: write 1.0e-3, "
                     "or convert it)")
-        raise TypeError(f"{type(cfg).__name__}.{f.name} must be {form}, got {value!r} "
-                        f"({type(value).__name__}){hint}.")
+        kind = type(value)
+        kind_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{type(cfg).__name__}.{name} must be {form}, got {value!r} ({kind_name}){hint}.")
 
 
 def _parses_as_float(text: str) -> bool:
@@ -136,12 +156,12 @@ def check_config_common(backend: str, metrics_mode: str | None = None) -> None:
 
 
 def check_positive(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
 def check_finite_number(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value)):
+    if not (isinstance(value, numbers.Real) and math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number, got {value!r}.")
 
 

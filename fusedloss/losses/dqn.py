@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import torch
@@ -79,7 +80,7 @@ class DqnLossConfig(LossConfig):
     def check_values(self) -> None:
         for name in ("gamma", "gamma_terminal", "gamma_truncated", "cql_scale_q_eps"):
             check_finite_number(getattr(self, name), name)
-        if not (isinstance(self.cql_weight, (int, float)) and self.cql_weight >= 0):
+        if not (isinstance(self.cql_weight, numbers.Real) and self.cql_weight >= 0):
             raise ValueError(f"cql_weight must be a number >= 0, got {self.cql_weight!r}.")
         if self.td_loss not in TD_LOSSES:
             raise ValueError(f"td_loss must be one of {TD_LOSSES}, got {self.td_loss!r}.")

@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -48,10 +49,10 @@ SINKHORN_BACKENDS = ("tensorized", "online", "multiscale")
 def check_sinkhorn_options(p, lam_state, blur, scaling, backend, reach=None, reduction="mean") -> None:
     if p not in (1, 2) or isinstance(p, bool):
         raise ValueError(f"p must be 1 or 2, got {p!r}.")
-    if not (isinstance(lam_state, (int, float)) and math.isfinite(lam_state) and lam_state >= 0):
+    if not (isinstance(lam_state, numbers.Real) and math.isfinite(lam_state) and lam_state >= 0):
         raise ValueError(f"lam_state must be a finite number >= 0, got {lam_state!r}.")
     check_positive(blur, "blur")
-    if not (isinstance(scaling, (int, float)) and 0.0 < scaling < 1.0):
+    if not (isinstance(scaling, numbers.Real) and 0.0 < scaling < 1.0):
         raise ValueError(f"scaling must be a number in the open interval (0, 1), got {scaling!r}.")
     if backend not in SINKHORN_BACKENDS:
         raise ValueError(f"backend must be one of {SINKHORN_BACKENDS}, got {backend!r}.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ def _check_options(loss_type: str, temperature: float, label_smoothing: float) -
     if loss_type not in SP_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {SP_LOSS_TYPES}, got {loss_type!r}.")
     check_positive(temperature, "temperature")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+    if not (isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}.")
 
 
