@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel modules: named constexpr slots, input layout, AOT variants."""
+"""Helpers shared by the kernel modules: NaN-propagating jit arithmetic, named constexpr slots,
+input layout, launch serialization under the interpreter, autograd guards, AOT variants."""
 
 from __future__ import annotations
 
@@ -10,12 +11,43 @@ import types
 from typing import NamedTuple
 
 import torch
+import triton
 import triton.language as tl
 
 __all__ = ["constexpr_namespace", "AotVariant", "signature", "last_dim_contiguous", "as_loadable", "stored_grad_dtype",
-           "no_double_backward", "reject_grad_transforms", "launcher"]
+           "no_double_backward", "reject_grad_transforms", "launcher", "nanmax", "nanmin", "online_lse_update"]
 
 _INTERPRETER_LOCK = threading.RLock()
+
+
+@triton.jit
+def nanmax(a, b):
+    """max that returns NaN when either side is NaN (GPU max skips NaN by default; the
+    interpreter's numpy does not, so without this the two would differ)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nanmin(a, b):
+    """min that returns NaN when either side is NaN."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def online_lse_update(m, s, x, scale, INF_GIVES_INF: tl.constexpr):
+    """Fold a tile ``x`` ([ROWS, BLOCK], -inf where masked) into the running max ``m`` of ``x`` and
+    the sum ``s`` of ``exp((x - m)·scale)``. Differences are scaled, never ``x`` itself, so a
+    temperature below 1 cannot overflow ``finfo.min`` values to -inf. The max starts at -inf; while
+    nothing finite has been seen, 0 stands in for it in the exponents. A +inf entry follows the
+    caller's reference: ``INF_GIVES_INF`` as ``torch.logsumexp`` (the sum becomes +inf), otherwise
+    as ``log_softmax`` (exp(inf - inf): NaN)."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    infinite = m_new == float("-inf")
+    if INF_GIVES_INF:
+        infinite = infinite | (m_new == float("inf"))
+    m_safe = tl.where(infinite, 0.0, m_new)
+    s = s * tl.exp((m - m_safe) * scale) + tl.sum(tl.exp((x - m_safe[:, None]) * scale), axis=1)
+    return m_new, s
 
 
 def launcher(fn):

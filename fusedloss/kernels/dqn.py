@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, as_loadable, constexpr_namespace, last_dim_contiguous, launcher,
-                      no_double_backward, reject_grad_transforms, signature, stored_grad_dtype)
+from ._common import (AotVariant, as_loadable, constexpr_namespace, last_dim_contiguous, launcher, nanmax, nanmin,
+                      no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["DqnPartial", "DqnMetric", "dqn_fwd", "dqn_bwd", "dqn_fused", "compile_variants"]
 
@@ -151,18 +151,6 @@ def _step_inputs(act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean, r_st
 
 
 @triton.jit
-def _nanmax(a, b):
-    """max that returns NaN when either side is NaN (GPU max skips NaN by default)."""
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _nanmin(a, b):
-    """min that returns NaN when either side is NaN."""
-    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.constexpr,
                  T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
     """Pass 1 over the action tiles: ``q[t, a]``, the bootstrap value of ``q_target[t+1]`` (max,
@@ -205,13 +193,9 @@ def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.
         else:
             # tl.max skips NaN on the GPU; adding the row's sum of its NaNs (0 when there are none) restores it
             nan_probe = tl.sum(tl.where(qtn != qtn, qtn, 0.0), axis=1)
-            next_v = _nanmax(next_v, tl.max(qtn, axis=1) + nan_probe)
+            next_v = nanmax(next_v, tl.max(qtn, axis=1) + nan_probe)
         if CQL:
-            m_new = tl.maximum(lse_m, tl.max(qv, axis=1))
-            # +-inf maxima: exponents relative to 0, so a +inf entry gives torch's logsumexp of +inf
-            m_safe = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
-            lse_s = lse_s * tl.exp(lse_m - m_safe) + tl.sum(tl.exp(qv - m_safe[:, None]), axis=1)
-            lse_m = m_new
+            lse_m, lse_s = online_lse_update(lse_m, lse_s, qv, 1.0, True)
     return q_sa, tl.where(tv, next_v, 0.0), lse_m, lse_s
 
 
@@ -224,12 +208,12 @@ def _td_loss(q_sa, target, lse_m, lse_s, cql_weight, cql_eps, huber_delta, CQL: 
         ad = tl.abs(d)
         per = tl.where(ad <= huber_delta, 0.5 * d * d, huber_delta * (ad - 0.5 * huber_delta))
         # GPU min/max would return the number where d is NaN; the reference's gradient is NaN there.
-        dsa = _nanmin(_nanmax(d, -huber_delta), huber_delta)
+        dsa = nanmin(nanmax(d, -huber_delta), huber_delta)
     else:
         per = d * d
         dsa = 2.0 * d
     q_scale = tl.abs(target) + cql_eps
-    pen = lse_m + tl.log(_nanmax(lse_s, 1e-30)) - q_sa
+    pen = lse_m + tl.log(nanmax(lse_s, 1e-30)) - q_sa
     if CQL:
         per = per + cql_weight * q_scale * pen
         dsa = dsa - cql_weight * q_scale
@@ -305,8 +289,8 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
         pn = _load_partial(part_ptr, bb, bm, _P.COUNT, 0.0)
         s_n += pn
         s_nm += pn * _load_partial(part_ptr, bb, bm, _P.MEAN, 0.0)
-        s_min = _nanmin(s_min, _load_partial(part_ptr, bb, bm, _P.MIN, float("inf")))
-        s_max = _nanmax(s_max, _load_partial(part_ptr, bb, bm, _P.MAX, float("-inf")))
+        s_min = nanmin(s_min, _load_partial(part_ptr, bb, bm, _P.MIN, float("inf")))
+        s_max = nanmax(s_max, _load_partial(part_ptr, bb, bm, _P.MAX, float("-inf")))
         s_loss += _load_partial(part_ptr, bb, bm, _P.LOSS, 0.0)
         s_tgt += _load_partial(part_ptr, bb, bm, _P.TARGET, 0.0)
         s_cql += _load_partial(part_ptr, bb, bm, _P.CQL, 0.0)
@@ -387,14 +371,14 @@ def _dqn_fwd_kernel(
         tl.store(td_ptr + b64 * n_tr + t, tl.where(valid, tl.abs(d), 0.0), mask=tv)  # not 0·NaN
 
         c_n, c_mean, c_m2 = _chan_update(c_n, c_mean, c_m2, q_sa, valid)
-        c_min = tl.where(valid, _nanmin(c_min, q_sa), c_min)
-        c_max = tl.where(valid, _nanmax(c_max, q_sa), c_max)
+        c_min = tl.where(valid, nanmin(c_min, q_sa), c_min)
+        c_max = tl.where(valid, nanmax(c_max, q_sa), c_max)
         c_loss += tl.where(valid, per * w, 0.0)
         c_tgt += tl.where(valid, target, 0.0)
         c_cql += tl.where(valid, pen, 0.0)
 
         coef_sa = tl.where(valid, dsa * w, 0.0)
-        coef_sm = tl.where(valid, cql_weight * q_scale * w / _nanmax(lse_s, 1e-30), 0.0)
+        coef_sm = tl.where(valid, cql_weight * q_scale * w / nanmax(lse_s, 1e-30), 0.0)
         _grad_pass(grad_ptr + b64 * stride_gb + t64[:, None] * stride_gs, q_row, a, tv, valid, t < S, coef_sa, coef_sm,
                    lse_m, A, CQL, BLOCK_A)
 

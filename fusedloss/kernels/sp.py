@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, constexpr_namespace, last_dim_contiguous, launcher, no_double_backward,
-                      reject_grad_transforms, signature, stored_grad_dtype)
+from ._common import (AotVariant, constexpr_namespace, last_dim_contiguous, launcher, nanmax, nanmin,
+                      no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "compile_variants"]
 
@@ -65,18 +65,6 @@ MAX_BLOCK = 8192
 
 
 @triton.jit
-def _online_update(m, s, x, scale):
-    """Fold a tile ``x`` ([ROWS, BLOCK], -inf where masked) into the running max ``m`` of ``x`` and
-    the sum ``s`` of ``exp((x - m)·scale)``. Differences are scaled, never ``x`` itself, so a
-    temperature below 1 cannot overflow ``finfo.min`` padding to -inf. The max starts at -inf;
-    while a row has seen nothing finite, 0 stands in for it in the exponents."""
-    m_new = tl.maximum(m, tl.max(x, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp((m - m_safe) * scale) + tl.sum(tl.exp((x - m_safe[:, None]) * scale), axis=1)
-    return m_new, s
-
-
-@triton.jit
 def _wmul(w, x):
     """``w·x`` with ``0·x = 0`` for any ``x``: the ``0·log 0`` convention, also where a log
     overflowed to -inf. NaN weights stay NaN."""
@@ -108,15 +96,15 @@ def _probs(q, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, inv_t, eps,
         p = tl.where(valid, tl.exp(lp), 0.0)
         if HAS_SMOOTHING:
             p = tl.where(valid, (1.0 - eps) * p + eps / n_valid[:, None], 0.0)
-            lp = tl.where(valid, tl.log(tl.maximum(p, 1e-37, propagate_nan=tl.PropagateNan.ALL)), 0.0)
+            lp = tl.where(valid, tl.log(nanmax(p, 1e-37)), 0.0)
     return p, lp, s, ls
 
 
 @triton.jit
 def _log_m(lp, ls):
     """log((p + s) / 2) without underflow: logaddexp(log p, log s) - log 2."""
-    hi = tl.maximum(lp, ls, propagate_nan=tl.PropagateNan.ALL)  # GPU max/min skip NaN unless asked not to
-    return hi + tl.log(1.0 + tl.exp(tl.minimum(lp, ls, propagate_nan=tl.PropagateNan.ALL) - hi)) - _LN2
+    hi = nanmax(lp, ls)
+    return hi + tl.log(1.0 + tl.exp(nanmin(lp, ls) - hi)) - _LN2
 
 
 @triton.jit
@@ -183,8 +171,8 @@ def _sp_fwd_kernel(
     if SINGLE_TILE:
         # The whole row is in registers: every input byte is read once.
         q, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols0, A, stride_q, stride_z)
-        mt, st = _online_update(mt, st, q, inv_t)
-        mz, sz = _online_update(mz, sz, z, 1.0)
+        mt, st = online_lse_update(mt, st, q, inv_t, False)
+        mz, sz = online_lse_update(mz, sz, z, 1.0, False)
         n_valid = tl.maximum(tl.sum(valid.to(tl.float32), axis=1), 1.0)  # >= 1 keeps rows past N finite
         if LOSS == _L.CE:
             target = tl.argmax(tl.where(q == q, q, float("-inf")), axis=1).to(tl.int32)  # a NaN teacher is an error
@@ -199,8 +187,8 @@ def _sp_fwd_kernel(
         for start in range(0, A, BLOCK_A):
             cols = start + cols0
             q, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z)
-            mt, st = _online_update(mt, st, q, inv_t)
-            mz, sz = _online_update(mz, sz, z, 1.0)
+            mt, st = online_lse_update(mt, st, q, inv_t, False)
+            mz, sz = online_lse_update(mz, sz, z, 1.0, False)
             n_valid += tl.sum(valid.to(tl.float32), axis=1)
             if LOSS == _L.CE:
                 key = tl.where(q == q, q, float("-inf"))  # a NaN teacher is reported by the loss; no crash here

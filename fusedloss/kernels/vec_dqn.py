@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, last_dim_contiguous, launcher, no_double_backward, reject_grad_transforms, signature
+from ._common import (AotVariant, last_dim_contiguous, launcher, nanmax, no_double_backward, reject_grad_transforms,
+                      signature)
 
 __all__ = ["vec_dqn_scores_fwd", "vec_dqn_scores_fused", "vec_dqn_fwd", "vec_dqn_bwd", "vec_dqn_fused",
            "compile_variants"]
@@ -142,8 +143,8 @@ def _vec_dqn_fwd_kernel(on_ptr, tg_ptr, act_ptr, theta_ptr, loss_ptr, g_ptr,
     dot = tl.sum(ue * re + uo * ro, axis=0)
     nu_raw = tl.sqrt(tl.sum(ue * ue + uo * uo, axis=0))
     # F.cosine_similarity clamps each norm to eps; a NaN norm stays NaN
-    nu = tl.maximum(nu_raw, cos_eps, propagate_nan=tl.PropagateNan.ALL)
-    nw = tl.maximum(tl.sqrt(tl.sum(re * re + ro * ro, axis=0)), cos_eps, propagate_nan=tl.PropagateNan.ALL)
+    nu = nanmax(nu_raw, cos_eps)
+    nw = nanmax(tl.sqrt(tl.sum(re * re + ro * ro, axis=0)), cos_eps)
     nan = float("nan")
     tl.store(loss_ptr + r, tl.where(bad, nan, 1.0 - dot / (nu * nw)))
     # d(1 - cos)/du = -(w/(nu·nw) - dot·u/(nu²·|u|·nw)): PyTorch clamps the norm's value but
