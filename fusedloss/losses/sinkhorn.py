@@ -46,22 +46,6 @@ __all__ = ["SINKHORN_BACKENDS", "SinkhornOptions", "sinkhorn_loss", "KOTSinkhorn
 SINKHORN_BACKENDS = ("tensorized", "online", "multiscale")
 
 
-def check_sinkhorn_options(p, lam_state, blur, scaling, backend, reach=None, reduction="mean") -> None:
-    if p not in (1, 2) or isinstance(p, bool):
-        raise ValueError(f"p must be 1 or 2, got {p!r}.")
-    if not (isinstance(lam_state, numbers.Real) and math.isfinite(lam_state) and lam_state >= 0):
-        raise ValueError(f"lam_state must be a finite number >= 0, got {lam_state!r}.")
-    check_positive(blur, "blur")
-    if not (isinstance(scaling, numbers.Real) and 0.0 < scaling < 1.0):
-        raise ValueError(f"scaling must be a number in the open interval (0, 1), got {scaling!r}.")
-    if backend not in SINKHORN_BACKENDS:
-        raise ValueError(f"backend must be one of {SINKHORN_BACKENDS}, got {backend!r}.")
-    if reach is not None:
-        check_positive(reach, "reach")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}.")
-
-
 @dataclasses.dataclass
 class SinkhornOptions(LossConfig):
     """The options of :func:`sinkhorn_loss`, :class:`KOTSinkhornLoss` and the ``sinkhorn_knopp``
@@ -86,8 +70,19 @@ class SinkhornOptions(LossConfig):
     gather_distributed: bool = False
 
     def check_values(self) -> None:
-        check_sinkhorn_options(self.p, self.lam_state, self.blur, self.scaling, self.backend, self.reach,
-                               self.reduction)
+        if self.p not in (1, 2) or isinstance(self.p, bool):
+            raise ValueError(f"p must be 1 or 2, got {self.p!r}.")
+        if not (isinstance(self.lam_state, numbers.Real) and math.isfinite(self.lam_state) and self.lam_state >= 0):
+            raise ValueError(f"lam_state must be a finite number >= 0, got {self.lam_state!r}.")
+        check_positive(self.blur, "blur")
+        if not (isinstance(self.scaling, numbers.Real) and 0.0 < self.scaling < 1.0):
+            raise ValueError(f"scaling must be a number in the open interval (0, 1), got {self.scaling!r}.")
+        if self.backend not in SINKHORN_BACKENDS:
+            raise ValueError(f"backend must be one of {SINKHORN_BACKENDS}, got {self.backend!r}.")
+        if self.reach is not None:
+            check_positive(self.reach, "reach")
+        if self.reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {self.reduction!r}.")
 
 
 def sinkhorn_points(action: torch.Tensor, state: torch.Tensor, lam_state: float, p: int, batched: bool = False,

@@ -22,7 +22,16 @@ import torch
 
 from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
-from ._common import ConfigLoss, LossConfig, require_same_device, check_config_common, check_positive, compute_dtype, require_float, stream_get
+from ._common import (
+    ConfigLoss,
+    LossConfig,
+    check_config_common,
+    check_positive,
+    compute_dtype,
+    require_float,
+    require_same_device,
+    stream_get,
+)
 
 __all__ = [
     "SP_LOSS_TYPES",

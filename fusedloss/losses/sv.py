@@ -9,7 +9,15 @@ import torch
 
 from ..metrics import finalize_metrics
 from .._dispatch import resolve_backend
-from ._common import ConfigLoss, LossConfig, require_same_device, check_config_common, compute_dtype, require_float, stream_get
+from ._common import (
+    ConfigLoss,
+    LossConfig,
+    check_config_common,
+    compute_dtype,
+    require_float,
+    require_same_device,
+    stream_get,
+)
 
 __all__ = ["SV_LOSS_TYPES", "SvLossConfig", "sv_loss", "sv_reference", "SvLoss"]
 
