@@ -9,15 +9,8 @@ import torch
 
 from ..metrics import finalize_metrics
 from .._dispatch import resolve_backend
-from ._common import (
-    ConfigLoss,
-    LossConfig,
-    check_config_common,
-    compute_dtype,
-    require_float,
-    require_same_device,
-    stream_get,
-)
+from ._common import (ConfigLoss, LossConfig, check_config_common, compute_dtype, require_float, require_same_device,
+                      stream_get)
 
 __all__ = ["SV_LOSS_TYPES", "SvLossConfig", "sv_loss", "sv_reference", "SvLoss"]
 
