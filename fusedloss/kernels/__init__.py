@@ -30,8 +30,10 @@ Who does what:
   input only when its last dimension is not contiguous.
 - The stored forward gradient is in the input dtype, fp32 for fp16 (``stored_grad_dtype``); a
   backward op that is not differentiable says so (``no_double_backward``).
-- NaN in, NaN out: GPU ``tl.maximum``/``tl.minimum`` and ``tl.max`` skip NaN, so values that
-  may carry one use ``propagate_nan=tl.PropagateNan.ALL`` or a NaN-propagating ``tl.reduce``.
+- NaN in, NaN out: GPU ``tl.maximum``/``tl.minimum`` and ``tl.max`` skip NaN (the interpreter
+  does not), so values that may carry one go through ``_common.nanmax``/``nanmin``, and a
+  reduction that must see a NaN adds a probe sum; running logsumexps use
+  ``_common.online_lse_update``.
 - Per-row results come back per row and the loss reduces them (sp, vec_dqn). A kernel computes
   a reduction itself only where it is part of the one pass (dqn's masked mean and metrics, which
   its last program folds in a fixed order).
