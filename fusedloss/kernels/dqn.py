@@ -19,12 +19,25 @@ integer ticket counter, so the order of the float sums never depends on scheduli
 in a fixed order into the loss and the metrics. The gradient stays unscaled; backward multiplies it
 by ``grad_output / count`` in one launch.
 
+Multi-step targets (``n_step > 1`` or ``td_lambda``) add a sweep before the walk, in the same
+program and so the same launch: it computes the bootstrap value ``V[t+1]`` of every transition
+(through ``h^-1`` with value rescaling) into a ``[B, S-1]`` fp32 scratch row. For the n-step
+return the walk then sums a window of at most ``n_step`` transformed rewards and one of those
+values; for Peng's Q(lambda) the sweep itself runs the backward recurrence
+``G[t] = a[t] + b[t]·G[t+1]`` from the sequence end, chunk by chunk, as a
+``tl.associative_scan`` of the affine maps with the lanes reversed in time (a done, the last
+transition or an invalid next transition cuts the chain), and stores ``G``. With value rescaling
+the target is ``h(G)``. Nothing of shape ``[B, S, n]`` exists.
+
 Actions outside ``[0, A)`` and ``done`` values outside ``{0, 1, 2}`` are clamped before any load and
 counted in the metrics buffer, so they never read out of bounds; the caller raises on the count.
 
 Byte model: read ``q`` and the ``t+1`` rows of ``q_target`` once (``q[t+1]`` too with
 ``double_dqn``) and write the gradient once: ``(3 + double)·B·S·A·b + small``; backward reads and
 writes the gradient (``2·B·S·A·b``). With CQL, pass 2 re-reads ``q[b, t, :]``, normally from L1/L2.
+A multi-step target moves the ``q_target`` (and double-DQN ``q``) reads into the sweep and adds
+``8·B·S`` bytes of scratch traffic; the n-step window re-reads ``n_step`` step values per
+transition from L1/L2.
 
 The slots of the partials and metrics buffers are :class:`DqnPartial` and :class:`DqnMetric`;
 the kernel reads them through their constexpr mirrors ``_P`` and ``_M``.
@@ -83,8 +96,9 @@ _NP = tl.constexpr(len(DqnPartial))
 
 # The float scalars and compile-time flags of the forward, in the order the custom op carries them.
 PARAMS = ("gamma", "gamma_terminal", "gamma_truncated", "reward_scale", "reward_shift", "norm_eps", "norm_target",
-          "cql_weight", "cql_eps", "huber_delta")
-FLAGS = ("norm_mean", "norm_std", "huber", "double")
+          "cql_weight", "cql_eps", "huber_delta", "rescale_eps")
+FLAGS = ("norm_mean", "norm_std", "huber", "double", "value_rescaling")
+_MULTI_STEP_DEFAULTS = {"n_step": 1, "td_lambda": None, "value_rescaling": False, "rescale_eps": 1e-3}  # one-step
 MAX_BLOCK_A = 1024
 TILE_ELEMS = 1024
 TILE_WARPS = 8
@@ -92,13 +106,19 @@ _LOCAL = threading.local()  # each thread's ticket counters, by (device, stream)
 
 
 @triton.jit
-def _transition(m_ptr, rew_ptr, step, t, tv, HAS_MASK: tl.constexpr):
-    """Validity of transitions ``t -> t+1`` (both steps unmasked) and their raw rewards ``r[t+1]``."""
+def _valid(m_ptr, step, t, tv, HAS_MASK: tl.constexpr):
+    """Validity of transitions ``t -> t+1``: in range (``tv``) and both steps unmasked."""
     valid = tv
     if HAS_MASK:
         valid = valid & (tl.load(m_ptr + step + t, mask=tv, other=0) != 0) & (tl.load(m_ptr + step + t + 1, mask=tv, other=0) != 0)
+    return valid
+
+
+@triton.jit
+def _transition(m_ptr, rew_ptr, step, t, tv, HAS_MASK: tl.constexpr):
+    """Validity of transitions ``t -> t+1`` and their raw rewards ``r[t+1]``."""
     r = tl.load(rew_ptr + step + t + 1, mask=tv, other=0.0).to(tl.float32)
-    return valid, r
+    return _valid(m_ptr, step, t, tv, HAS_MASK), r
 
 
 @triton.jit
@@ -128,16 +148,11 @@ def _reward_stats(m_ptr, rew_ptr, step, n_tr, HAS_MASK: tl.constexpr, NORM_STD: 
 
 
 @triton.jit
-def _step_inputs(act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean, r_std,
-                 gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
-                 HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
-    """Per transition: the clamped action, validity, transformed reward and discount, and flags
-    for an action outside ``[0, A)`` or a ``done`` outside ``{0, 1, 2}``."""
-    a_raw = tl.load(act_ptr + step + t + 1, mask=tv, other=0).to(tl.int64)
+def _reward_discount(done_ptr, rew_ptr, m_ptr, step, t, tv, r_mean, r_std,
+                     gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
+                     HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
+    """Per transition: validity, transformed reward ``r'``, discount and the raw ``done[t+1]``."""
     d_raw = tl.load(done_ptr + step + t + 1, mask=tv, other=0)  # compared in its own dtype, as the reference does
-    bad_a = (tv & ((a_raw < 0) | (a_raw >= A))).to(tl.float32)
-    bad_d = (tv & (d_raw != 0) & (d_raw != 1) & (d_raw != 2)).to(tl.float32)
-    a = tl.minimum(tl.maximum(a_raw, 0), A - 1)
     valid, r = _transition(m_ptr, rew_ptr, step, t, tv, HAS_MASK)
     if NORM_MEAN:
         r = r - r_mean
@@ -147,56 +162,131 @@ def _step_inputs(act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean, r_st
     term = (d_raw == 1).to(tl.float32)
     trunc = (d_raw == 2).to(tl.float32)
     disc = gamma * (1.0 - term - trunc) + gamma_terminal * term + gamma_truncated * trunc
+    return valid, r, disc, d_raw
+
+
+@triton.jit
+def _step_inputs(act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean, r_std,
+                 gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
+                 HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
+    """Per transition: the clamped action, validity, transformed reward and discount, and flags
+    for an action outside ``[0, A)`` or a ``done`` outside ``{0, 1, 2}``."""
+    a_raw = tl.load(act_ptr + step + t + 1, mask=tv, other=0).to(tl.int64)
+    valid, r, disc, d_raw = _reward_discount(done_ptr, rew_ptr, m_ptr, step, t, tv, r_mean, r_std, gamma,
+                                             gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps,
+                                             norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
+    bad_a = (tv & ((a_raw < 0) | (a_raw >= A))).to(tl.float32)
+    bad_d = (tv & (d_raw != 0) & (d_raw != 1) & (d_raw != 2)).to(tl.float32)
+    a = tl.minimum(tl.maximum(a_raw, 0), A - 1)
     return a, valid, r, disc, bad_a, bad_d
 
 
 @triton.jit
-def _action_pass(q_row, qn_row, qt_row, a, tv, A, CQL: tl.constexpr, DOUBLE: tl.constexpr,
-                 T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
-    """Pass 1 over the action tiles: ``q[t, a]``, the bootstrap value of ``q_target[t+1]`` (max,
-    or at the argmax of ``q[t+1]`` with ``DOUBLE``) and the online (max, sum) of ``exp q[t]``.
+def _bootstrap_tile(qn_row, qt_row, cols, lm, a0, A, next_v, best, nan_next, DOUBLE: tl.constexpr):
+    """One action tile of the bootstrap value ``V[t+1]``: the running max of ``q_target[t+1]``, or
+    with ``DOUBLE`` ``q_target[t+1]`` at the running argmax of ``q[t+1]`` (``best``, ``nan_next``).
 
     NaN is never dropped (GPU max/argmax would skip it): a NaN in ``q_target[t+1]`` makes the max
-    NaN, the double-DQN argmax takes the first NaN as torch.argmax does, and a NaN anywhere in
-    ``q[t]`` makes the CQL sum of exponentials, and so the logsumexp, NaN. The running max starts
-    at -inf (0 stands in for it in the exponents until a finite value arrives), so huge negative
-    values keep their own max."""
+    NaN, and the double-DQN argmax takes the first NaN as torch.argmax does."""
+    qtn = tl.load(qt_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
+    if DOUBLE:
+        qn = tl.load(qn_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
+        isnan = qn != qn
+        tile_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
+        first_nan = tl.min(tl.where(isnan, cols[None, :], A), axis=1)
+        key = tl.where(isnan, float("-inf"), qn)
+        tile_best = tl.max(key, axis=1)
+        # strict: ties keep the lowest index, as torch.argmax (the first tile always counts, so a
+        # row of -inf picks 0 as torch does); a first NaN wins over any number
+        better = ((tile_best > best) | (a0 == 0)) & ~nan_next
+        new_nan = tile_nan & ~nan_next
+        pick = tl.where(new_nan, first_nan, tl.argmax(key, axis=1) + a0)
+        at = tl.sum(tl.where(cols[None, :] == pick[:, None], tl.where(lm, qtn, 0.0), 0.0), axis=1)
+        next_v = tl.where(better | new_nan, at, next_v)
+        best = tl.maximum(best, tile_best)
+        nan_next = nan_next | tile_nan
+    else:
+        # tl.max skips NaN on the GPU; adding the row's sum of its NaNs (0 when there are none) restores it
+        nan_probe = tl.sum(tl.where(qtn != qtn, qtn, 0.0), axis=1)
+        next_v = nanmax(next_v, tl.max(qtn, axis=1) + nan_probe)
+    return next_v, best, nan_next
+
+
+@triton.jit
+def _q_tile(q_row, cols, lm, a, q_sa, lse_m, lse_s, CQL: tl.constexpr):
+    """One action tile of ``q[t, a]`` and, for CQL, of the online (max, sum) of ``exp q[t]``.
+
+    A NaN anywhere in ``q[t]`` makes the CQL sum of exponentials, and so the logsumexp, NaN. The
+    running max starts at -inf (0 stands in for it in the exponents until a finite value arrives),
+    so huge negative values keep their own max."""
+    qv = tl.load(q_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
+    q_sa += tl.sum(tl.where(cols[None, :] == a[:, None], tl.where(lm, qv, 0.0), 0.0), axis=1)
+    if CQL:
+        lse_m, lse_s = online_lse_update(lse_m, lse_s, qv, 1.0, True)
+    return q_sa, lse_m, lse_s
+
+
+@triton.jit
+def _action_pass(q_row, qn_row, qt_row, a, tv, A, BOOTSTRAP: tl.constexpr, CQL: tl.constexpr,
+                 DOUBLE: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
+    """Pass 1 over the action tiles: ``q[t, a]``, the CQL (max, sum) of ``exp q[t]`` and, with
+    ``BOOTSTRAP``, the bootstrap value ``V[t+1]`` (0 outside ``tv``) in the same loop."""
     offs_a = tl.arange(0, BLOCK_A)
     q_sa = tl.zeros([T_BLOCK], tl.float32)
+    lse_m = tl.full([T_BLOCK], float("-inf"), tl.float32)
+    lse_s = tl.zeros([T_BLOCK], tl.float32)
     next_v = tl.full([T_BLOCK], float("-inf"), tl.float32)
     best = tl.full([T_BLOCK], float("-inf"), tl.float32)
     nan_next = tl.zeros([T_BLOCK], tl.int32) != 0
-    lse_m = tl.full([T_BLOCK], float("-inf"), tl.float32)
-    lse_s = tl.zeros([T_BLOCK], tl.float32)
     for a0 in range(0, A, BLOCK_A):
         cols = a0 + offs_a
         lm = tv[:, None] & (cols < A)[None, :]
-        qv = tl.load(q_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
-        qtn = tl.load(qt_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
-        q_sa += tl.sum(tl.where(cols[None, :] == a[:, None], tl.where(lm, qv, 0.0), 0.0), axis=1)
-        if DOUBLE:
-            qn = tl.load(qn_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
-            isnan = qn != qn
-            tile_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
-            first_nan = tl.min(tl.where(isnan, cols[None, :], A), axis=1)
-            key = tl.where(isnan, float("-inf"), qn)
-            tile_best = tl.max(key, axis=1)
-            # strict: ties keep the lowest index, as torch.argmax (the first tile always counts, so a
-            # row of -inf picks 0 as torch does); a first NaN wins over any number
-            better = ((tile_best > best) | (a0 == 0)) & ~nan_next
-            new_nan = tile_nan & ~nan_next
-            pick = tl.where(new_nan, first_nan, tl.argmax(key, axis=1) + a0)
-            at = tl.sum(tl.where(cols[None, :] == pick[:, None], tl.where(lm, qtn, 0.0), 0.0), axis=1)
-            next_v = tl.where(better | new_nan, at, next_v)
-            best = tl.maximum(best, tile_best)
-            nan_next = nan_next | tile_nan
-        else:
-            # tl.max skips NaN on the GPU; adding the row's sum of its NaNs (0 when there are none) restores it
-            nan_probe = tl.sum(tl.where(qtn != qtn, qtn, 0.0), axis=1)
-            next_v = nanmax(next_v, tl.max(qtn, axis=1) + nan_probe)
-        if CQL:
-            lse_m, lse_s = online_lse_update(lse_m, lse_s, qv, 1.0, True)
-    return q_sa, tl.where(tv, next_v, 0.0), lse_m, lse_s
+        q_sa, lse_m, lse_s = _q_tile(q_row, cols, lm, a, q_sa, lse_m, lse_s, CQL)
+        if BOOTSTRAP:
+            next_v, best, nan_next = _bootstrap_tile(qn_row, qt_row, cols, lm, a0, A, next_v, best, nan_next, DOUBLE)
+    return q_sa, lse_m, lse_s, tl.where(tv, next_v, 0.0)
+
+
+@triton.jit
+def _bootstrap_pass(qn_row, qt_row, tv, A, DOUBLE: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
+    """The bootstrap values ``V[t+1]`` alone (0 outside ``tv``), for the multi-step sweep."""
+    offs_a = tl.arange(0, BLOCK_A)
+    next_v = tl.full([T_BLOCK], float("-inf"), tl.float32)
+    best = tl.full([T_BLOCK], float("-inf"), tl.float32)
+    nan_next = tl.zeros([T_BLOCK], tl.int32) != 0
+    for a0 in range(0, A, BLOCK_A):
+        cols = a0 + offs_a
+        lm = tv[:, None] & (cols < A)[None, :]
+        next_v, best, nan_next = _bootstrap_tile(qn_row, qt_row, cols, lm, a0, A, next_v, best, nan_next, DOUBLE)
+    return tl.where(tv, next_v, 0.0)
+
+
+@triton.jit
+def _h(x, eps):
+    """Value rescaling ``h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps·x`` (the reference's
+    ``value_rescale``: ``sqrt(u + 1) - 1`` as ``u / (sqrt(u + 1) + 1)``)."""
+    u = tl.abs(x)
+    y = u / (tl.sqrt(u + 1.0) + 1.0) + eps * u
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _h_inv(x, eps):
+    """``h^-1`` in the reference's cancellation-free form (``value_rescale_inverse``): the root
+    ``z = sqrt(y + 1) - 1`` of ``eps z^2 + (1 + 2 eps) z = |x|``, then ``y = z (z + 2)``."""
+    u = tl.abs(x)
+    c = 1.0 + 2.0 * eps
+    z = 2.0 * u / (c + tl.sqrt(c * c + 4.0 * eps * u))
+    y = z * (z + 2.0)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _compose(a_acc, b_acc, c_acc, a_y, b_y, c_y):
+    """Scan operator of the lambda-return: lanes run backwards in time, so ``acc`` is the map
+    ``G -> a + b·G`` of the later steps and ``y`` the earlier one; the result is ``y ∘ acc``. A
+    cut (``c = 0``) keeps ``a_y`` alone, so nothing behind it (not even a NaN) gets through."""
+    return tl.where(c_y != 0, a_y + b_y * a_acc, a_y), b_y * b_acc, c_y * c_acc
 
 
 @triton.jit
@@ -236,6 +326,64 @@ def _grad_pass(g_row, q_row, a, tv, valid, in_seq, coef_sa, coef_sm, lse_m, A, C
             qv = tl.load(q_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
             g += tl.where(valid[:, None], coef_sm[:, None] * tl.exp(qv - lse_m[:, None]), 0.0)
         tl.store(g_row + cols[None, :], g.to(g_row.dtype.element_ty), mask=sm)
+
+
+@triton.jit
+def _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, step, n_tr, A,
+                     stride_qb, stride_qs, stride_tb, stride_ts, r_mean, r_std,
+                     gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
+                     td_lambda, rescale_eps, HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr,
+                     DOUBLE: tl.constexpr, LAMBDA: tl.constexpr, RESCALE: tl.constexpr,
+                     T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
+    """Sweep 1 of a multi-step target: ``boot[b, t] = V[t+1]`` (through ``h^-1`` with ``RESCALE``)
+    for every transition, or with ``LAMBDA`` the lambda-return ``G[t]`` itself.
+
+    The chunks run from the sequence end with the lanes reversed in time, so the backward
+    recurrence ``G[t] = a[t] + b[t]·G[t+1]`` is a forward ``tl.associative_scan`` of the maps
+    (:func:`_compose`) applied to the carry ``G`` of the chunk after."""
+    offs_t = tl.arange(0, T_BLOCK)
+    carry = tl.zeros([T_BLOCK], tl.float32)  # G at the step after the chunk, in every lane
+    for k in range(0, tl.cdiv(n_tr, T_BLOCK)):
+        t = n_tr - 1 - k * T_BLOCK - offs_t
+        tv = t >= 0
+        t_next = t.to(tl.int64) + 1
+        v = _bootstrap_pass(q_ptr + b64 * stride_qb + t_next[:, None] * stride_qs,
+                            qt_ptr + b64 * stride_tb + t_next[:, None] * stride_ts, tv, A, DOUBLE, T_BLOCK, BLOCK_A)
+        if RESCALE:
+            v = _h_inv(v, rescale_eps)
+        if LAMBDA:
+            valid, r, disc, d_raw = _reward_discount(done_ptr, rew_ptr, m_ptr, step, t, tv, r_mean, r_std, gamma,
+                                                     gamma_terminal, gamma_truncated, reward_scale, reward_shift,
+                                                     norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
+            cont = (d_raw == 0) & _valid(m_ptr, step, t + 1, tv & (t + 1 < n_tr), HAS_MASK)
+            a = tl.where(valid, r + disc * tl.where(cont, v * (1.0 - td_lambda), v), 0.0)
+            ga, gb, gc = tl.associative_scan((a, td_lambda * disc, cont.to(tl.int32)), 0, _compose)
+            v = tl.where(gc != 0, ga + gb * carry, ga)
+            carry = tl.zeros([T_BLOCK], tl.float32) + tl.sum(tl.where(offs_t == T_BLOCK - 1, v, 0.0), axis=0)
+        tl.store(boot_ptr + b64 * n_tr + t, v, mask=tv)
+
+
+@triton.jit
+def _n_step_target(boot_row, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, n_step, r_mean, r_std,
+                   gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
+                   HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
+    """``sum_{j<m} gamma^j r'[t+j] + gamma^(m-1) disc[t+m-1] V[t+m]``: a window over the step inputs
+    and the bootstrap values of sweep 1 (``boot_row[t] = V[t+1]``), summed in the reference's order;
+    it stops before an invalid transition and after the first done."""
+    acc = tl.zeros(t.shape, tl.float32)
+    boot = tl.zeros(t.shape, tl.float32)
+    alive = valid
+    gpow = tl.full([], 1.0, tl.float32)
+    for j in range(0, n_step):
+        tj = t + j
+        alive, r, disc, d_raw = _reward_discount(done_ptr, rew_ptr, m_ptr, step, tj, alive & (tj < n_tr), r_mean,
+                                                 r_std, gamma, gamma_terminal, gamma_truncated, reward_scale,
+                                                 reward_shift, norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
+        acc += tl.where(alive, gpow * r, 0.0)
+        boot = tl.where(alive, gpow * disc * tl.load(boot_row + tj, mask=alive, other=0.0), boot)
+        alive = alive & (d_raw == 0)
+        gpow = gpow * gamma
+    return acc + boot
 
 
 @triton.jit
@@ -324,13 +472,14 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
 @triton.jit
 def _dqn_fwd_kernel(
     q_ptr, qt_ptr, act_ptr, rew_ptr, done_ptr, w_ptr, m_ptr,
-    grad_ptr, td_ptr, part_ptr, metrics_ptr, loss_ptr, counter_ptr,
-    B, S, A,
+    grad_ptr, td_ptr, boot_ptr, part_ptr, metrics_ptr, loss_ptr, counter_ptr,
+    B, S, A, n_step,
     stride_qb, stride_qs, stride_tb, stride_ts, stride_gb, stride_gs,
     gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
-    cql_weight, cql_eps, huber_delta,
+    cql_weight, cql_eps, huber_delta, td_lambda, rescale_eps,
     HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr,
     CQL: tl.constexpr, HUBER: tl.constexpr, DOUBLE: tl.constexpr,
+    N_STEP: tl.constexpr, LAMBDA: tl.constexpr, RESCALE: tl.constexpr,
     T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr, B_BLOCK: tl.constexpr,
 ):
     b64 = tl.program_id(0).to(tl.int64)
@@ -338,6 +487,12 @@ def _dqn_fwd_kernel(
     step = b64 * S
     offs_t = tl.arange(0, T_BLOCK)
     r_mean, r_std = _reward_stats(m_ptr, rew_ptr, step, n_tr, HAS_MASK, NORM_STD, T_BLOCK)
+    if N_STEP or LAMBDA:
+        _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, step, n_tr, A,
+                         stride_qb, stride_qs, stride_tb, stride_ts, r_mean, r_std, gamma, gamma_terminal,
+                         gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target, td_lambda, rescale_eps,
+                         HAS_MASK, NORM_MEAN, NORM_STD, DOUBLE, LAMBDA, RESCALE, T_BLOCK, BLOCK_A)
+        tl.debug_barrier()  # sweep 2 reads values other threads of this program stored
 
     # Per-sequence partials, accumulated per lane and combined at the end.
     c_n = tl.zeros([T_BLOCK], tl.float32)
@@ -360,10 +515,21 @@ def _dqn_fwd_kernel(
         c_bad_a += bad_a
         c_bad_d += bad_d
         q_row = q_ptr + b64 * stride_qb + t64[:, None] * stride_qs
-        q_sa, next_v, lse_m, lse_s = _action_pass(
+        q_sa, lse_m, lse_s, next_v = _action_pass(
             q_row, q_row + stride_qs, qt_ptr + b64 * stride_tb + (t64[:, None] + 1) * stride_ts, a, tv, A,
-            CQL, DOUBLE, T_BLOCK, BLOCK_A)
-        target = r + disc * next_v
+            not (N_STEP or LAMBDA), CQL, DOUBLE, T_BLOCK, BLOCK_A)
+        if LAMBDA:
+            target = tl.load(boot_ptr + b64 * n_tr + t, mask=tv, other=0.0)
+        elif N_STEP:
+            target = _n_step_target(boot_ptr + b64 * n_tr, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, n_step,
+                                    r_mean, r_std, gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift,
+                                    norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
+        else:
+            if RESCALE:
+                next_v = _h_inv(next_v, rescale_eps)
+            target = r + disc * next_v
+        if RESCALE:
+            target = _h(target, rescale_eps)
         d, per, dsa, pen, q_scale = _td_loss(q_sa, target, lse_m, lse_s, cql_weight, cql_eps, huber_delta, CQL, HUBER)
         w = tl.full([T_BLOCK], 1.0, tl.float32)
         if HAS_WEIGHT:
@@ -443,9 +609,12 @@ def _drop_counter(device: torch.device) -> None:
 def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, gamma_terminal: float,
             gamma_truncated: float, reward_scale: float, reward_shift: float, norm_mean: bool, norm_std: bool,
             norm_eps: float, norm_target: float, cql_weight: float, cql_eps: float, huber: bool, huber_delta: float,
-            double: bool, max_block_a: int = MAX_BLOCK_A, grad_out=None, td_out=None):
+            double: bool, n_step: int = 1, td_lambda: float | None = None, value_rescaling: bool = False,
+            rescale_eps: float = 1e-3, max_block_a: int = MAX_BLOCK_A, grad_out=None, td_out=None):
     """Launch the fused forward on ``q``, ``q_target`` ``[B, S, A]`` and ``[B, S]`` step tensors
-    (``weight``, ``mask`` optional). CQL runs when ``cql_weight > 0``.
+    (``weight``, ``mask`` optional). CQL runs when ``cql_weight > 0``; ``n_step > 1`` or a
+    ``td_lambda`` (not both) selects a multi-step target, which adds a ``[B, S-1]`` fp32 scratch of
+    bootstrap values or returns, written and read back by the same program (still one launch).
 
     Returns ``(loss 0-dim fp32, metrics [len(DqnMetric)] fp32, grad [B, S, A], |td| [B, S-1] fp32)``;
     the gradient is that of the sum of per-transition losses (backward divides by the count), in
@@ -462,15 +631,21 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
     action, reward, done = as_loadable(action), as_loadable(reward), as_loadable(done)
     w = as_loadable(weight) if weight is not None else reward
     m = as_loadable(mask) if mask is not None else done
+    if n_step < 1 or (td_lambda is not None and n_step > 1):
+        raise ValueError(f"n_step must be >= 1, and td_lambda needs n_step == 1; got n_step={n_step}, "
+                         f"td_lambda={td_lambda}.")
+    multi = n_step > 1 or td_lambda is not None
+    boot = torch.empty((B, S - 1), dtype=torch.float32, device=dev) if multi else td
     block_a, t_block, warps = _tiles(A, S, max_block_a)
     try:
         _dqn_fwd_kernel[(B,)](
-            q, q_target, action, reward, done, w, m, grad, td, part, metrics, loss, _counter(dev),
-            B, S, A, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), grad.stride(0), grad.stride(1),
-            gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
-            cql_weight, cql_eps, huber_delta,
+            q, q_target, action, reward, done, w, m, grad, td, boot, part, metrics, loss, _counter(dev),
+            B, S, A, n_step, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), grad.stride(0),
+            grad.stride(1), gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
+            cql_weight, cql_eps, huber_delta, 0.0 if td_lambda is None else td_lambda, rescale_eps,
             HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, NORM_MEAN=norm_mean, NORM_STD=norm_std,
-            CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, T_BLOCK=t_block, BLOCK_A=block_a,
+            CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, N_STEP=n_step > 1, LAMBDA=td_lambda is not None,
+            RESCALE=value_rescaling, T_BLOCK=t_block, BLOCK_A=block_a,
             B_BLOCK=min(triton.next_power_of_2(B), 1024), num_warps=warps,
         )
     except BaseException:
@@ -492,13 +667,14 @@ def dqn_bwd(g: torch.Tensor, grad_output: torch.Tensor, inv_count: torch.Tensor,
 @torch.library.custom_op("fusedloss::dqn_fwd", mutates_args=())
 def _dqn_fwd_op(q: torch.Tensor, q_target: torch.Tensor, action: torch.Tensor, reward: torch.Tensor,
                 done: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor | None, params: list[float],
-                flags: list[bool], max_block_a: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                flags: list[bool], n_step: int, td_lambda: float | None,
+                max_block_a: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return dqn_fwd(q, q_target, action, reward, done, weight, mask, **dict(zip(PARAMS, params)),
-                   **dict(zip(FLAGS, flags)), max_block_a=max_block_a)
+                   **dict(zip(FLAGS, flags)), n_step=n_step, td_lambda=td_lambda, max_block_a=max_block_a)
 
 
 @_dqn_fwd_op.register_fake
-def _(q, q_target, action, reward, done, weight, mask, params, flags, max_block_a):
+def _(q, q_target, action, reward, done, weight, mask, params, flags, n_step, td_lambda, max_block_a):
     B, S, _ = q.shape
     f32 = dict(dtype=torch.float32, device=q.device)
     return (torch.empty((), **f32), torch.empty(len(DqnMetric), **f32),
@@ -525,7 +701,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_metrics, grad_grad, grad_td):
     grad, metrics = ctx.saved_tensors
     inv_count = metrics[DqnMetric.INV_COUNT:DqnMetric.INV_COUNT + 1]
-    return _dqn_bwd_op(grad, grad_loss, inv_count, ctx.dtype), None, None, None, None, None, None, None, None, None
+    return (_dqn_bwd_op(grad, grad_loss, inv_count, ctx.dtype),) + (None,) * 11
 
 
 _dqn_fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -538,27 +714,36 @@ def dqn_fused(q, q_target, action, reward, done, weight=None, mask=None, *, max_
     scalars. Returns ``(loss, metrics, td_abs)``: ``metrics`` is the ``[len(DqnMetric)]`` device
     buffer, metric values and input-check flags alike (no extra launch)."""
     reject_grad_transforms("dqn", q)
+    scalars = {**_MULTI_STEP_DEFAULTS, **scalars}
     params = [float(scalars[k]) for k in PARAMS]
     flags = [bool(scalars[k]) for k in FLAGS]
+    td_lambda = scalars["td_lambda"]
     loss, metrics, _, td = _dqn_fwd_op(q, q_target.detach(), action, reward, done, weight, mask, params, flags,
+                                       int(scalars["n_step"]), None if td_lambda is None else float(td_lambda),
                                        max_block_a)
     return loss, metrics, td
 
 
 def compile_variants():
-    """The tiles the launcher picks for small and wide action spaces, with CQL alone and with
-    every option on (the most live registers)."""
+    """The tiles the launcher picks for small and wide action spaces, with CQL alone, with every
+    one-step option on (the most live registers), and with each multi-step target (n-step and
+    lambda, both with value rescaling and every option)."""
     types = {name: "fp32" for name in PARAMS}
     types.update(q_ptr="*bf16", qt_ptr="*bf16", act_ptr="*i64", rew_ptr="*fp32", done_ptr="*i64", w_ptr="*fp32",
-                 m_ptr="*u8", grad_ptr="*bf16", td_ptr="*fp32", part_ptr="*fp32", metrics_ptr="*fp32",
-                 loss_ptr="*fp32", counter_ptr="*i32")
-    for A, S in ((4, 512), (18, 64), (1024, 32), (32768, 64)):
+                 m_ptr="*u8", grad_ptr="*bf16", td_ptr="*fp32", boot_ptr="*fp32", part_ptr="*fp32",
+                 metrics_ptr="*fp32", loss_ptr="*fp32", counter_ptr="*i32", td_lambda="fp32")
+    kinds = {"cql": (False, None), "all options": (True, None), "all options n-step": (True, "N_STEP"),
+             "all options lambda": (True, "LAMBDA")}
+    for A, S in ((4, 512), (18, 64), (18, 80), (1024, 32), (32768, 64)):
         block_a, t_block, warps = _tiles(A, S)
-        for every in (False, True):
+        for kind, (every, multi) in kinds.items():
+            if S == 80 and multi is None:
+                continue  # the R2D2 shape is there for the multi-step targets
             c = {"HAS_WEIGHT": every, "HAS_MASK": every, "NORM_MEAN": every, "NORM_STD": every, "CQL": True,
-                 "HUBER": every, "DOUBLE": every, "T_BLOCK": t_block, "BLOCK_A": block_a, "B_BLOCK": 256}
-            yield AotVariant(f"dqn A={A} S={S} {'all options' if every else 'cql'}", _dqn_fwd_kernel,
-                             signature(_dqn_fwd_kernel, types, c), c, warps)
+                 "HUBER": every, "DOUBLE": every, "N_STEP": multi == "N_STEP", "LAMBDA": multi == "LAMBDA",
+                 "RESCALE": multi is not None, "T_BLOCK": t_block, "BLOCK_A": block_a, "B_BLOCK": 256}
+            yield AotVariant(f"dqn A={A} S={S} {kind}", _dqn_fwd_kernel, signature(_dqn_fwd_kernel, types, c), c,
+                             warps)
     c = {"BLOCK": _BWD_BLOCK}
     t = {"g_ptr": "*bf16", "out_ptr": "*bf16", "gout_ptr": "*fp32", "inv_ptr": "*fp32"}
     yield AotVariant("dqn backward", _dqn_bwd_kernel, signature(_dqn_bwd_kernel, t, c), c, 4)

@@ -1,7 +1,7 @@
 """Loss families: each module holds its config, its PyTorch reference, the public function and
 the ``nn.Module``. Kernels are imported lazily through :mod:`fusedloss._dispatch`."""
 
-from .dqn import DqnLoss, DqnLossConfig, dqn_loss, dqn_reference
+from .dqn import DqnLoss, DqnLossConfig, dqn_loss, dqn_reference, sequence_priority
 from .moe import RouterZLoss, SwitchLoadBalancingLoss, router_z_loss, switch_load_balancing_loss
 from .sinkhorn import KOTSinkhornLoss, sinkhorn_loss
 from .sp import SpLoss, SpLossConfig, sp_js_loss, sp_kl_loss, sp_loss, sp_reference, sp_soft_ce_loss
@@ -18,7 +18,7 @@ from .vec_dqn import (
 )
 
 __all__ = [
-    "DqnLoss", "DqnLossConfig", "dqn_loss", "dqn_reference",
+    "DqnLoss", "DqnLossConfig", "dqn_loss", "dqn_reference", "sequence_priority",
     "RouterZLoss", "SwitchLoadBalancingLoss", "router_z_loss", "switch_load_balancing_loss",
     "KOTSinkhornLoss", "sinkhorn_loss",
     "SpLoss", "SpLossConfig", "sp_js_loss", "sp_kl_loss", "sp_loss", "sp_reference", "sp_soft_ce_loss",

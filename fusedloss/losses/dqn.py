@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any
 
@@ -33,7 +34,7 @@ from ._common import (
     transform_rewards,
 )
 
-__all__ = ["DqnLossConfig", "dqn_loss", "dqn_reference", "DqnLoss", "TD_LOSSES"]
+__all__ = ["DqnLossConfig", "dqn_loss", "dqn_reference", "DqnLoss", "TD_LOSSES", "sequence_priority"]
 
 TD_LOSSES = ("l2", "huber")
 # The metric names and the kernel's DqnMetric slots that hold them.
@@ -52,6 +53,20 @@ class DqnLossConfig(LossConfig):
     (per-transition importance weights in ``step_stream``, stored at ``t+1``), ``mask_key``
     (a ``[B, S]`` validity mask; transition ``t`` counts when steps ``t`` and ``t+1`` are both valid),
     and ``return_td_error`` (return ``|TD error|`` ``[B, S-1]`` as a third value).
+
+    Multi-step targets, off by default (the defaults give the one-step target bit for bit):
+
+    - ``n_step`` (int >= 1): the n-step return ``sum_{j<m} gamma^j r'[t+j] + gamma^(m-1)
+      disc[t+m-1] V[t+m]``, the window of ``m <= n_step`` transitions stopping at the first
+      ``done != 0`` (included), before the first invalid transition, and at the sequence end.
+    - ``td_lambda`` (``None`` or a number in ``[0, 1]``; not with ``n_step > 1``): Peng's Q(lambda)
+      return ``G[t] = r'[t] + disc[t]((1 - lambda) V[t+1] + lambda G[t+1])``, cut to the one-step
+      target where ``done[t+1] != 0``, at the last transition, and before an invalid transition.
+    - ``value_rescaling`` with ``value_rescaling_eps`` (> 0): R2D2's invertible
+      ``h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps·x``; bootstrap values go through ``h^-1`` and the
+      target through ``h``, so ``q`` and the target both live in h-space.
+
+    ``V[k]`` is ``max_a q_target[k, a]`` (``q_target[k, argmax_a q[k, a]]`` with ``double_dqn``).
     """
 
     weight: float = 0.0
@@ -76,16 +91,47 @@ class DqnLossConfig(LossConfig):
     return_td_error: bool = False
     backend: str = "auto"
     metrics_mode: str = "float"
+    n_step: int = 1
+    td_lambda: float | None = None
+    value_rescaling: bool = False
+    value_rescaling_eps: float = 1e-3
 
     def check_values(self) -> None:
         for name in ("gamma", "gamma_terminal", "gamma_truncated", "cql_scale_q_eps"):
             check_finite_number(getattr(self, name), name)
+        if self.n_step < 1:
+            raise ValueError(f"n_step must be an integer >= 1, got {self.n_step!r}.")
+        if self.td_lambda is not None:
+            if not (math.isfinite(self.td_lambda) and 0.0 <= self.td_lambda <= 1.0):
+                raise ValueError(f"td_lambda must be None (off) or a number in [0, 1], got {self.td_lambda!r}.")
+            if self.n_step > 1:
+                raise ValueError(f"td_lambda and n_step > 1 are two kinds of multi-step target; set one, got "
+                                 f"td_lambda={self.td_lambda!r} with n_step={self.n_step!r}.")
+        check_positive(self.value_rescaling_eps, "value_rescaling_eps")
         if not (isinstance(self.cql_weight, numbers.Real) and self.cql_weight >= 0):
             raise ValueError(f"cql_weight must be a number >= 0, got {self.cql_weight!r}.")
         if self.td_loss not in TD_LOSSES:
             raise ValueError(f"td_loss must be one of {TD_LOSSES}, got {self.td_loss!r}.")
         check_positive(self.huber_delta, "huber_delta")
         check_config_common(self.backend, self.metrics_mode)
+
+
+def _td_target(rewards, discount, next_v, running, m, cfg: DqnLossConfig) -> torch.Tensor:
+    """The detached target of every transition ``[B, S-1]`` from the transformed rewards, discounts,
+    bootstrap values ``V[t+1]``, ``running`` (``done[t+1] == 0``) and the 0/1 validity ``m``."""
+    if cfg.value_rescaling:
+        next_v = value_rescale_inverse(next_v, cfg.value_rescaling_eps)
+    if cfg.n_step == 1 and cfg.td_lambda is None:
+        target = rewards + discount * next_v
+    else:
+        valid = torch.ones_like(running) if m is None else m > 0
+        if cfg.td_lambda is None:
+            target = _n_step_target(rewards, discount, next_v, running, valid, cfg.n_step, cfg.gamma)
+        else:
+            target = _lambda_target(rewards, discount, next_v, running, valid, cfg.td_lambda)
+    if cfg.value_rescaling:
+        target = value_rescale(target, cfg.value_rescaling_eps)
+    return target.detach()
 
 
 def _masked_moments(x: torch.Tensor, m: torch.Tensor | None):
@@ -104,6 +150,73 @@ def _masked_moments(x: torch.Tensor, m: torch.Tensor | None):
     mean = xs.sum() / n
     var = masked((xs - mean) ** 2, m).sum() / n_minus_1
     return mean * scale, var.sqrt() * scale
+
+
+def value_rescale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """R2D2's ``h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps·x``, with ``sqrt(u + 1) - 1`` written as
+    ``u / (sqrt(u + 1) + 1)`` so small values keep their precision. The fused kernel computes the
+    same expression."""
+    u = x.abs()
+    y = u / ((u + 1.0).sqrt() + 1.0) + eps * u
+    return torch.where(x < 0, -y, y)
+
+
+def value_rescale_inverse(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``h^-1(x) = sign(x)(((sqrt(1 + 4 eps(|x| + 1 + eps)) - 1) / (2 eps))^2 - 1)``, free of
+    cancellation: with ``z = sqrt(y + 1) - 1`` the equation ``|x| = h(y)`` is the quadratic
+    ``eps z^2 + (1 + 2 eps) z = |x|``, whose root is ``z = 2|x| / (c + sqrt(c^2 + 4 eps |x|))``,
+    ``c = 1 + 2 eps``, and ``y = z (z + 2)``. The textbook form loses about ``fp32_eps / eps`` of
+    relative precision near 0; this one keeps it. The fused kernel computes the same expression."""
+    u = x.abs()
+    c = 1.0 + 2.0 * eps
+    z = 2.0 * u / (c + (c * c + 4.0 * eps * u).sqrt())
+    y = z * (z + 2.0)
+    return torch.where(x < 0, -y, y)
+
+
+def _ahead(x: torch.Tensor, j: int, fill) -> torch.Tensor:
+    """``x[:, t + j]`` at each ``t`` (``fill`` past the end)."""
+    if j == 0:
+        return x
+    pad = torch.full((x.shape[0], min(j, x.shape[1])), fill, dtype=x.dtype, device=x.device)
+    return torch.cat([x[:, j:], pad], dim=1)
+
+
+def _n_step_target(rewards, discount, next_v, running, valid, n_step: int, gamma: float):
+    """``sum_{j<m} gamma^j r'[t+j] + gamma^(m-1) disc[t+m-1] V[t+m]`` over ``[B, S-1]`` transitions,
+    ``m`` the longest window ``<= n_step`` that stays valid and stops at (including) the first done.
+    One vectorised shift per ``j``; the sum runs in the kernel's order."""
+    acc = torch.zeros_like(rewards)
+    boot = torch.zeros_like(rewards)
+    alive = valid
+    gpow = 1.0
+    for j in range(min(n_step, rewards.shape[1])):
+        if j > 0:
+            alive = alive & _ahead(valid, j, False)
+        acc = acc + torch.where(alive, gpow * _ahead(rewards, j, 0.0), 0.0)
+        boot = torch.where(alive, gpow * _ahead(discount, j, 0.0) * _ahead(next_v, j, 0.0), boot)
+        alive = alive & _ahead(running, j, False)
+        gpow *= gamma
+    return acc + boot
+
+
+def _lambda_target(rewards, discount, next_v, running, valid, lam: float):
+    """Peng's Q(lambda) return as the linear recurrence ``G[t] = a[t] + b[t] G[t+1]``, cut where
+    ``cont[t]`` is false (a done at ``t+1``, the last transition, or an invalid next transition):
+    ``a = r' + disc·(1 - lambda·cont)·V``, ``b = lambda·disc``. Solved by a log2(S)-step doubling
+    scan over the maps ``G -> a + b·G``: a cut drops everything behind it, even a NaN (a
+    ``torch.where``, never a product with 0), as the kernel's scan does."""
+    cont = running & _ahead(valid, 1, False)
+    a = rewards + discount * torch.where(cont, next_v * (1.0 - lam), next_v)
+    a = torch.where(valid, a, 0.0)
+    b = lam * discount
+    off = 1
+    while off < a.shape[1]:
+        a = torch.where(cont, a + b * _ahead(a, off, 0.0), a)
+        b = b * _ahead(b, off, 0.0)
+        cont = cont & _ahead(cont, off, False)
+        off *= 2
+    return a
 
 
 def dqn_reference(
@@ -143,7 +256,7 @@ def dqn_reference(
         next_v = next_q_target.amax(dim=-1)
     rewards = transform_rewards(reward[:, 1:].to(cd), cfg, m)
     discount = cfg.gamma * (1.0 - term - trunc) + cfg.gamma_terminal * term + cfg.gamma_truncated * trunc
-    td_target = masked((rewards + discount * next_v).detach(), m)
+    td_target = masked(_td_target(rewards, discount, next_v.detach(), term + trunc == 0, m, cfg), m)
 
     diff = q_values - td_target
     if cfg.td_loss == "huber":
@@ -179,7 +292,9 @@ def _kernel_scalars(cfg: DqnLossConfig) -> dict:
     return dict(gamma=float(cfg.gamma), gamma_terminal=float(cfg.gamma_terminal),
                 gamma_truncated=float(cfg.gamma_truncated), **reward_kernel_args(cfg),
                 cql_weight=float(cfg.cql_weight), cql_eps=float(cfg.cql_scale_q_eps), huber=cfg.td_loss == "huber",
-                huber_delta=float(cfg.huber_delta), double=bool(cfg.double_dqn))
+                huber_delta=float(cfg.huber_delta), double=bool(cfg.double_dqn), n_step=int(cfg.n_step),
+                td_lambda=None if cfg.td_lambda is None else float(cfg.td_lambda),
+                value_rescaling=bool(cfg.value_rescaling), rescale_eps=float(cfg.value_rescaling_eps))
 
 
 def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
@@ -253,6 +368,38 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
     if cfg.return_td_error:
         return loss, metrics, td_abs
     return loss, metrics
+
+
+def sequence_priority(td_error: torch.Tensor, mask: torch.Tensor | None = None, eta: float = 0.9) -> torch.Tensor:
+    """R2D2's replay priority of each sequence: ``eta·max|delta| + (1 - eta)·mean|delta|`` over its valid
+    transitions.
+
+    ``td_error``: float ``[B, S-1]``, such as the third value :func:`dqn_loss` returns with
+    ``return_td_error=True``. ``mask``: optional bool ``[B, S-1]``, the valid transitions (all when
+    None); entries outside it never reach the result, not even a NaN. ``eta``: a number in
+    ``[0, 1]``. Returns ``[B]`` in ``td_error``'s dtype; a row with no valid transition gets 0.
+    Runs on the device, with no host sync.
+    """
+    require_float(td_error, "td_error")
+    if td_error.dim() != 2:
+        raise ValueError(f"td_error must have shape [B, S-1], got {tuple(td_error.shape)}.")
+    if not (isinstance(eta, numbers.Real) and not isinstance(eta, bool) and math.isfinite(eta) and 0.0 <= eta <= 1.0):
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}.")
+    x = td_error.abs()
+    if mask is None:
+        count = torch.full((x.shape[0],), x.shape[1], dtype=x.dtype, device=x.device)
+    else:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor of shape [B, S-1], got "
+                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}.")
+        require_shape(mask, tuple(x.shape), "mask", "[B, S-1] (td_error's shape)")
+        require_same_device({"td_error": td_error, "mask": mask})
+        x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        count = mask.sum(dim=1).to(x.dtype)
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    eta = float(eta)
+    return eta * x.amax(dim=1) + (1.0 - eta) * (x.sum(dim=1) / count.clamp(min=1))
 
 
 class DqnLoss(ConfigLoss):
