@@ -68,7 +68,9 @@ def _cases(small: bool) -> list[Case]:
 
     for opts in ({}, {"cql_weight": 0.3}, {"normalize_reward_mean": True, "normalize_reward_std": True,
                                            "reward_scale": 0.5, "reward_shift": 0.1},
-                 {"double_dqn": True, "td_loss": "huber", "weight_key": "weight", "mask_key": "mask"}):
+                 {"double_dqn": True, "td_loss": "huber", "weight_key": "weight", "mask_key": "mask"},
+                 {"n_step": 5, "double_dqn": True, "value_rescaling": True, "mask_key": "mask"},
+                 {"td_lambda": 0.95, "double_dqn": True, "value_rescaling": True, "cql_weight": 0.1}):
         def make(dtype, device, _opts=opts):
             return T.make_dqn_inputs(B, S, A, dtype, device, seed=1, weight=True, mask=True)
 

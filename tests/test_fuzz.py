@@ -184,6 +184,42 @@ def test_fuzz_dqn(seed, B, S, A, dtype, kind, special, target, lay, opts, mask, 
     compare(run_both(call, KERNEL_BACKENDS), dtype, special is None and fits, "dqn", scale_of="td")
 
 
+@fuzz(12)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), S=st.integers(2, 12), A=st.integers(1, 6),
+       dtype=st.sampled_from(FLOAT_DTYPES), kind=st.sampled_from(FINITE_KINDS),
+       special=st.sampled_from([None, None, *SPECIALS]), target=st.sampled_from(["q", "q_target", "reward"]),
+       multi=st.one_of(st.fixed_dictionaries({"n_step": st.sampled_from([2, 3, 5])}),
+                       st.fixed_dictionaries({"td_lambda": st.sampled_from([0.0, 0.5, 0.95, 1.0])})),
+       opts=st.fixed_dictionaries({"cql_weight": st.sampled_from([0.0, 0.3]), "double_dqn": st.booleans(),
+                                   "value_rescaling": st.booleans(), "normalize_reward_mean": st.booleans()}),
+       mask=st.booleans(), p_done=st.sampled_from([0.0, 0.2, 0.6]))
+def test_fuzz_dqn_multistep(seed, B, S, A, dtype, kind, special, target, multi, opts, mask, p_done, device):
+    g = torch.Generator().manual_seed(seed)
+    q = values(g, (B, S, A), dtype, kind, device)
+    qt = values(g, (B, S, A), dtype, kind, device)
+    ends = torch.rand(B, S, generator=g) < p_done
+    step = {"action": torch.randint(0, A, (B, S), generator=g).to(device),
+            "reward": values(g, (B, S), torch.float32, kind, device),
+            "done": torch.where(ends, torch.randint(1, 3, (B, S), generator=g), 0).to(device)}
+    if mask:  # a hole anywhere and a padded tail
+        step["mask"] = torch.ones(B, S, dtype=torch.bool, device=device)
+        step["mask"][:, int(torch.randint(0, S, (1,), generator=g))] = False
+        step["mask"][:, -1] = torch.rand(B, generator=g).to(device) < 0.5
+    q = inject(g, q, special) if target == "q" else q
+    qt = inject(g, qt, special) if target == "q_target" else qt
+    step["reward"] = inject(g, step["reward"], special) if target == "reward" else step["reward"]
+
+    def call(backend):
+        qq = q.detach().clone().requires_grad_(True)
+        cfg = fl.DqnLossConfig(backend=backend, return_td_error=True, mask_key="mask" if mask else None,
+                               **multi, **opts)
+        loss, metrics, td = fl.dqn_loss(step, {"dqn": qq, "dqn_target": qt}, cfg)
+        (grad,) = torch.autograd.grad(loss, qq)
+        return {"loss": loss, "grad": grad, "td": td, **metrics}
+
+    compare(run_both(call, KERNEL_BACKENDS), dtype, special is None, "dqn multi-step", scale_of="td")
+
+
 @fuzz(20)
 @given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 4), A=st.integers(1, 40), dtype=st.sampled_from(FLOAT_DTYPES),
        kind=st.sampled_from(FINITE_KINDS), loss_type=st.sampled_from(list(fl.losses.sp.SP_LOSS_TYPES)),

@@ -148,21 +148,34 @@ def _reward_stats(m_ptr, rew_ptr, step, n_tr, HAS_MASK: tl.constexpr, NORM_STD: 
 
 
 @triton.jit
-def _reward_discount(done_ptr, rew_ptr, m_ptr, step, t, tv, r_mean, r_std,
-                     gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
-                     HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
-    """Per transition: validity, transformed reward ``r'``, discount and the raw ``done[t+1]``."""
-    d_raw = tl.load(done_ptr + step + t + 1, mask=tv, other=0)  # compared in its own dtype, as the reference does
-    valid, r = _transition(m_ptr, rew_ptr, step, t, tv, HAS_MASK)
+def _transform_reward(r, r_mean, r_std, reward_scale, reward_shift, norm_eps, norm_target,
+                      NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
+    """The reward transform: per-sequence normalisation, then ``r·reward_scale + reward_shift``."""
     if NORM_MEAN:
         r = r - r_mean
     if NORM_STD:
         r = r / (r_std + norm_eps) * norm_target
-    r = r * reward_scale + reward_shift
+    return r * reward_scale + reward_shift
+
+
+@triton.jit
+def _discount(d_raw, gamma, gamma_terminal, gamma_truncated):
+    """``gamma``, ``gamma_terminal`` or ``gamma_truncated`` by ``done`` (compared in its own dtype,
+    as the reference does)."""
     term = (d_raw == 1).to(tl.float32)
     trunc = (d_raw == 2).to(tl.float32)
-    disc = gamma * (1.0 - term - trunc) + gamma_terminal * term + gamma_truncated * trunc
-    return valid, r, disc, d_raw
+    return gamma * (1.0 - term - trunc) + gamma_terminal * term + gamma_truncated * trunc
+
+
+@triton.jit
+def _reward_discount(done_ptr, rew_ptr, m_ptr, step, t, tv, r_mean, r_std,
+                     gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
+                     HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
+    """Per transition: validity, transformed reward ``r'``, discount and the raw ``done[t+1]``."""
+    d_raw = tl.load(done_ptr + step + t + 1, mask=tv, other=0)
+    valid, r = _transition(m_ptr, rew_ptr, step, t, tv, HAS_MASK)
+    r = _transform_reward(r, r_mean, r_std, reward_scale, reward_shift, norm_eps, norm_target, NORM_MEAN, NORM_STD)
+    return valid, r, _discount(d_raw, gamma, gamma_terminal, gamma_truncated), d_raw
 
 
 @triton.jit
@@ -213,24 +226,14 @@ def _bootstrap_tile(qn_row, qt_row, cols, lm, a0, A, next_v, best, nan_next, DOU
 
 
 @triton.jit
-def _q_tile(q_row, cols, lm, a, q_sa, lse_m, lse_s, CQL: tl.constexpr):
-    """One action tile of ``q[t, a]`` and, for CQL, of the online (max, sum) of ``exp q[t]``.
+def _action_pass(q_row, qn_row, qt_row, a, tv, A, BOOTSTRAP: tl.constexpr, CQL: tl.constexpr,
+                 DOUBLE: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
+    """Pass 1 over the action tiles: ``q[t, a]``, the online (max, sum) of ``exp q[t]`` for CQL
+    and, with ``BOOTSTRAP``, the bootstrap value ``V[t+1]`` (0 outside ``tv``) in the same loop.
 
     A NaN anywhere in ``q[t]`` makes the CQL sum of exponentials, and so the logsumexp, NaN. The
     running max starts at -inf (0 stands in for it in the exponents until a finite value arrives),
     so huge negative values keep their own max."""
-    qv = tl.load(q_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
-    q_sa += tl.sum(tl.where(cols[None, :] == a[:, None], tl.where(lm, qv, 0.0), 0.0), axis=1)
-    if CQL:
-        lse_m, lse_s = online_lse_update(lse_m, lse_s, qv, 1.0, True)
-    return q_sa, lse_m, lse_s
-
-
-@triton.jit
-def _action_pass(q_row, qn_row, qt_row, a, tv, A, BOOTSTRAP: tl.constexpr, CQL: tl.constexpr,
-                 DOUBLE: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
-    """Pass 1 over the action tiles: ``q[t, a]``, the CQL (max, sum) of ``exp q[t]`` and, with
-    ``BOOTSTRAP``, the bootstrap value ``V[t+1]`` (0 outside ``tv``) in the same loop."""
     offs_a = tl.arange(0, BLOCK_A)
     q_sa = tl.zeros([T_BLOCK], tl.float32)
     lse_m = tl.full([T_BLOCK], float("-inf"), tl.float32)
@@ -241,9 +244,12 @@ def _action_pass(q_row, qn_row, qt_row, a, tv, A, BOOTSTRAP: tl.constexpr, CQL: 
     for a0 in range(0, A, BLOCK_A):
         cols = a0 + offs_a
         lm = tv[:, None] & (cols < A)[None, :]
-        q_sa, lse_m, lse_s = _q_tile(q_row, cols, lm, a, q_sa, lse_m, lse_s, CQL)
+        qv = tl.load(q_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
+        q_sa += tl.sum(tl.where(cols[None, :] == a[:, None], tl.where(lm, qv, 0.0), 0.0), axis=1)
         if BOOTSTRAP:
             next_v, best, nan_next = _bootstrap_tile(qn_row, qt_row, cols, lm, a0, A, next_v, best, nan_next, DOUBLE)
+        if CQL:
+            lse_m, lse_s = online_lse_update(lse_m, lse_s, qv, 1.0, True)
     return q_sa, lse_m, lse_s, tl.where(tv, next_v, 0.0)
 
 
@@ -364,9 +370,9 @@ def _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, ste
 
 
 @triton.jit
-def _n_step_target(boot_row, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, n_step, r_mean, r_std,
+def _n_step_target(boot_row, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, r_mean, r_std,
                    gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
-                   HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
+                   HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr, N_STEP: tl.constexpr):
     """``sum_{j<m} gamma^j r'[t+j] + gamma^(m-1) disc[t+m-1] V[t+m]``: a window over the step inputs
     and the bootstrap values of sweep 1 (``boot_row[t] = V[t+1]``), summed in the reference's order;
     it stops before an invalid transition and after the first done."""
@@ -374,7 +380,7 @@ def _n_step_target(boot_row, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, n_s
     boot = tl.zeros(t.shape, tl.float32)
     alive = valid
     gpow = tl.full([], 1.0, tl.float32)
-    for j in range(0, n_step):
+    for j in tl.static_range(N_STEP):
         tj = t + j
         alive, r, disc, d_raw = _reward_discount(done_ptr, rew_ptr, m_ptr, step, tj, alive & (tj < n_tr), r_mean,
                                                  r_std, gamma, gamma_terminal, gamma_truncated, reward_scale,
@@ -473,7 +479,7 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
 def _dqn_fwd_kernel(
     q_ptr, qt_ptr, act_ptr, rew_ptr, done_ptr, w_ptr, m_ptr,
     grad_ptr, td_ptr, boot_ptr, part_ptr, metrics_ptr, loss_ptr, counter_ptr,
-    B, S, A, n_step,
+    B, S, A,
     stride_qb, stride_qs, stride_tb, stride_ts, stride_gb, stride_gs,
     gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
     cql_weight, cql_eps, huber_delta, td_lambda, rescale_eps,
@@ -487,7 +493,7 @@ def _dqn_fwd_kernel(
     step = b64 * S
     offs_t = tl.arange(0, T_BLOCK)
     r_mean, r_std = _reward_stats(m_ptr, rew_ptr, step, n_tr, HAS_MASK, NORM_STD, T_BLOCK)
-    if N_STEP or LAMBDA:
+    if N_STEP > 1 or LAMBDA:
         _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, step, n_tr, A,
                          stride_qb, stride_qs, stride_tb, stride_ts, r_mean, r_std, gamma, gamma_terminal,
                          gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target, td_lambda, rescale_eps,
@@ -517,13 +523,13 @@ def _dqn_fwd_kernel(
         q_row = q_ptr + b64 * stride_qb + t64[:, None] * stride_qs
         q_sa, lse_m, lse_s, next_v = _action_pass(
             q_row, q_row + stride_qs, qt_ptr + b64 * stride_tb + (t64[:, None] + 1) * stride_ts, a, tv, A,
-            not (N_STEP or LAMBDA), CQL, DOUBLE, T_BLOCK, BLOCK_A)
+            not (N_STEP > 1 or LAMBDA), CQL, DOUBLE, T_BLOCK, BLOCK_A)
         if LAMBDA:
             target = tl.load(boot_ptr + b64 * n_tr + t, mask=tv, other=0.0)
-        elif N_STEP:
-            target = _n_step_target(boot_ptr + b64 * n_tr, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, n_step,
+        elif N_STEP > 1:
+            target = _n_step_target(boot_ptr + b64 * n_tr, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr,
                                     r_mean, r_std, gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift,
-                                    norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
+                                    norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD, N_STEP)
         else:
             if RESCALE:
                 next_v = _h_inv(next_v, rescale_eps)
@@ -640,11 +646,11 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
     try:
         _dqn_fwd_kernel[(B,)](
             q, q_target, action, reward, done, w, m, grad, td, boot, part, metrics, loss, _counter(dev),
-            B, S, A, n_step, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), grad.stride(0),
+            B, S, A, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), grad.stride(0),
             grad.stride(1), gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
             cql_weight, cql_eps, huber_delta, 0.0 if td_lambda is None else td_lambda, rescale_eps,
             HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, NORM_MEAN=norm_mean, NORM_STD=norm_std,
-            CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, N_STEP=n_step > 1, LAMBDA=td_lambda is not None,
+            CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, N_STEP=min(n_step, S - 1), LAMBDA=td_lambda is not None,
             RESCALE=value_rescaling, T_BLOCK=t_block, BLOCK_A=block_a,
             B_BLOCK=min(triton.next_power_of_2(B), 1024), num_warps=warps,
         )
@@ -740,7 +746,7 @@ def compile_variants():
             if S == 80 and multi is None:
                 continue  # the R2D2 shape is there for the multi-step targets
             c = {"HAS_WEIGHT": every, "HAS_MASK": every, "NORM_MEAN": every, "NORM_STD": every, "CQL": True,
-                 "HUBER": every, "DOUBLE": every, "N_STEP": multi == "N_STEP", "LAMBDA": multi == "LAMBDA",
+                 "HUBER": every, "DOUBLE": every, "N_STEP": 5 if multi == "N_STEP" else 1, "LAMBDA": multi == "LAMBDA",
                  "RESCALE": multi is not None, "T_BLOCK": t_block, "BLOCK_A": block_a, "B_BLOCK": 256}
             yield AotVariant(f"dqn A={A} S={S} {kind}", _dqn_fwd_kernel, signature(_dqn_fwd_kernel, types, c), c,
                              warps)

@@ -298,12 +298,15 @@ def _kernel_scalars(cfg: DqnLossConfig) -> dict:
 
 
 def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
-    """One-step TD loss on ``out["dqn"]`` against ``out["dqn_target"]`` (both ``[B, S, A]``).
+    """TD loss on ``out["dqn"]`` against ``out["dqn_target"]`` (both ``[B, S, A]``): one-step by
+    default, n-step or Peng's Q(lambda) with ``cfg.n_step`` / ``cfg.td_lambda`` (see
+    :class:`DqnLossConfig`), optionally in R2D2's rescaled value space.
 
     The transition out of step ``t`` is stored at ``t+1``: ``a = action[t+1]``, ``r = reward[t+1]``,
     ``done[t+1]`` in ``{0: running, 1: terminal, 2: truncated}`` picks ``gamma``,
     ``gamma_terminal`` or ``gamma_truncated``. ``loss = mean((q[t, a] - target)²)`` with
-    ``target = r' + discount · max_a' q_target[t+1, a']`` (detached), ``r'`` the transformed reward;
+    ``target = r' + discount · max_a' q_target[t+1, a']`` (detached, the one-step target), ``r'`` the
+    transformed reward;
     plus ``cql_weight · (|target| + cql_scale_q_eps) · (logsumexp q[t] - q[t, a])`` when
     ``cql_weight > 0``.
 
