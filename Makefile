@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: verify test bench clean
+.PHONY: verify test bench clean gpu gpu-check gpu-bench gpu-report
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,23 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-json=bench/results.json
+
+# The GPU run (bench/gpu.sh): the GPU image's own python3, no .venv (that machine reaches no registry).
+# On a machine without CUDA it says so in one line and exits non-zero.
+GPU_PYTHON ?= python3
+GPU_JSON ?= $(wildcard bench/data/*.json)
+gpu:
+	PYTHON=$(GPU_PYTHON) bash bench/gpu.sh
+
+gpu-check:
+	PYTHON=$(GPU_PYTHON) STAGES=check bash bench/gpu.sh
+
+gpu-bench:
+	PYTHON=$(GPU_PYTHON) STAGES=bench bash bench/gpu.sh
+
+# Back on any machine: the committed JSON of a GPU run (bench/data/) into BENCHMARKS.md and bench/plots.
+gpu-report: $(BIN)/.installed
+	$(BIN)/python bench/report.py $(GPU_JSON) --out BENCHMARKS.md --plots bench/plots
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

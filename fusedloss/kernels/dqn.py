@@ -226,10 +226,11 @@ def _bootstrap_tile(qn_row, qt_row, cols, lm, a0, A, next_v, best, nan_next, DOU
 
 
 @triton.jit
-def _action_pass(q_row, qn_row, qt_row, a, tv, A, BOOTSTRAP: tl.constexpr, CQL: tl.constexpr,
+def _action_pass(q_row, qn_row, qt_row, a, tv, A, Q: tl.constexpr, BOOTSTRAP: tl.constexpr, CQL: tl.constexpr,
                  DOUBLE: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
-    """Pass 1 over the action tiles: ``q[t, a]``, the online (max, sum) of ``exp q[t]`` for CQL
-    and, with ``BOOTSTRAP``, the bootstrap value ``V[t+1]`` (0 outside ``tv``) in the same loop.
+    """Pass 1 over the action tiles: with ``Q``, ``q[t, a]`` and the online (max, sum) of
+    ``exp q[t]`` for CQL; with ``BOOTSTRAP``, the bootstrap value ``V[t+1]`` (0 outside ``tv``), in
+    the same loop. The one-step walk asks for both, the multi-step sweep for ``V`` alone.
 
     A NaN anywhere in ``q[t]`` makes the CQL sum of exponentials, and so the logsumexp, NaN. The
     running max starts at -inf (0 stands in for it in the exponents until a finite value arrives),
@@ -244,27 +245,14 @@ def _action_pass(q_row, qn_row, qt_row, a, tv, A, BOOTSTRAP: tl.constexpr, CQL: 
     for a0 in range(0, A, BLOCK_A):
         cols = a0 + offs_a
         lm = tv[:, None] & (cols < A)[None, :]
-        qv = tl.load(q_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
-        q_sa += tl.sum(tl.where(cols[None, :] == a[:, None], tl.where(lm, qv, 0.0), 0.0), axis=1)
+        if Q:
+            qv = tl.load(q_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
+            q_sa += tl.sum(tl.where(cols[None, :] == a[:, None], tl.where(lm, qv, 0.0), 0.0), axis=1)
         if BOOTSTRAP:
             next_v, best, nan_next = _bootstrap_tile(qn_row, qt_row, cols, lm, a0, A, next_v, best, nan_next, DOUBLE)
-        if CQL:
+        if Q and CQL:
             lse_m, lse_s = online_lse_update(lse_m, lse_s, qv, 1.0, True)
     return q_sa, lse_m, lse_s, tl.where(tv, next_v, 0.0)
-
-
-@triton.jit
-def _bootstrap_pass(qn_row, qt_row, tv, A, DOUBLE: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
-    """The bootstrap values ``V[t+1]`` alone (0 outside ``tv``), for the multi-step sweep."""
-    offs_a = tl.arange(0, BLOCK_A)
-    next_v = tl.full([T_BLOCK], float("-inf"), tl.float32)
-    best = tl.full([T_BLOCK], float("-inf"), tl.float32)
-    nan_next = tl.zeros([T_BLOCK], tl.int32) != 0
-    for a0 in range(0, A, BLOCK_A):
-        cols = a0 + offs_a
-        lm = tv[:, None] & (cols < A)[None, :]
-        next_v, best, nan_next = _bootstrap_tile(qn_row, qt_row, cols, lm, a0, A, next_v, best, nan_next, DOUBLE)
-    return tl.where(tv, next_v, 0.0)
 
 
 @triton.jit
@@ -353,8 +341,9 @@ def _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, ste
         t = n_tr - 1 - k * T_BLOCK - offs_t
         tv = t >= 0
         t_next = t.to(tl.int64) + 1
-        v = _bootstrap_pass(q_ptr + b64 * stride_qb + t_next[:, None] * stride_qs,
-                            qt_ptr + b64 * stride_tb + t_next[:, None] * stride_ts, tv, A, DOUBLE, T_BLOCK, BLOCK_A)
+        qn_row = q_ptr + b64 * stride_qb + t_next[:, None] * stride_qs
+        _, _, _, v = _action_pass(qn_row, qn_row, qt_ptr + b64 * stride_tb + t_next[:, None] * stride_ts, t_next, tv,
+                                  A, False, True, False, DOUBLE, T_BLOCK, BLOCK_A)
         if RESCALE:
             v = _h_inv(v, rescale_eps)
         if LAMBDA:
@@ -523,7 +512,7 @@ def _dqn_fwd_kernel(
         q_row = q_ptr + b64 * stride_qb + t64[:, None] * stride_qs
         q_sa, lse_m, lse_s, next_v = _action_pass(
             q_row, q_row + stride_qs, qt_ptr + b64 * stride_tb + (t64[:, None] + 1) * stride_ts, a, tv, A,
-            not (N_STEP > 1 or LAMBDA), CQL, DOUBLE, T_BLOCK, BLOCK_A)
+            True, not (N_STEP > 1 or LAMBDA), CQL, DOUBLE, T_BLOCK, BLOCK_A)
         if LAMBDA:
             target = tl.load(boot_ptr + b64 * n_tr + t, mask=tv, other=0.0)
         elif N_STEP > 1:
