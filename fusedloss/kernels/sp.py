@@ -9,7 +9,8 @@ Gradients (``s = softmax(z)``, ``p`` the smoothed teacher, ``L`` the row loss):
   ce, ce-soft-fwd, kl-fwd: ``s - p``;
   ce-soft-bwd (``L = -Σ s log p``): ``s (-L - log p)``;
   kl-bwd (``L = Σ s (log s - log p)``): ``s (log s - log p - L)``;
-  js (``m = (p + s)/2``, ``K = Σ s (log s - log m)``): ``s (½ (log s - log m) - ½ K)``.
+  js, generalized (``m = βp + (1-β)s``, ``L = β Σ p (log p - log m) + (1-β) Σ s (log s - log m)``,
+  ``K = Σ s (log s - log m)``): ``(1-β) s (log s - log m - K)``; β = ½ is the symmetric JS.
 
 Byte model (``b`` bytes per element, ``N·A`` elements):
   a row that fits one tile (``A <= max_block``): read teacher and student once, write the
@@ -57,7 +58,6 @@ class SpLossType(enum.IntEnum):
 _L = constexpr_namespace(SpLossType)
 # Their gradient needs the row's total loss first: a third pass over a row longer than one tile.
 _GRAD_NEEDS_ROW_LOSS = frozenset({SpLossType.CE_SOFT_BWD, SpLossType.KL_BWD, SpLossType.JS})
-_LN2 = tl.constexpr(math.log(2.0))
 # The widest tile a program holds per row: wider rows loop over tiles. About nine fp32 arrays of the
 # tile are live at once; 8K elements over 16 warps is 16 per thread, which stays in registers.
 # (Chosen without a GPU at hand: to be tuned by bench/bench_sp.py.)
@@ -101,14 +101,16 @@ def _probs(q, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, inv_t, eps,
 
 
 @triton.jit
-def _log_m(lp, ls):
-    """log((p + s) / 2) without underflow: logaddexp(log p, log s) - log 2."""
-    hi = nanmax(lp, ls)
-    return hi + tl.log(1.0 + tl.exp(nanmin(lp, ls) - hi)) - _LN2
+def _log_m(lp, ls, log_b, log_1mb):
+    """log(βp + (1-β)s) without underflow: logaddexp(log β + log p, log(1-β) + log s)."""
+    a = lp + log_b
+    b = ls + log_1mb
+    hi = nanmax(a, b)
+    return hi + tl.log(1.0 + tl.exp(nanmin(a, b) - hi))
 
 
 @triton.jit
-def _elem_loss(p, lp, s, ls, LOSS: tl.constexpr):
+def _elem_loss(p, lp, s, ls, beta, log_b, log_1mb, LOSS: tl.constexpr):
     if LOSS == _L.CE or LOSS == _L.CE_SOFT_FWD:
         e = _wmul(p, -ls)
     elif LOSS == _L.CE_SOFT_BWD:
@@ -118,19 +120,19 @@ def _elem_loss(p, lp, s, ls, LOSS: tl.constexpr):
     elif LOSS == _L.KL_BWD:
         e = _wmul(s, ls - lp)
     else:
-        lm = _log_m(lp, ls)
-        e = 0.5 * (_wmul(p, lp - lm) + _wmul(s, ls - lm))
+        lm = _log_m(lp, ls, log_b, log_1mb)
+        e = beta * _wmul(p, lp - lm) + (1.0 - beta) * _wmul(s, ls - lm)
     return e
 
 
 @triton.jit
-def _elem_aux(p, lp, s, ls, LOSS: tl.constexpr):
+def _elem_aux(p, lp, s, ls, log_b, log_1mb, LOSS: tl.constexpr):
     """The row scalar the gradient of js needs: K = Σ s (log s - log m)."""
-    return _wmul(s, ls - _log_m(lp, ls))
+    return _wmul(s, ls - _log_m(lp, ls, log_b, log_1mb))
 
 
 @triton.jit
-def _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, LOSS: tl.constexpr):
+def _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOSS: tl.constexpr):
     if LOSS == _L.CE or LOSS == _L.CE_SOFT_FWD or LOSS == _L.KL_FWD:
         g = s - p
     elif LOSS == _L.CE_SOFT_BWD:
@@ -138,7 +140,7 @@ def _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, LOSS: tl.constexpr):
     elif LOSS == _L.KL_BWD:
         g = _wmul(s, ls - lp - row_loss[:, None])
     else:
-        g = _wmul(s, 0.5 * (ls - _log_m(lp, ls)) - 0.5 * row_aux[:, None])
+        g = _wmul(s, (1.0 - beta) * (ls - _log_m(lp, ls, log_b, log_1mb)) - (1.0 - beta) * row_aux[:, None])
     if LOSS == _L.CE_SOFT_BWD or LOSS == _L.KL_BWD:
         # A row whose loss overflowed or is NaN has no gradient: NaN at its valid entries, as autograd gives.
         bad = (tl.abs(row_loss) < float("inf")) == 0  # NaN too
@@ -149,7 +151,7 @@ def _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, LOSS: tl.constexpr):
 @triton.jit
 def _sp_fwd_kernel(
     q_ptr, z_ptr, loss_ptr, grad_ptr,
-    N, A, stride_q, stride_z, stride_g, inv_t, eps,
+    N, A, stride_q, stride_z, stride_g, inv_t, eps, beta, log_b, log_1mb,
     LOSS: tl.constexpr, GRAD_NEEDS_ROW_LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_A: tl.constexpr, SINGLE_TILE: tl.constexpr,
 ):
@@ -178,10 +180,10 @@ def _sp_fwd_kernel(
             target = tl.argmax(tl.where(q == q, q, float("-inf")), axis=1).to(tl.int32)  # a NaN teacher is an error
         p, lp, s, ls = _probs(q, z, valid, cols0, mt, tl.log(st), mz, tl.log(sz), n_valid, target, inv_t, eps,
                               LOSS, HAS_SMOOTHING)
-        row_loss = tl.sum(_elem_loss(p, lp, s, ls, LOSS), axis=1)
+        row_loss = tl.sum(_elem_loss(p, lp, s, ls, beta, log_b, log_1mb, LOSS), axis=1)
         if LOSS == _L.JS:
-            row_aux = tl.sum(_elem_aux(p, lp, s, ls, LOSS), axis=1)
-        g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, LOSS)
+            row_aux = tl.sum(_elem_aux(p, lp, s, ls, log_b, log_1mb, LOSS), axis=1)
+        g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOSS)
         tl.store(g_row + cols0[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         for start in range(0, A, BLOCK_A):
@@ -205,11 +207,11 @@ def _sp_fwd_kernel(
             q, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z)
             p, lp, s, ls = _probs(q, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, inv_t, eps, LOSS,
                                   HAS_SMOOTHING)
-            row_loss += tl.sum(_elem_loss(p, lp, s, ls, LOSS), axis=1)
+            row_loss += tl.sum(_elem_loss(p, lp, s, ls, beta, log_b, log_1mb, LOSS), axis=1)
             if LOSS == _L.JS:
-                row_aux += tl.sum(_elem_aux(p, lp, s, ls, LOSS), axis=1)
+                row_aux += tl.sum(_elem_aux(p, lp, s, ls, log_b, log_1mb, LOSS), axis=1)
             if not GRAD_NEEDS_ROW_LOSS:  # write the gradient in this pass
-                g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, LOSS)
+                g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOSS)
                 tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
         if GRAD_NEEDS_ROW_LOSS:
             for start in range(0, A, BLOCK_A):
@@ -217,7 +219,7 @@ def _sp_fwd_kernel(
                 q, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z)
                 p, lp, s, ls = _probs(q, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, inv_t, eps,
                                       LOSS, HAS_SMOOTHING)
-                g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, LOSS)
+                g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOSS)
                 tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(loss_ptr + rows, row_loss, mask=rmask)
 
@@ -260,9 +262,11 @@ def _fwd_constexprs(loss_type: str, label_smoothing: float, A: int, max_block: i
 
 @launcher
 def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
-           max_block: int = MAX_BLOCK, loss_out: torch.Tensor | None = None, grad_out: torch.Tensor | None = None):
+           max_block: int = MAX_BLOCK, loss_out: torch.Tensor | None = None, grad_out: torch.Tensor | None = None,
+           js_beta: float = 0.5):
     """Launch the forward kernel on ``[N, A]`` teacher values and student logits.
 
+    ``js_beta`` is the β of ``"js"`` (strictly inside (0, 1)).
     Returns ``(row_loss fp32 [N], grad [N, A])``, the gradient of each row's loss with respect to
     its logits, in ``z.dtype`` (fp32 for fp16 ``z``: :func:`stored_grad_dtype`). ``loss_out`` and
     ``grad_out`` let tests hand in NaN-poisoned buffers.
@@ -274,7 +278,8 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     constexprs, warps = _fwd_constexprs(loss_type, label_smoothing, A, max_block)
     _sp_fwd_kernel[(triton.cdiv(N, constexprs["ROWS"]),)](
         q, z, loss, grad, N, A, q.stride(0), z.stride(0), grad.stride(0),
-        1.0 / temperature, float(label_smoothing), num_warps=warps, **constexprs,
+        1.0 / temperature, float(label_smoothing), float(js_beta), math.log(js_beta), math.log1p(-js_beta),
+        num_warps=warps, **constexprs,
     )
     return loss, grad
 
@@ -295,12 +300,12 @@ def sp_bwd(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Te
 # torch.library custom ops, so that torch.compile(fullgraph=True) traces calls without graph breaks.
 @torch.library.custom_op("fusedloss::sp_fwd", mutates_args=())
 def _sp_fwd_op(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
-               max_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return sp_fwd(q, z, loss_type, temperature, label_smoothing, max_block)
+               max_block: int, js_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return sp_fwd(q, z, loss_type, temperature, label_smoothing, max_block, js_beta=js_beta)
 
 
 @_sp_fwd_op.register_fake
-def _(q, z, loss_type, temperature, label_smoothing, max_block):
+def _(q, z, loss_type, temperature, label_smoothing, max_block, js_beta):
     return (z.new_empty(z.shape[0], dtype=torch.float32),
             torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device))
 
@@ -322,7 +327,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_rows, grad_grad):
     (g,) = ctx.saved_tensors
-    return None, _sp_bwd_op(g, grad_rows, ctx.dtype), None, None, None, None
+    return None, _sp_bwd_op(g, grad_rows, ctx.dtype), None, None, None, None, None
 
 
 _sp_fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -330,17 +335,18 @@ no_double_backward(_sp_bwd_op, "sp")
 
 
 def sp_fused(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
-             max_block: int = MAX_BLOCK) -> torch.Tensor:
+             max_block: int = MAX_BLOCK, js_beta: float = 0.5) -> torch.Tensor:
     """Per-row losses ``[N]`` (fp32) of ``[N, A]`` teacher values ``q`` and student logits ``z``
     through the kernel; the teacher gets no gradient."""
     reject_grad_transforms("sp", z)
-    rows, _ = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing), max_block)
+    rows, _ = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing), max_block,
+                         float(js_beta))
     return rows
 
 
 def compile_variants():
     """Every tile shape the launcher picks for these row lengths, in bf16 and fp32."""
-    scalars = {"inv_t": "fp32", "eps": "fp32"}
+    scalars = {"inv_t": "fp32", "eps": "fp32", "beta": "fp32", "log_b": "fp32", "log_1mb": "fp32"}
     for A in (18, 256, 4096, 32768, 131072):
         for dt in ("bf16", "fp32"):
             for code in (SpLossType.CE, SpLossType.CE_SOFT_FWD, SpLossType.JS):

@@ -6,6 +6,8 @@ Semantics, shared by the reference and the fused kernel:
   the teacher, and there is no ``T²`` factor. The student distribution is ``Q = softmax(logits)``.
 - ``label_smoothing = ε`` mixes uniform mass into the teacher only: ``(1 - ε) P + ε / A_valid``.
   For ``"ce"`` the target is ``argmax(q_star)`` with PyTorch's ``cross_entropy`` smoothing.
+- ``js`` is the generalized Jensen–Shannon divergence ``JSD_β(P‖Q) = β·KL(P‖M) + (1−β)·KL(Q‖M)``
+  with ``M = βP + (1−β)Q`` (``js_beta = β`` strictly inside ``(0, 1)``; ``0.5`` is the symmetric JS).
 - The teacher gets no gradient. ``q_star = -inf`` marks a padded action. It drops out of both distributions (``A_valid`` counts the
   rest) and the student logit there gets zero gradient. NaN, ``+inf``, or a row with no finite entry
   is an error.
@@ -50,7 +52,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 @dataclasses.dataclass
 class SpLossConfig(LossConfig):
-    """Configuration of :func:`sp_loss`, with the seed's fields and defaults."""
+    """Configuration of :func:`sp_loss`, with the seed's fields and defaults, plus ``js_beta``
+    (the β of ``loss_type="js"``, strictly inside ``(0, 1)``; 0.5 is the symmetric JS)."""
 
     weight: float = 0.0
     label_smoothing: float = 0.0
@@ -58,13 +61,20 @@ class SpLossConfig(LossConfig):
     temperature: float = 1.0
     backend: str = "auto"
     metrics_mode: str = "float"
+    js_beta: float = 0.5
 
     def check_values(self) -> None:
-        _check_options(self.loss_type, self.temperature, self.label_smoothing)
+        _check_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
         check_config_common(self.backend, self.metrics_mode)
 
 
-def _check_options(loss_type: str, temperature: float, label_smoothing: float) -> None:
+def check_js_beta(beta: float, name: str = "js_beta") -> None:
+    if not (isinstance(beta, numbers.Real) and not isinstance(beta, bool) and 0.0 < beta < 1.0):
+        raise ValueError(f"{name} must be a number strictly inside (0, 1), got {beta!r}.")
+
+
+def _check_options(loss_type: str, temperature: float, label_smoothing: float, js_beta: float = 0.5) -> None:
+    check_js_beta(js_beta)
     if loss_type not in SP_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {SP_LOSS_TYPES}, got {loss_type!r}.")
     check_positive(temperature, "temperature")
@@ -84,9 +94,10 @@ def sp_reference(
     loss_type: str,
     temperature: float = 1.0,
     label_smoothing: float = 0.0,
+    js_beta: float = 0.5,
 ) -> torch.Tensor:
     """Per-row loss ``[N]`` for ``[N, A]`` teacher values and student logits (fp32, or fp64).
-    The teacher is a target: it gets no gradient."""
+    The teacher is a target: it gets no gradient. ``js_beta`` is the β of ``"js"``."""
     cd = compute_dtype(q_targets, logits)
     q = q_targets.detach().to(cd)
     pad = q == float("-inf")
@@ -116,9 +127,10 @@ def sp_reference(
         per = _wmul(p_t, log_t0 - log_s0)
     elif loss_type == "kl-bwd":
         per = _wmul(p_s, log_s0 - log_t0)
-    else:  # js
-        log_m = torch.logaddexp(log_t0, log_s0) - math.log(2.0)
-        per = 0.5 * (_wmul(p_t, log_t0 - log_m) + _wmul(p_s, log_s0 - log_m))
+    else:  # js: log M = logaddexp(log β + log P, log(1 - β) + log Q)
+        beta = float(js_beta)
+        log_m = torch.logaddexp(log_t0 + math.log(beta), log_s0 + math.log1p(-beta))
+        per = beta * _wmul(p_t, log_t0 - log_m) + (1.0 - beta) * _wmul(p_s, log_s0 - log_m)
     return per.sum(dim=-1)
 
 
@@ -144,7 +156,7 @@ def _reduce(per_row: torch.Tensor, reduction: str, weight: torch.Tensor | None) 
     return per_row
 
 
-def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight) -> None:
+def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, js_beta=0.5) -> None:
     """Validate the ``[N, A]`` inputs and options of the ``sp_*`` helpers."""
     require_float(logits, "logits")
     if not isinstance(q_targets, torch.Tensor):
@@ -159,7 +171,7 @@ def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, redu
         )
     if logits.shape[0] == 0:
         raise ValueError("logits is empty: the batch has no rows (N = 0).")
-    _check_options(loss_type, temperature, label_smoothing)
+    _check_options(loss_type, temperature, label_smoothing, js_beta)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if weight is not None:
@@ -169,18 +181,19 @@ def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, redu
     require_same_device({"q_targets": q_targets, "logits": logits, "weight": weight})
 
 
-def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend) -> torch.Tensor:
+def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta=0.5) -> torch.Tensor:
     """Per-row losses of validated ``[N, A]`` inputs on the chosen backend."""
     if resolve_backend(backend, "sp", logits, q_targets) is Backend.TRITON:
         from ..kernels import sp as kernels
 
-        return kernels.sp_fused(q_targets, logits, loss_type, temperature, label_smoothing)
-    return sp_reference(q_targets, logits, loss_type, temperature, label_smoothing)
+        return kernels.sp_fused(q_targets, logits, loss_type, temperature, label_smoothing, js_beta=js_beta)
+    return sp_reference(q_targets, logits, loss_type, temperature, label_smoothing, js_beta)
 
 
-def _helper(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend, check_inputs):
-    _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight)
-    rows = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend)
+def _helper(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend, check_inputs,
+            js_beta=0.5):
+    _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, js_beta)
+    rows = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta)
     loss = _reduce(rows, reduction, weight)
     if check_inputs:
         finalize_metrics({}, _q_star_checks(q_targets, "q_targets"), "float")
@@ -215,11 +228,15 @@ def sp_kl_loss(q_targets, logits, temperature: float, label_smoothing: float = 0
     return _helper(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend, check_inputs)
 
 
-def sp_js_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0,
+def sp_js_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, beta: float = 0.5,
                *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True):
-    """Jensen–Shannon divergence ``½ KL(P ‖ M) + ½ KL(Q ‖ M)``, ``M = ½ (P + Q)``, in ``[0, log 2]``.
-    Temperature on the teacher only, no ``T²``. Other arguments as :func:`sp_soft_ce_loss`."""
-    return _helper(q_targets, logits, "js", temperature, label_smoothing, reduction, weight, backend, check_inputs)
+    """Generalized Jensen–Shannon divergence ``β KL(P ‖ M) + (1 − β) KL(Q ‖ M)``, ``M = βP + (1 − β)Q``
+    (GKD's JSD_β), ``P`` the teacher and ``Q`` the student. ``beta`` is strictly inside ``(0, 1)``;
+    0.5 is the symmetric JS, in ``[0, log 2]``. Temperature on the teacher only, no ``T²``. Other
+    arguments as :func:`sp_soft_ce_loss`."""
+    check_js_beta(beta, "beta")
+    return _helper(q_targets, logits, "js", temperature, label_smoothing, reduction, weight, backend, check_inputs,
+                   beta)
 
 
 def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = None):
@@ -243,7 +260,8 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
     if logits.numel() == 0:
         raise ValueError("sp_loss: the batch is empty (no tokens).")
     q_rows, l_rows = q_star.reshape(-1, A), logits.reshape(-1, A)
-    loss = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, cfg.backend).mean()
+    loss = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, cfg.backend,
+                    cfg.js_beta).mean()
     checks = _q_star_checks(q_rows, "step_stream['q_star']")
     return loss, finalize_metrics({"sp_loss": loss}, checks, cfg.metrics_mode)
 
