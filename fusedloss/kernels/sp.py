@@ -32,7 +32,7 @@ import triton.language as tl
 from ._common import (AotVariant, constexpr_namespace, last_dim_contiguous, launcher, nanmax, nanmin,
                       no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
-__all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "compile_variants"]
+__all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "sp_topk_fwd", "sp_topk_fused", "compile_variants"]
 
 
 class SpLossType(enum.IntEnum):
@@ -238,6 +238,74 @@ def _sp_bwd_kernel(g_ptr, scale_ptr, out_ptr, N, A, stride_g, stride_o,
              (g * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _topk_teacher(idx_ptr, lp_ptr, row64, K, V, stride_i, stride_l, inv_t, BLOCK_K: tl.constexpr):
+    """The teacher's used slots of one row (index in ``[0, V)``; ``-1`` marks an unused slot) and
+    their ``p = softmax(logprob / T)`` and ``log p``, renormalised over the used slots; 0 elsewhere,
+    and 0 everywhere in a row with no used slot."""
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < K
+    idx = tl.load(idx_ptr + row64 * stride_i + offs_k, mask=kmask, other=-1).to(tl.int64)
+    used = kmask & (idx >= 0) & (idx < V)  # an index out of range is reported by the caller, never read
+    x = tl.where(used, tl.load(lp_ptr + row64 * stride_l + offs_k, mask=used, other=0.0).to(tl.float32) * inv_t,
+                 float("-inf"))
+    any_used = tl.sum(used.to(tl.int32), axis=0) > 0
+    nan_probe = tl.sum(tl.where(x != x, x, 0.0), axis=0)  # tl.max skips NaN on the GPU
+    mx = tl.where(any_used, tl.max(x, axis=0) + nan_probe, 0.0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # every used slot at -inf: p is 0 there (no NaN)
+    e = tl.where(used, tl.exp(x - mx), 0.0)
+    lse = tl.log(tl.sum(e, axis=0))
+    p = tl.where(used & any_used, e / tl.sum(e, axis=0), 0.0)
+    lp = tl.where(used, x - mx - lse, 0.0)
+    return tl.where(used, idx, 0), used, p, lp
+
+
+@triton.jit
+def _sp_topk_fwd_kernel(
+    idx_ptr, lp_ptr, z_ptr, loss_ptr, grad_ptr,
+    V, K, stride_i, stride_l, stride_z, stride_g, inv_t,
+    LOSS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE_TILE: tl.constexpr,
+):
+    """One row per program: the student's log-softmax over ``V`` (online max/sum over the tiles),
+    ``kl-fwd`` (``Σ p (log p - log s[idx])``) or ``ce-soft-fwd`` (``-Σ p log s[idx]``) over the
+    teacher's ``k`` slots, and the gradient ``s·Σp - scatter(p)``: ``s`` is written over the row,
+    then, after a barrier, the ``k`` teacher slots are rewritten with ``s - p``."""
+    row64 = tl.program_id(0).to(tl.int64)
+    idx, used, p, lp = _topk_teacher(idx_ptr, lp_ptr, row64, K, V, stride_i, stride_l, inv_t, BLOCK_K)
+    psum = tl.sum(p, axis=0)
+    z_row = z_ptr + row64 * stride_z
+    g_row = grad_ptr + row64 * stride_g
+    cols0 = tl.arange(0, BLOCK_V)
+    mz = tl.full([1], float("-inf"), tl.float32)
+    sz = tl.zeros([1], tl.float32)
+    if SINGLE_TILE:
+        vm = cols0 < V
+        z = tl.load(z_row + cols0, mask=vm, other=float("-inf")).to(tl.float32)
+        mz, sz = online_lse_update(mz, sz, z[None, :], 1.0, False)
+        s = tl.exp(z - mz - tl.log(sz))
+        tl.store(g_row + cols0, (s * psum).to(grad_ptr.dtype.element_ty), mask=vm)
+    else:
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            mz, sz = online_lse_update(mz, sz, z[None, :], 1.0, False)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            vm = cols < V
+            z = tl.load(z_row + cols, mask=vm, other=float("-inf")).to(tl.float32)
+            s = tl.exp(z - mz - tl.log(sz))
+            tl.store(g_row + cols, (s * psum).to(grad_ptr.dtype.element_ty), mask=vm)
+    lse_z = tl.sum(mz + tl.log(sz), axis=0)
+    ls = tl.where(used, tl.load(z_row + idx, mask=used, other=0.0).to(tl.float32) - lse_z, 0.0)
+    if LOSS == _L.KL_FWD:
+        row_loss = tl.sum(_wmul(p, lp - ls), axis=0)
+    else:
+        row_loss = tl.sum(_wmul(p, -ls), axis=0)
+    tl.debug_barrier()  # the row's s·Σp stores land before the teacher slots are rewritten
+    tl.store(g_row + idx, (tl.exp(ls) * psum - p).to(grad_ptr.dtype.element_ty), mask=used)
+    tl.store(loss_ptr + row64, row_loss)
+
+
 def _fwd_tiles(A: int, max_block: int = MAX_BLOCK):
     """(BLOCK_A, ROWS, num_warps). Short rows pack into tiles of about 1K elements; ptxas -v on
     sm_90 (tests/compile_check.py) shows no spills for these choices."""
@@ -281,6 +349,40 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
         1.0 / temperature, float(label_smoothing), float(js_beta), math.log(js_beta), math.log1p(-js_beta),
         num_warps=warps, **constexprs,
     )
+    return loss, grad
+
+
+TOPK_MAX_BLOCK = 8192
+TOPK_LOSS_TYPES = ("kl-fwd", "ce-soft-fwd")
+
+
+def _topk_constexprs(loss_type: str, K: int, V: int, max_block: int = TOPK_MAX_BLOCK):
+    block = min(triton.next_power_of_2(V), max_block)
+    warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    return dict(LOSS=int(SpLossType.of(loss_type)), BLOCK_K=triton.next_power_of_2(K), BLOCK_V=block,
+                SINGLE_TILE=block >= V), warps
+
+
+@launcher
+def sp_topk_fwd(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
+                max_block: int = TOPK_MAX_BLOCK, loss_out: torch.Tensor | None = None,
+                grad_out: torch.Tensor | None = None):
+    """Launch the top-k teacher forward: ``index`` int ``[N, k]`` (``-1`` unused), ``logprob``
+    ``[N, k]`` and student logits ``z`` ``[N, V]``. Returns ``(row_loss fp32 [N], grad [N, V])``
+    in ``z.dtype`` (fp32 for fp16). Byte model: read ``z`` once and write the gradient once when a
+    row fits one tile (``V <= max_block``), read ``z`` twice otherwise, plus ``O(k)`` per row; the
+    teacher is never densified."""
+    if loss_type not in TOPK_LOSS_TYPES:
+        raise ValueError(f"the top-k teacher supports loss_type in {TOPK_LOSS_TYPES}, got {loss_type!r}.")
+    index, logprob, z = last_dim_contiguous(index), last_dim_contiguous(logprob), last_dim_contiguous(z)
+    N, V = z.shape
+    K = index.shape[1]
+    loss = torch.empty(N, dtype=torch.float32, device=z.device) if loss_out is None else loss_out
+    grad = torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device) if grad_out is None else grad_out
+    constexprs, warps = _topk_constexprs(loss_type, K, V, max_block)
+    if N:
+        _sp_topk_fwd_kernel[(N,)](index, logprob, z, loss, grad, V, K, index.stride(0), logprob.stride(0),
+                                  z.stride(0), grad.stride(0), 1.0 / temperature, num_warps=warps, **constexprs)
     return loss, grad
 
 
@@ -334,6 +436,31 @@ _sp_fwd_op.register_autograd(_backward, setup_context=_setup)
 no_double_backward(_sp_bwd_op, "sp")
 
 
+@torch.library.custom_op("fusedloss::sp_topk_fwd", mutates_args=())
+def _sp_topk_fwd_op(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss_type: str,
+                    temperature: float, max_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return sp_topk_fwd(index, logprob, z, loss_type, temperature, max_block)
+
+
+@_sp_topk_fwd_op.register_fake
+def _(index, logprob, z, loss_type, temperature, max_block):
+    return (z.new_empty(z.shape[0], dtype=torch.float32),
+            torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device))
+
+
+def _topk_setup(ctx, inputs, output):
+    ctx.dtype = inputs[2].dtype
+    ctx.save_for_backward(output[1])
+
+
+def _topk_backward(ctx, grad_rows, grad_grad):
+    (g,) = ctx.saved_tensors
+    return None, None, _sp_bwd_op(g, grad_rows, ctx.dtype), None, None, None
+
+
+_sp_topk_fwd_op.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
 def sp_fused(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
              max_block: int = MAX_BLOCK, js_beta: float = 0.5) -> torch.Tensor:
     """Per-row losses ``[N]`` (fp32) of ``[N, A]`` teacher values ``q`` and student logits ``z``
@@ -341,6 +468,15 @@ def sp_fused(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: floa
     reject_grad_transforms("sp", z)
     rows, _ = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing), max_block,
                          float(js_beta))
+    return rows
+
+
+def sp_topk_fused(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
+                  max_block: int = TOPK_MAX_BLOCK) -> torch.Tensor:
+    """Per-row losses ``[N]`` (fp32) of a top-k teacher against student logits ``z`` ``[N, V]``
+    through the kernel; the teacher gets no gradient."""
+    reject_grad_transforms("sp", z)
+    rows, _ = _sp_topk_fwd_op(index, logprob.detach(), z, loss_type, float(temperature), max_block)
     return rows
 
 
@@ -354,6 +490,13 @@ def compile_variants():
                 t = {**scalars, "q_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}"}
                 yield AotVariant(f"sp A={A} {dt} {code.loss_type}", _sp_fwd_kernel, signature(_sp_fwd_kernel, t, c),
                                  c, warps)
+    for V in (256, 32768, 131072):
+        for dt in ("bf16", "fp32"):
+            c, warps = _topk_constexprs("kl-fwd", 64, V)
+            t = {"idx_ptr": "*i64", "lp_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
+                 "inv_t": "fp32"}
+            yield AotVariant(f"sp top-k A={V} {dt} k=64", _sp_topk_fwd_kernel, signature(_sp_topk_fwd_kernel, t, c),
+                             c, warps)
     block, rows = _bwd_tiles(131072)
     c = {"ROWS": rows, "BLOCK_A": block}
     t = {"g_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16"}

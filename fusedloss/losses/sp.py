@@ -43,6 +43,8 @@ __all__ = [
     "sp_soft_ce_loss",
     "sp_kl_loss",
     "sp_js_loss",
+    "sp_topk_loss",
+    "sp_topk_reference",
     "SpLoss",
 ]
 
@@ -264,6 +266,118 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
                     cfg.js_beta).mean()
     checks = _q_star_checks(q_rows, "step_stream['q_star']")
     return loss, finalize_metrics({"sp_loss": loss}, checks, cfg.metrics_mode)
+
+
+TOPK_LOSS_TYPES = ("kl-fwd", "ce-soft-fwd")
+
+
+def sp_topk_reference(teacher_index: torch.Tensor, teacher_logprob: torch.Tensor, logits: torch.Tensor,
+                      loss_type: str = "kl-fwd", temperature: float = 1.0) -> torch.Tensor:
+    """Per-row loss ``[N]`` of a top-k teacher (fp32, or fp64) on validated inputs.
+
+    The teacher is ``softmax(teacher_logprob / T)`` over the used slots (``teacher_index >= 0``),
+    the student the full ``log_softmax(logits)`` over ``V``; ``kl-fwd`` is ``Σ p (log p - log q)``
+    and ``ce-soft-fwd`` is ``-Σ p log q`` over the teacher's slots. A row with no used slot has
+    loss 0 and no gradient. The teacher gets no gradient."""
+    cd = compute_dtype(teacher_logprob, logits)
+    V = logits.shape[-1]
+    used = (teacher_index >= 0) & (teacher_index < V)
+    x = (teacher_logprob.detach().to(cd) / temperature).masked_fill(~used, float("-inf"))
+    mx = x.amax(dim=-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))  # all slots unused or -inf: p = 0, no NaN
+    e = (x - mx).exp()
+    total = e.sum(dim=-1, keepdim=True)
+    p = torch.where(used & (total > 0), e / total, torch.zeros_like(e))
+    log_p = torch.where(used, x - mx - total.log(), torch.zeros_like(x))
+    log_q = torch.log_softmax(logits.to(cd), dim=-1).gather(-1, teacher_index.clamp(0, V - 1).long())
+    log_q = torch.where(used, log_q, torch.zeros_like(log_q))
+    if loss_type == "kl-fwd":
+        per = _wmul(p, log_p - log_q)
+    else:
+        per = _wmul(p, -log_q)
+    return per.sum(dim=-1)
+
+
+def _topk_checks(index: torch.Tensor, logprob: torch.Tensor, V: int, name: str = "teacher"):
+    """Data checks of a top-k teacher as device flags: an index outside ``[-1, V)``, a used index
+    twice in a row, NaN or +inf log-probabilities at used slots."""
+    used = index >= 0
+    srt = torch.sort(torch.where(used, index, torch.full_like(index, -1)), dim=-1).values
+    dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
+    lp = logprob.detach()
+    return [
+        (((index < -1) | (index >= V)).any(), f"{name}_index holds an index outside [0, V) = [0, {V}) (-1 marks an "
+                                              f"unused slot)."),
+        (dup, f"{name}_index repeats an index within a row (each used slot must name a different action)."),
+        ((used & (torch.isnan(lp) | (lp == float("inf")))).any(), f"{name}_logprob contains NaN or +inf at a used "
+                                                                  "slot."),
+    ]
+
+
+def check_topk_teacher(index, logprob, N: int, V: int, device, name: str = "teacher") -> None:
+    """Shape, dtype and device checks of a top-k teacher for ``N`` rows of ``V`` actions."""
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8,
+                                                                   torch.int8):
+        raise TypeError(f"{name}_index must be an integer tensor [N, k], got "
+                        f"{index.dtype if isinstance(index, torch.Tensor) else type(index).__name__}.")
+    require_float(logprob, f"{name}_logprob")
+    if index.dim() != 2 or index.shape[0] != N or index.shape[1] < 1:
+        raise ValueError(f"{name}_index must have shape [N, k] = [{N}, k] with k >= 1, got {tuple(index.shape)}.")
+    if tuple(logprob.shape) != tuple(index.shape):
+        raise ValueError(f"{name}_logprob must have the shape of {name}_index {tuple(index.shape)}, got "
+                         f"{tuple(logprob.shape)}.")
+    if index.shape[1] > V:
+        raise ValueError(f"{name}_index has k = {index.shape[1]} slots, more than the V = {V} actions.")
+    require_same_device({f"{name}_index": index, f"{name}_logprob": logprob, "logits": torch.empty(0, device=device)})
+
+
+def _topk_rows(index, logprob, logits, loss_type, temperature, backend) -> torch.Tensor:
+    if resolve_backend(backend, "sp", logits, logprob) is Backend.TRITON:
+        from ..kernels import sp as kernels
+
+        return kernels.sp_topk_fused(index, logprob, logits, loss_type, temperature)
+    return sp_topk_reference(index, logprob, logits, loss_type, temperature)
+
+
+def _check_topk_options(loss_type: str, temperature: float, reduction: str) -> None:
+    if loss_type not in TOPK_LOSS_TYPES:
+        raise ValueError(f"loss_type for a top-k teacher must be one of {TOPK_LOSS_TYPES}, got {loss_type!r}.")
+    check_positive(temperature, "temperature")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+
+
+def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fwd", temperature: float = 1.0, *,
+                 reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True):
+    """Distillation from a teacher that stored only its top-k log-probabilities per token.
+
+    ``teacher_index``: int ``[N, k]``, the teacher's actions, ``-1`` for an unused slot;
+    ``teacher_logprob``: float ``[N, k]``; ``logits``: the student's ``[N, V]``. The teacher is
+    ``softmax(teacher_logprob / temperature)`` renormalised over its used slots; the student keeps
+    its full softmax over ``V``. ``loss_type``: ``"kl-fwd"`` (``Σ p (log p - log q)``) or
+    ``"ce-soft-fwd"`` (``-Σ p log q``), over the teacher's slots. A row with no used slot adds 0.
+    ``weight``: optional per-row ``[N]`` factor; ``reduction``: ``"mean"`` (over rows), ``"sum"``
+    or ``"none"``. The teacher is never scattered into a dense ``[N, V]`` tensor; the kernel reads
+    ``k`` values per row. ``check_inputs`` raises ``ValueError`` for an index outside
+    ``[-1, V)``, a repeated index in a row, or NaN/+inf log-probabilities, with one host sync;
+    pass ``False`` for a sync-free call (bad indices are then ignored, never read).
+    """
+    require_float(logits, "logits")
+    if logits.dim() != 2 or logits.shape[1] < 1 or logits.shape[0] == 0:
+        raise ValueError(f"logits must have shape [N, V] with N, V >= 1, got {tuple(logits.shape)}.")
+    N, V = logits.shape
+    check_topk_teacher(teacher_index, teacher_logprob, N, V, logits.device)
+    _check_topk_options(loss_type, temperature, reduction)
+    if weight is not None:
+        require_float(weight, "weight")
+        if tuple(weight.shape) != (N,):
+            raise ValueError(f"weight must have shape [N] = ({N},), got {tuple(weight.shape)}.")
+        require_same_device({"logits": logits, "weight": weight})
+    rows = _topk_rows(teacher_index, teacher_logprob, logits, loss_type, temperature, backend)
+    loss = _reduce(rows, reduction, weight)
+    if check_inputs:
+        finalize_metrics({}, _topk_checks(teacher_index, teacher_logprob, V), "float")
+    return loss
 
 
 class SpLoss(ConfigLoss):

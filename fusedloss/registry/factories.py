@@ -12,13 +12,14 @@ from ..losses.dqn import DqnLoss, DqnLossConfig
 from ..losses.moe import RouterZLoss, SwitchLoadBalancingLoss
 from ..losses.sinkhorn import KOTSinkhornLoss, SinkhornOptions
 from ..losses.sp import SpLoss, SpLossConfig
+from ..losses.sp_linear import SpLinearLoss, SpLinearLossConfig, SpTopKLoss, SpTopKLossConfig
 from ..losses.sv import SvLoss, SvLossConfig
 from ..losses.vec_dqn import VecDqnLoss, VecDqnLossConfig
 from ._registry import LOSS_BUILDER_REGISTRY
 
 __all__ = [
     "L2LossFactory", "SinkhornKnoppLossFactory", "DqnLossFactory", "VecDqnLossFactory",
-    "SpLossFactory", "SvLossFactory", "RouterZLossFactory", "SwitchLoadBalancingLossFactory",
+    "SpLossFactory", "SvLossFactory", "SpTopKLossFactory", "SpLinearLossFactory", "RouterZLossFactory", "SwitchLoadBalancingLossFactory",
 ]
 
 
@@ -64,6 +65,8 @@ DqnLossFactory = _config_factory("dqn", DqnLossConfig, DqnLoss)
 VecDqnLossFactory = _config_factory("vec_dqn", VecDqnLossConfig, VecDqnLoss)
 SpLossFactory = _config_factory("sp", SpLossConfig, SpLoss)
 SvLossFactory = _config_factory("sv", SvLossConfig, SvLoss)
+SpTopKLossFactory = _config_factory("sp_topk", SpTopKLossConfig, SpTopKLoss)
+SpLinearLossFactory = _config_factory("sp_linear", SpLinearLossConfig, SpLinearLoss)
 
 
 @LOSS_BUILDER_REGISTRY.register("router_z")

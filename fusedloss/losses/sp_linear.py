@@ -1,0 +1,344 @@
+"""Distillation fused with the student's LM head: the ``[N, V]`` logits are never materialised.
+
+:func:`sp_linear_loss` computes ``logits = hidden @ weight.T + bias`` a chunk of rows at a time,
+the sp loss of the chunk and its gradient with respect to the chunk's logits (in one pass, on the
+sp kernel on CUDA or the reference elsewhere), then the chunk's share of the gradients of
+``hidden``, ``weight`` and ``bias`` by matmuls, and frees the chunk. Peak extra memory is
+``O(chunk · V)`` plus the fp32 accumulators of the weight and bias gradients (``V·H + V``), not
+``O(N · V)``. For ``reduction="mean"`` or ``"sum"`` the gradients are computed in the forward and
+only scaled in backward; for ``"none"`` (a per-row upstream gradient) backward recomputes the
+chunks.
+
+The teacher is one of: a dense ``[N, V]`` tensor of teacher values (``-inf`` pads an action, as
+``q_targets`` in the sp losses), :class:`TopKTeacher` (``index``, ``logprob`` ``[N, k]``) or
+:class:`LinearTeacher` (``hidden``, ``weight``, ``bias``: its logits are computed chunk by chunk
+too). The teacher gets no gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .._dispatch import Backend, resolve_backend
+from ..metrics import finalize_metrics
+from ._common import ConfigLoss, LossConfig, check_config_common, require_float, require_same_device
+from .sp import (
+    REDUCTIONS,
+    SP_LOSS_TYPES,
+    TOPK_LOSS_TYPES,
+    _check_options,
+    _q_star_checks,
+    _topk_checks,
+    check_topk_teacher,
+    sp_reference,
+    sp_topk_reference,
+)
+
+__all__ = ["TopKTeacher", "LinearTeacher", "sp_linear_loss", "default_chunk_size", "SpLinearLossConfig",
+           "SpLinearLoss", "SpTopKLossConfig", "SpTopKLoss"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKTeacher:
+    """A teacher stored as its top-k log-probabilities: ``index`` int ``[N, k]`` (``-1`` for an
+    unused slot) and ``logprob`` float ``[N, k]``."""
+
+    index: torch.Tensor
+    logprob: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearTeacher:
+    """A teacher given by its last hidden states and LM head: logits ``hidden @ weight.T + bias``
+    (``hidden`` ``[N, H_t]``, ``weight`` ``[V, H_t]``, ``bias`` ``[V]`` or None), computed a chunk
+    at a time and never as a whole."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def default_chunk_size(N: int, V: int, H: int) -> int:
+    """Rows per chunk: a power of two near ``N·H / V``, so a chunk's logits take about as much memory
+    as ``hidden`` itself (the rule of thumb of Liger-Kernel's fused-linear losses); at least 1, at
+    most ``N``."""
+    per = max(1, math.ceil(V / max(H, 1)))
+    rows = max(1, math.ceil(N / per))
+    return min(N, 1 << (rows - 1).bit_length())
+
+
+def _check_teacher(teacher, N: int, V: int, loss_type: str, device) -> str:
+    """The teacher's kind (``dense``, ``topk``, ``linear``) after its shape and dtype checks."""
+    if isinstance(teacher, TopKTeacher):
+        if loss_type not in TOPK_LOSS_TYPES:
+            raise ValueError(f"a TopKTeacher supports loss_type in {TOPK_LOSS_TYPES}, got {loss_type!r}.")
+        check_topk_teacher(teacher.index, teacher.logprob, N, V, device)
+        return "topk"
+    if isinstance(teacher, LinearTeacher):
+        require_float(teacher.hidden, "teacher.hidden")
+        require_float(teacher.weight, "teacher.weight")
+        if teacher.hidden.dim() != 2 or teacher.hidden.shape[0] != N:
+            raise ValueError(f"teacher.hidden must have shape [N, H_t] = [{N}, H_t], got {tuple(teacher.hidden.shape)}.")
+        if teacher.weight.dim() != 2 or tuple(teacher.weight.shape) != (V, teacher.hidden.shape[1]):
+            raise ValueError(f"teacher.weight must have shape [V, H_t] = [{V}, {teacher.hidden.shape[1]}], got "
+                             f"{tuple(teacher.weight.shape)}.")
+        if teacher.bias is not None:
+            require_float(teacher.bias, "teacher.bias")
+            if tuple(teacher.bias.shape) != (V,):
+                raise ValueError(f"teacher.bias must have shape [V] = ({V},), got {tuple(teacher.bias.shape)}.")
+        require_same_device({"hidden": torch.empty(0, device=device), "teacher.hidden": teacher.hidden,
+                             "teacher.weight": teacher.weight, "teacher.bias": teacher.bias})
+        return "linear"
+    if isinstance(teacher, torch.Tensor):
+        require_float(teacher, "teacher")
+        if tuple(teacher.shape) != (N, V):
+            raise ValueError(f"a dense teacher must have shape [N, V] = [{N}, {V}], got {tuple(teacher.shape)}.")
+        require_same_device({"hidden": torch.empty(0, device=device), "teacher": teacher})
+        return "dense"
+    raise TypeError("teacher must be a dense [N, V] tensor, a fusedloss.TopKTeacher or a fusedloss.LinearTeacher, "
+                    f"got {type(teacher).__name__}.")
+
+
+def _teacher_chunk(kind: str, teacher, r0: int, r1: int):
+    if kind == "dense":
+        return teacher[r0:r1].detach()
+    if kind == "topk":
+        return teacher.index[r0:r1], teacher.logprob[r0:r1].detach()
+    logits = teacher.hidden[r0:r1].detach() @ teacher.weight.detach().T
+    return logits if teacher.bias is None else logits + teacher.bias.detach()
+
+
+def _chunk_loss_grad(kind, t_chunk, z, opts, triton_path: bool):
+    """Per-row losses (fp32) of one chunk of student logits ``z`` and their gradient ``d(Σ rows)/dz``."""
+    loss_type, temperature, eps, beta = opts
+    if triton_path:
+        from ..kernels import sp as kernels
+
+        if kind == "topk":
+            return kernels.sp_topk_fwd(t_chunk[0], t_chunk[1], z, loss_type, temperature)
+        return kernels.sp_fwd(t_chunk, z, loss_type, temperature, eps, js_beta=beta)
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        if kind == "topk":
+            rows = sp_topk_reference(t_chunk[0], t_chunk[1], zz, loss_type, temperature)
+        else:
+            rows = sp_reference(t_chunk, zz, loss_type, temperature, eps, beta)
+        (g,) = torch.autograd.grad(rows.sum(), zz)
+    return rows.detach(), g
+
+
+def _chunks(N: int, chunk: int):
+    return [(r0, min(r0 + chunk, N)) for r0 in range(0, N, chunk)]
+
+
+def _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_path, row_scale=None,
+          want=(True, True, True)):
+    """One sweep over the chunks: per-row weighted losses and, where ``want`` asks, the gradients of
+    ``Σ_r row_scale[r]·w[r]·L[r]`` with respect to ``hidden``, ``weight`` and ``bias``. A row whose
+    weight is 0 adds exactly 0 to all of them (even where its loss is NaN)."""
+    N = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    rows = torch.empty(N, dtype=acc, device=hidden.device)
+    g_hidden = torch.empty_like(hidden) if want[0] else None
+    g_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want[1] else None
+    g_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want[2] else None
+    w_det, b_det = weight.detach(), None if bias is None else bias.detach()
+    for r0, r1 in _chunks(N, chunk):
+        h = hidden[r0:r1].detach()
+        if row_weight is not None:  # a masked row's hidden state never reaches a product, even as NaN
+            h = torch.where((row_weight[r0:r1] == 0)[:, None], torch.zeros((), dtype=h.dtype, device=h.device), h)
+        z = h @ w_det.T
+        if b_det is not None:
+            z = z + b_det
+        rows_c, g = _chunk_loss_grad(kind, _teacher_chunk(kind, teacher, r0, r1), z, opts, triton_path)
+        del z
+        scale = None if row_weight is None else row_weight[r0:r1].to(acc)
+        if scale is not None:
+            rows_c = torch.where(scale == 0, torch.zeros_like(rows_c), rows_c * scale)
+        rows[r0:r1] = rows_c
+        if not any(want):
+            continue
+        if row_scale is not None:
+            scale = row_scale[r0:r1].to(acc) if scale is None else scale * row_scale[r0:r1].to(acc)
+        if scale is not None:
+            g = torch.where((scale == 0)[:, None], torch.zeros((), dtype=g.dtype, device=g.device),
+                            g * scale[:, None].to(g.dtype))
+        g = g.to(hidden.dtype)
+        if g_hidden is not None:
+            g_hidden[r0:r1] = g @ w_det
+        if g_weight is not None:
+            g_weight += (g.T @ h).to(acc)  # each chunk's product in the input dtype, summed in fp32
+        if g_bias is not None:
+            g_bias += g.to(acc).sum(dim=0)
+        del g
+    return rows, g_hidden, g_weight, g_bias
+
+
+class _SpLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, row_weight, kind, teacher, opts, reduction, chunk, triton_path):
+        want = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        ctx.reduction, ctx.want, ctx.dtypes = reduction, want, (hidden.dtype, weight.dtype,
+                                                                None if bias is None else bias.dtype)
+        if reduction == "none":  # per-row upstream gradients: backward recomputes the chunks
+            rows, *_ = _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_path,
+                             want=(False, False, False))
+            ctx.save_for_backward(hidden, weight, bias, row_weight)
+            ctx.args = (kind, teacher, opts, chunk, triton_path)
+            return rows
+        rows, gh, gw, gb = _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_path,
+                                 want=want)
+        ctx.grads = (gh, gw, gb)
+        ctx.inv_n = 1.0 / hidden.shape[0] if reduction == "mean" else 1.0
+        return rows.sum() * ctx.inv_n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.reduction == "none":
+            hidden, weight, bias, row_weight = ctx.saved_tensors
+            kind, teacher, opts, chunk, triton_path = ctx.args
+            _, gh, gw, gb = _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_path,
+                                  row_scale=grad_out, want=ctx.want)
+            scale = None
+        else:
+            gh, gw, gb = ctx.grads
+            scale = grad_out * ctx.inv_n  # a 0-dim device tensor: no sync
+        out = []
+        for g, dtype in zip((gh, gw, gb), ctx.dtypes):
+            if g is None:
+                out.append(None)
+            else:
+                out.append((g if scale is None else g.to(scale.dtype) * scale).to(dtype))
+        return (*out, None, None, None, None, None, None, None)
+
+
+def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float = 1.0, label_smoothing: float = 0.0,
+                   js_beta: float = 0.5, *, bias=None, reduction: str = "mean", row_weight=None,
+                   chunk_size: int | None = None, backend: str = "auto", check_inputs: bool = True):
+    """Distillation loss of the student head ``logits = hidden @ weight.T + bias`` against
+    ``teacher``, without ever holding the ``[N, V]`` logits or their gradient.
+
+    ``hidden``: ``[N, H]``; ``weight``: ``[V, H]``; ``bias``: ``[V]`` or None. ``teacher``: a dense
+    ``[N, V]`` tensor of teacher values (``-inf`` for padded actions), a :class:`TopKTeacher` or a
+    :class:`LinearTeacher`. ``loss_type``: any sp loss type (``"ce"``, ``"ce-soft-fwd"``,
+    ``"ce-soft-bwd"``, ``"kl-fwd"``, ``"kl-bwd"``, ``"js"``), only ``"kl-fwd"``/``"ce-soft-fwd"`` for
+    a top-k teacher; ``temperature``, ``label_smoothing`` and ``js_beta`` mean what they mean in
+    the sp losses. ``row_weight``: optional ``[N]`` factor of each row's loss; a row of weight 0
+    adds nothing (the padding and prompt mask). ``reduction``: ``"mean"`` (over ``N``), ``"sum"``,
+    ``"none"`` (``[N]``). ``chunk_size``: rows per chunk (default :func:`default_chunk_size`).
+    Gradients flow to ``hidden``, ``weight`` and ``bias``; the teacher gets none. The loss is fp32
+    (fp64 for fp64 inputs); gradients come back in their inputs' dtypes. ``check_inputs`` checks a
+    dense or top-k teacher's values with one host sync, as the sp helpers do; pass ``False`` for a
+    sync-free call.
+    """
+    require_float(hidden, "hidden")
+    require_float(weight, "weight")
+    if hidden.dim() != 2 or hidden.shape[0] == 0:
+        raise ValueError(f"hidden must have shape [N, H] with N >= 1, got {tuple(hidden.shape)}.")
+    N, H = hidden.shape
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [V, H] = [V, {H}] with V >= 1, got {tuple(weight.shape)}.")
+    V = weight.shape[0]
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}.")
+    if bias is not None:
+        require_float(bias, "bias")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape [V] = ({V},), got {tuple(bias.shape)}.")
+    if loss_type not in SP_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {SP_LOSS_TYPES}, got {loss_type!r}.")
+    _check_options(loss_type, temperature, label_smoothing, js_beta)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if row_weight is not None:
+        require_float(row_weight, "row_weight")
+        if tuple(row_weight.shape) != (N,):
+            raise ValueError(f"row_weight must have shape [N] = ({N},), got {tuple(row_weight.shape)}.")
+        row_weight = row_weight.detach()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(N, V, H)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
+    require_same_device({"hidden": hidden, "weight": weight, "bias": bias, "row_weight": row_weight})
+    kind = _check_teacher(teacher, N, V, loss_type, hidden.device)
+    floats = [hidden, weight] + ([teacher] if kind == "dense" else [teacher.logprob] if kind == "topk" else [])
+    triton_path = resolve_backend(backend, "sp", *floats) is Backend.TRITON
+    opts = (loss_type, float(temperature), float(label_smoothing), float(js_beta))
+    loss = _SpLinearFunction.apply(hidden, weight, bias, row_weight, kind, teacher, opts, reduction, chunk_size,
+                                   triton_path)
+    if check_inputs and kind == "dense":
+        finalize_metrics({}, _q_star_checks(teacher, "teacher"), "float")
+    elif check_inputs and kind == "topk":
+        finalize_metrics({}, _topk_checks(teacher.index, teacher.logprob, V), "float")
+    return loss
+
+
+@dataclasses.dataclass
+class SpLinearLossConfig(LossConfig):
+    """Configuration of :class:`SpLinearLoss` (the fields are :func:`sp_linear_loss`'s options)."""
+
+    loss_type: str = "kl-fwd"
+    temperature: float = 1.0
+    label_smoothing: float = 0.0
+    js_beta: float = 0.5
+    reduction: str = "mean"
+    chunk_size: int | None = None
+    backend: str = "auto"
+    check_inputs: bool = True
+
+    def check_values(self) -> None:
+        _check_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}.")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or an integer >= 1, got {self.chunk_size!r}.")
+        check_config_common(self.backend)
+
+
+class SpLinearLoss(ConfigLoss):
+    """``nn.Module`` form of :func:`sp_linear_loss`: ``forward(hidden, weight, teacher, bias=None,
+    row_weight=None)``; pass the LM head's ``weight`` (and ``bias``) so their gradients flow."""
+
+    config_cls = SpLinearLossConfig
+
+    def forward(self, hidden, weight, teacher, bias=None, row_weight=None):
+        c = self.cfg
+        c.validate()
+        return sp_linear_loss(hidden, weight, teacher, c.loss_type, c.temperature, c.label_smoothing, c.js_beta,
+                              bias=bias, reduction=c.reduction, row_weight=row_weight, chunk_size=c.chunk_size,
+                              backend=c.backend, check_inputs=c.check_inputs)
+
+
+@dataclasses.dataclass
+class SpTopKLossConfig(LossConfig):
+    """Configuration of :class:`SpTopKLoss` (the options of :func:`fusedloss.sp_topk_loss`)."""
+
+    loss_type: str = "kl-fwd"
+    temperature: float = 1.0
+    reduction: str = "mean"
+    backend: str = "auto"
+    check_inputs: bool = True
+
+    def check_values(self) -> None:
+        from .sp import _check_topk_options
+
+        _check_topk_options(self.loss_type, self.temperature, self.reduction)
+        check_config_common(self.backend)
+
+
+class SpTopKLoss(ConfigLoss):
+    """``nn.Module`` form of :func:`fusedloss.sp_topk_loss`: ``forward(teacher_index,
+    teacher_logprob, logits, weight=None)``."""
+
+    config_cls = SpTopKLossConfig
+
+    def forward(self, teacher_index, teacher_logprob, logits, weight=None):
+        from .sp import sp_topk_loss
+
+        c = self.cfg
+        c.validate()
+        return sp_topk_loss(teacher_index, teacher_logprob, logits, c.loss_type, c.temperature, reduction=c.reduction,
+                            weight=weight, backend=c.backend, check_inputs=c.check_inputs)
