@@ -10,7 +10,7 @@
 #   make gpu-report               # back on any machine: BENCHMARKS.md and bench/plots from the JSON
 #
 # Knobs (environment): OUT (default bench/gpu-out), STAGES, FAMILIES (bench order, default
-# "dqn sp vec_dqn sinkhorn"), BENCH_K (a pytest -k filter for the bench files), BENCH_MAX_TIME
+# "dqn sp sp_linear vec_dqn sinkhorn"), BENCH_K (a pytest -k filter for the bench files), BENCH_MAX_TIME
 # (pytest-benchmark's --benchmark-max-time, default 0.1 s), CHECK_TIMEOUT and BENCH_TIMEOUT
 # (seconds per stage and per family, so one slow part cannot eat the call), BUDGET (seconds for
 # the whole script, default 570: no stage starts or runs past it). Every stage runs even
@@ -34,7 +34,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/gpu.log"
 STAGES=${STAGES:-check bench}
-FAMILIES=${FAMILIES:-dqn sp vec_dqn sinkhorn}
+FAMILIES=${FAMILIES:-dqn sp sp_linear vec_dqn sinkhorn}
 BENCH_MAX_TIME=${BENCH_MAX_TIME:-0.1}
 CHECK_TIMEOUT=${CHECK_TIMEOUT:-240}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}

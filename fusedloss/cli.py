@@ -99,6 +99,43 @@ def _cases(small: bool) -> list[Case]:
 
         cases.append(Case("sp", f"{loss_type},T=1.7,ls=0.1,pad", f"N={N} A={V}", make_sp, call_sp, kernel_family="sp"))
 
+    def call_js_beta(args, backend):
+        return fl.sp_js_loss(args[0]["q_star"], args[1], 1.3, 0.0, beta=0.2, backend=backend)
+
+    cases.append(Case("sp", "js,beta=0.2,T=1.3,pad", f"N={N} A={V}", make_sp, call_js_beta, kernel_family="sp"))
+
+    k = 16 if small else 64
+
+    def make_topk(dtype, device):
+        g = torch.Generator(device=device).manual_seed(7)
+        idx = torch.rand(N, V, generator=g, device=device).topk(k, dim=-1).indices
+        idx[::3, k // 2:] = -1
+        logprob = torch.log_softmax(torch.randn(N, k, generator=g, device=device, dtype=torch.float64), -1)
+        _, logits = T.make_sp_inputs(N, V, dtype, device, seed=8)
+        return idx, logprob.to(dtype), logits
+
+    for lt in ("kl-fwd", "ce-soft-fwd"):
+        def call_topk(args, backend, _lt=lt):
+            return fl.sp_topk_loss(args[0], args[1], args[2], _lt, 1.4, backend=backend)
+
+        cases.append(Case("sp_topk", f"{lt},k={k},T=1.4", f"N={N} V={V}", make_topk, call_topk, kernel_family="sp"))
+
+    H = 8 if small else 64
+
+    def make_linear(dtype, device):
+        q, _ = T.make_sp_inputs(N, V, dtype, device, seed=9, pad_frac=0.1)
+        g = torch.Generator(device=device).manual_seed(10)
+        hidden = torch.randn(N, H, generator=g, device=device, dtype=torch.float64).to(dtype).requires_grad_(True)
+        weight = (torch.randn(V, H, generator=g, device=device, dtype=torch.float64) * H ** -0.5).to(dtype)
+        return q, hidden, weight.requires_grad_(True)
+
+    def call_linear(args, backend):
+        return fl.sp_linear_loss(args[1], args[2], args[0], "js", 1.2, 0.05, 0.3, chunk_size=max(1, N // 5),
+                                 backend=backend)
+
+    cases.append(Case("sp_linear", "js,beta=0.3,T=1.2,ls=0.05,pad", f"N={N} H={H} V={V}", make_linear, call_linear,
+                      kernel_family="sp"))
+
     for lt in ("mse", "mae"):
         def make_sv(dtype, device):
             q, logits = T.make_sp_inputs(N, A, dtype, device, seed=4, pad_frac=0.2)
