@@ -4,13 +4,13 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: verify test bench clean gpu gpu-check gpu-bench gpu-report
+.PHONY: verify test bench clean gpu gpu-check gpu-bench gpu-report docs docs-serve examples
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -m pip install -q -e ".[test,bench,examples]"
 	touch $@
 
 verify: $(BIN)/.installed
@@ -41,5 +41,19 @@ gpu-bench:
 gpu-report: $(BIN)/.installed
 	$(BIN)/python bench/report.py $(GPU_JSON) --out BENCHMARKS.md --plots bench/plots
 
+# The documentation site (mkdocs-material + mkdocstrings), built offline and strict: a broken link,
+# a missing docstring or an undocumented config field fails the build (docs/hooks.py).
+$(BIN)/.docs: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(BIN)/.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
+docs-serve: $(BIN)/.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs serve
+
+examples: $(BIN)/.installed
+
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks
+	rm -rf $(VENV) .pytest_cache .benchmarks site

@@ -14,5 +14,7 @@ setup(
         "triton": ["triton>=3.6"],
         "test": ["pytest>=8", "hypothesis>=6", "pyyaml", "pytest-benchmark>=5", "tensordict>=0.10", "pot>=0.9.5", "triton>=3.6"],
         "bench": ["pytest-benchmark>=5", "matplotlib>=3.8", "pot>=0.9.5", "triton>=3.6"],
+        "examples": ["gymnasium>=1.0", "tqdm>=4.60", "matplotlib>=3.8", "pyyaml"],
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
 )

@@ -30,6 +30,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Backend(str, enum.Enum):
+    """The ``backend`` of every loss: ``"auto"`` runs the fused kernel on CUDA tensors where the
+    family has one (and the reference otherwise), ``"triton"`` runs the kernel or raises with the
+    reason it cannot, ``"torch"`` always runs the PyTorch reference."""
+
     AUTO = "auto"
     TRITON = "triton"
     TORCH = "torch"

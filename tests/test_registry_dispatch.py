@@ -31,7 +31,8 @@ train:
       reduction: "mean"
 """
 
-KEYS = ["dqn", "l2_loss", "router_z", "sinkhorn_knopp", "sp", "sv", "switch_load_balancing", "vec_dqn"]
+KEYS = ["dqn", "l2_loss", "router_z", "sinkhorn_knopp", "sp", "sp_linear", "sp_topk", "sv", "switch_load_balancing",
+        "vec_dqn"]
 
 
 def test_registered_keys():

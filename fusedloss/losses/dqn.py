@@ -70,31 +70,57 @@ class DqnLossConfig(LossConfig):
     """
 
     weight: float = 0.0
+    """The loss's weight in the trainer's sum (carried for the trainer; the loss functions do not use it)."""
     gamma: float = 0.99
+    """Discount of a running transition (``done[t+1] == 0``)."""
     gamma_terminal: float = 0.0
+    """Discount at a terminal (``done[t+1] == 1``); 0 means no bootstrap."""
     gamma_truncated: float = 0.0
+    """Discount at a truncation (``done[t+1] == 2``, a time limit): usually ``gamma``."""
     tau: float = 0.01
+    """Target-network soft-update rate (carried for the trainer; the loss functions do not use it)."""
     normalize_reward_mean: bool = False
+    """Subtract each sequence's mean reward (over its valid transitions) first."""
     normalize_reward_std: bool = False
+    """Divide by each sequence's unbiased reward std (plus ``normalize_reward_eps``), then multiply by ``normalize_reward_std_target``."""
     normalize_reward_eps: float = 1e-08
+    """Added to the reward std before dividing (> 0)."""
     normalize_reward_std_target: float = 1.0
+    """The std the normalised rewards are scaled to."""
     use_xformed_reward: bool = False
+    """Read ``step_stream["xformed_reward"]`` instead of ``step_stream["reward"]``."""
     cql_weight: float = 0.0
+    """Weight of the CQL penalty ``(|target| + cql_scale_q_eps)·(logsumexp q[t] - q[t, a])``; 0 turns it off."""
     cql_scale_q_eps: float = 1.0
+    """Added to ``|target|`` in the CQL scale."""
     reward_scale: float = 1.0
+    """Multiplies the (normalised) reward: ``r' = r·reward_scale + reward_shift``."""
     reward_shift: float = 0.0
+    """Added to the scaled reward: ``r' = r·reward_scale + reward_shift``."""
     double_dqn: bool = False
+    """Bootstrap from ``q_target[t+1]`` at the argmax of the online ``q[t+1]`` instead of its max."""
     td_loss: str = "l2"
+    """``"l2"`` (the seed's ``d²``) or ``"huber"`` (PyTorch's ``huber_loss`` with ``huber_delta``)."""
     huber_delta: float = 1.0
+    """The Huber threshold (> 0)."""
     weight_key: str | None = None
+    """Key of ``[B, S]`` per-transition importance weights in ``step_stream`` (stored at ``t+1``), or None."""
     mask_key: str | None = None
+    """Key of a ``[B, S]`` validity mask in ``step_stream``, or None; transition ``t`` counts when steps ``t`` and ``t+1`` are valid."""
     return_td_error: bool = False
+    """Also return ``|TD error|`` ``[B, S-1]`` (fp32, detached, 0 at invalid transitions) as a third value."""
     backend: str = "auto"
+    """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
     metrics_mode: str = "float"
+    """``"float"``: metrics as a ``dict[str, float]`` with one host transfer (and the input checks raised then); ``"lazy"``: a :class:`fusedloss.LazyMetrics`, no host sync."""
     n_step: int = 1
+    """Length of the n-step return (int >= 1; 1 is the one-step target)."""
     td_lambda: float | None = None
+    """Peng's Q(lambda) in ``[0, 1]``, or None for off; not with ``n_step > 1``."""
     value_rescaling: bool = False
+    """R2D2's invertible value rescaling: bootstrap through ``h^-1``, target through ``h``."""
     value_rescaling_eps: float = 1e-3
+    """The ``eps`` of ``h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps·x`` (> 0)."""
 
     def check_values(self) -> None:
         for name in ("gamma", "gamma_terminal", "gamma_truncated", "cql_scale_q_eps"):

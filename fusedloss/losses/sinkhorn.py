@@ -59,15 +59,25 @@ class SinkhornOptions(LossConfig):
     """
 
     p: int = 2
+    """1 (cost ``‖z - z'‖``, ``ε = blur``) or 2 (squared cost, ``ε = blur²``)."""
     lam_state: float = 1.0
+    """Weight of the state features in the cost (>= 0)."""
     blur: float = 0.05
+    """The entropic blur (> 0): ``ε = blur^p``."""
     debias: bool = True
+    """The debiased Sinkhorn divergence (True) or plain entropic OT (False)."""
     backend: str = "online"
+    """geomloss's backend: ``"tensorized"``, ``"online"`` (KeOps, linear memory) or ``"multiscale"``."""
     scaling: float = 0.5
+    """The ε-scaling ratio, in the open interval ``(0, 1)``."""
     reach: float | None = None
+    """None (balanced OT) or the reach ``> 0`` of unbalanced OT."""
     batched: bool = False
+    """The clouds carry a leading problem dimension ``[B, N, ...]``."""
     reduction: str = "mean"
+    """``"mean"``, ``"sum"`` or ``"none"`` over the batched problems."""
     gather_distributed: bool = False
+    """All-gather both clouds across ranks (differentiably) and solve their union."""
 
     def check_values(self) -> None:
         if self.p not in (1, 2) or isinstance(self.p, bool):

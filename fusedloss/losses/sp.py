@@ -58,12 +58,19 @@ class SpLossConfig(LossConfig):
     (the β of ``loss_type="js"``, strictly inside ``(0, 1)``; 0.5 is the symmetric JS)."""
 
     weight: float = 0.0
+    """The loss's weight in the trainer's sum (carried for the trainer; the loss functions do not use it)."""
     label_smoothing: float = 0.0
+    """Uniform mass mixed into the teacher, in ``[0, 1]`` (PyTorch's smoothing for ``"ce"``)."""
     loss_type: str = "ce"
+    """One of ``"ce"``, ``"ce-soft-fwd"``, ``"ce-soft-bwd"``, ``"kl-fwd"``, ``"kl-bwd"``, ``"js"``."""
     temperature: float = 1.0
+    """Divides the teacher's values only (> 0); no ``T²`` factor."""
     backend: str = "auto"
+    """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
     metrics_mode: str = "float"
+    """``"float"``: metrics as a ``dict[str, float]`` with one host transfer (and the input checks raised then); ``"lazy"``: a :class:`fusedloss.LazyMetrics`, no host sync."""
     js_beta: float = 0.5
+    """The β of ``"js"``, strictly inside ``(0, 1)``; 0.5 is the symmetric JS."""
 
     def check_values(self) -> None:
         _check_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)

@@ -47,7 +47,9 @@ class TopKTeacher:
     unused slot) and ``logprob`` float ``[N, k]``."""
 
     index: torch.Tensor
+    """int ``[N, k]``: the teacher's actions, ``-1`` for an unused slot."""
     logprob: torch.Tensor
+    """float ``[N, k]``: the teacher's log-probabilities at ``index``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +59,11 @@ class LinearTeacher:
     at a time and never as a whole."""
 
     hidden: torch.Tensor
+    """``[N, H_t]``: the teacher's last hidden states."""
     weight: torch.Tensor
+    """``[V, H_t]``: the teacher's LM head."""
     bias: torch.Tensor | None = None
+    """``[V]`` or None: the teacher head's bias."""
 
 
 def default_chunk_size(N: int, V: int, H: int) -> int:
@@ -281,13 +286,21 @@ class SpLinearLossConfig(LossConfig):
     """Configuration of :class:`SpLinearLoss` (the fields are :func:`sp_linear_loss`'s options)."""
 
     loss_type: str = "kl-fwd"
+    """The sp loss type (see :func:`sp_linear_loss` and :func:`fusedloss.sp_topk_loss`)."""
     temperature: float = 1.0
+    """Divides the teacher's values only (> 0)."""
     label_smoothing: float = 0.0
+    """Uniform mass mixed into the teacher, in ``[0, 1]``."""
     js_beta: float = 0.5
+    """The β of ``"js"``, strictly inside ``(0, 1)``."""
     reduction: str = "mean"
+    """``"mean"`` (over rows), ``"sum"`` or ``"none"``."""
     chunk_size: int | None = None
+    """Rows per chunk, or None for :func:`default_chunk_size`."""
     backend: str = "auto"
+    """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
     check_inputs: bool = True
+    """Check the teacher's values with one host sync (False: no sync)."""
 
     def check_values(self) -> None:
         _check_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
@@ -317,10 +330,15 @@ class SpTopKLossConfig(LossConfig):
     """Configuration of :class:`SpTopKLoss` (the options of :func:`fusedloss.sp_topk_loss`)."""
 
     loss_type: str = "kl-fwd"
+    """The sp loss type (see :func:`sp_linear_loss` and :func:`fusedloss.sp_topk_loss`)."""
     temperature: float = 1.0
+    """Divides the teacher's values only (> 0)."""
     reduction: str = "mean"
+    """``"mean"`` (over rows), ``"sum"`` or ``"none"``."""
     backend: str = "auto"
+    """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
     check_inputs: bool = True
+    """Check the teacher's values with one host sync (False: no sync)."""
 
     def check_values(self) -> None:
         from .sp import _check_topk_options

@@ -23,9 +23,13 @@ class SvLossConfig(LossConfig):
     kernel for this family; ``backend="triton"`` raises ``NotImplementedError``."""
 
     weight: float = 0.0
+    """The loss's weight in the trainer's sum (carried for the trainer; the loss functions do not use it)."""
     loss_type: str = "mse"
+    """``"mse"`` or ``"mae"``, over the finite entries of ``q_star``."""
     backend: str = "auto"
+    """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
     metrics_mode: str = "float"
+    """``"float"``: metrics as a ``dict[str, float]`` with one host transfer (and the input checks raised then); ``"lazy"``: a :class:`fusedloss.LazyMetrics`, no host sync."""
 
     def check_values(self) -> None:
         if self.loss_type not in SV_LOSS_TYPES:

@@ -42,16 +42,27 @@ class VecDqnLossConfig(LossConfig):
     """Configuration of :func:`vec_dqn_loss`, with the seed's fields and defaults."""
 
     weight: float = 0.0
+    """The loss's weight in the trainer's sum (carried for the trainer; the loss functions do not use it)."""
     tau: float = 0.01
+    """Target-network soft-update rate (carried for the trainer; the loss functions do not use it)."""
     reward_scale: float = 1.0
+    """Multiplies the (normalised) reward: ``r' = r·reward_scale + reward_shift``."""
     reward_shift: float = 0.0
+    """Added to the scaled reward: ``r' = r·reward_scale + reward_shift``."""
     normalize_reward_mean: bool = False
+    """Subtract each sequence's mean reward (over its valid transitions) first."""
     normalize_reward_std: bool = False
+    """Divide by each sequence's unbiased reward std (plus ``normalize_reward_eps``), then multiply by ``normalize_reward_std_target``."""
     normalize_reward_eps: float = 1e-08
+    """Added to the reward std before dividing (> 0)."""
     normalize_reward_std_target: float = 1.0
+    """The std the normalised rewards are scaled to."""
     use_xformed_reward: bool = False
+    """Read ``step_stream["xformed_reward"]`` instead of ``step_stream["reward"]``."""
     backend: str = "auto"
+    """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
     metrics_mode: str = "float"
+    """``"float"``: metrics as a ``dict[str, float]`` with one host transfer (and the input checks raised then); ``"lazy"``: a :class:`fusedloss.LazyMetrics`, no host sync."""
 
     def check_values(self) -> None:
         check_config_common(self.backend, self.metrics_mode)
