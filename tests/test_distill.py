@@ -1,8 +1,6 @@
 """LLM-scale distillation: generalized JSD (β), top-k teachers and the fused-linear loss, each
 against a float64 dense computation, on both paths (the kernels under the interpreter on CPU)."""
 
-import math
-
 import pytest
 import torch
 

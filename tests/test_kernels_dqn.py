@@ -35,17 +35,12 @@ def _reference(step, q, qt, cfg):
     return loss, metrics, td
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("opts", list(OPTIONS))
-def test_kernel_matches_reference(opts, dtype, shape, device):
-    B, S, A, max_block = SHAPES[shape]
-    cfg = fl.DqnLossConfig(**OPTIONS[opts])
-    if cfg.normalize_reward_std and S < 3:
-        pytest.skip("reward std needs S >= 3")
-    step, out = make_dqn_inputs(B, S, A, dtype, device, weight=True, mask=True)
-    q = out["dqn"]
-    qt = out["dqn_target"]
+def check_kernel_against_reference(step, out, cfg, dtype, max_block, device):
+    """The kernel's loss, |td|, gradient (times a random upstream scale) and metrics, written into
+    NaN-poisoned buffers, within the tolerance rule of the reference against float64. Returns the
+    kernel's metrics buffer."""
+    q, qt = out["dqn"], out["dqn_target"]
+    B, S, A = q.shape
     weight = step["weight"] if cfg.weight_key else None
     mask = step["mask"] if cfg.mask_key else None
     grad_buf, td_buf = nan_like((B, S, A), dtype, device), nan_like((B, S - 1), torch.float32, device)
@@ -69,6 +64,19 @@ def test_kernel_matches_reference(opts, dtype, shape, device):
         if name in ref_metrics:
             assert_close_to_float64(metrics[K.DqnMetric[slot]], torch.tensor(ref_metrics[name]),
                                     torch.tensor(ref64_metrics[name]), dtype, name)
+    return metrics
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("opts", list(OPTIONS))
+def test_kernel_matches_reference(opts, dtype, shape, device):
+    B, S, A, max_block = SHAPES[shape]
+    cfg = fl.DqnLossConfig(**OPTIONS[opts])
+    if cfg.normalize_reward_std and S < 3:
+        pytest.skip("reward std needs S >= 3")
+    step, out = make_dqn_inputs(B, S, A, dtype, device, weight=True, mask=True)
+    metrics = check_kernel_against_reference(step, out, cfg, dtype, max_block, device)
     assert metrics[K.DqnMetric.BAD_ACTION] == 0 and metrics[K.DqnMetric.BAD_DONE] == 0
 
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss.losses.dqn import _KERNEL_METRICS, _kernel_scalars
-from fusedloss.testing import assert_close_to_float64, make_dqn_inputs, nan_like
+from fusedloss.testing import make_dqn_inputs
 
 
 def _h(x, eps):
@@ -225,47 +224,20 @@ KERNEL_SHAPES = {"B3-S2-A5": (3, 2, 5, 1024), "B1-S9-A7": (1, 9, 7, 1024), "B2-S
                  "B2-S40-A300-tiled": (2, 40, 300, 64)}
 
 
-def _ref(step, q, qt, cfg):
-    return fl.dqn_loss(step, {"dqn": q, "dqn_target": qt},
-                       fl.DqnLossConfig(**{**vars(cfg), "backend": "torch", "return_td_error": True}))
-
-
 @pytest.mark.parametrize("shape", list(KERNEL_SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("opts", list(KERNEL_OPTIONS))
 def test_kernel_matches_reference(opts, dtype, shape, device):
     pytest.importorskip("triton")
-    from fusedloss.kernels import dqn as K
+    from test_kernels_dqn import check_kernel_against_reference
 
     B, S, A, max_block = KERNEL_SHAPES[shape]
     cfg = fl.DqnLossConfig(**KERNEL_OPTIONS[opts])
     if cfg.normalize_reward_std and S < 3:
         pytest.skip("reward std needs S >= 3")
     step, out = multistep_inputs(B, S, A, dtype, device)
-    q, qt = out["dqn"], out["dqn_target"]
-    weight = step["weight"] if cfg.weight_key else None
-    mask = step["mask"] if cfg.mask_key else None
-    if mask is not None:
-        mask[:, :2] = True
-    grad_buf, td_buf = nan_like((B, S, A), dtype, device), nan_like((B, S - 1), torch.float32, device)
-    loss, metrics, grad, td = K.dqn_fwd(q.detach(), qt, step["action"], step["reward"], step["done"], weight, mask,
-                                        **_kernel_scalars(cfg), max_block_a=max_block, grad_out=grad_buf, td_out=td_buf)
-    grad = grad.float() * metrics[K.DqnMetric.INV_COUNT]
-
-    up = float(torch.empty(()).uniform_(0.5, 2.0))
-    ref_loss, ref_metrics, ref_td = _ref(step, q, qt, cfg)
-    (ref_grad,) = torch.autograd.grad(ref_loss * up, q)
-    q64 = q.detach().double().requires_grad_(True)
-    ref64_loss, ref64_metrics, ref64_td = _ref(step, q64, qt.double(), cfg)
-    (ref64_grad,) = torch.autograd.grad(ref64_loss * up, q64)
-
-    assert_close_to_float64(loss, ref_loss, ref64_loss, dtype, "loss")
-    assert_close_to_float64(td, ref_td, ref64_td, dtype, "|td error|")
-    assert_close_to_float64(grad * up, ref_grad, ref64_grad, dtype, "gradient")
-    for name, slot in _KERNEL_METRICS.items():
-        if name in ref_metrics:
-            assert_close_to_float64(metrics[K.DqnMetric[slot]], torch.tensor(ref_metrics[name]),
-                                    torch.tensor(ref64_metrics[name]), dtype, name)
+    step["mask"][:, :2] = True
+    check_kernel_against_reference(step, out, cfg, dtype, max_block, device)
 
 
 @pytest.mark.parametrize("opts", ["n5-double-cql", "lam0.95-cql-huber-weight"])
