@@ -157,19 +157,10 @@ def test_all_masked_raises(device):
         fl.dqn_loss(step, out, fl.DqnLossConfig(backend="triton", mask_key="mask"))
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("shape", [(256, 64, 18), (32, 512, 4), (1024, 32, 1024)], ids=lambda s: "B{}-S{}-A{}".format(*s))
-def test_two_launches_and_cuda_graph_capture(shape):
+def two_launches_and_graph_replay(call):
+    """Asserts that ``call()`` (a training step) launches at most two CUDA kernels, captures it in
+    a CUDA graph and replays it; returns ``(eager result, replayed result)``."""
     from torch.profiler import ProfilerActivity, profile
-
-    step, out = make_dqn_inputs(*shape, torch.bfloat16, "cuda")
-    q = out["dqn"]
-    cfg = fl.DqnLossConfig(backend="triton", cql_weight=0.1, metrics_mode="lazy")
-
-    def call():
-        loss, metrics = fl.dqn_loss(step, {"dqn": q, "dqn_target": out["dqn_target"]}, cfg)
-        (g,) = torch.autograd.grad(loss, q)
-        return loss, metrics, g
 
     want = call()
     torch.cuda.synchronize()
@@ -189,5 +180,21 @@ def test_two_launches_and_cuda_graph_capture(shape):
         got = call()
     graph.replay()
     torch.cuda.synchronize()
+    return want, got
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(256, 64, 18), (32, 512, 4), (1024, 32, 1024)], ids=lambda s: "B{}-S{}-A{}".format(*s))
+def test_two_launches_and_cuda_graph_capture(shape):
+    step, out = make_dqn_inputs(*shape, torch.bfloat16, "cuda")
+    q = out["dqn"]
+    cfg = fl.DqnLossConfig(backend="triton", cql_weight=0.1, metrics_mode="lazy")
+
+    def call():
+        loss, metrics = fl.dqn_loss(step, {"dqn": q, "dqn_target": out["dqn_target"]}, cfg)
+        (g,) = torch.autograd.grad(loss, q)
+        return loss, metrics, g
+
+    want, got = two_launches_and_graph_replay(call)
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
     assert got[1]["dqn_loss"] == pytest.approx(want[1]["dqn_loss"])

@@ -287,7 +287,7 @@ def test_kernel_nan_beyond_a_cut_does_not_leak(device):
 def test_multistep_two_launches_graph_and_compile(opts):
     """R2D2-like shapes: at most two launches a step (forward and backward), CUDA-graph capture,
     and compile fullgraph."""
-    from torch.profiler import ProfilerActivity, profile
+    from test_kernels_dqn import two_launches_and_graph_replay
 
     step, out = multistep_inputs(32, 80, 18, torch.bfloat16, "cuda")
     q = out["dqn"]
@@ -298,24 +298,7 @@ def test_multistep_two_launches_graph_and_compile(opts):
         (g,) = torch.autograd.grad(loss, q)
         return loss, g
 
-    want = call(q)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        call(q)
-        torch.cuda.synchronize()
-    launches = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    assert len(launches) <= 2, [e.name for e in launches]
-
-    graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call(q)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(graph):
-        got = call(q)
-    graph.replay()
-    torch.cuda.synchronize()
+    want, got = two_launches_and_graph_replay(lambda: call(q))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
     compiled = torch.compile(call, fullgraph=True)
