@@ -91,7 +91,10 @@ def no_double_backward(op, family: str) -> None:
 
 def reject_grad_transforms(family: str, *tensors: torch.Tensor) -> None:
     """Raise a clear error under ``torch.func.grad`` / ``vjp`` / ``jacrev`` (and friends), which
-    the fused kernels do not support; ``vmap`` alone works."""
+    the fused kernels do not support; ``vmap`` alone works. Skipped while ``torch.compile``
+    traces (Dynamo cannot trace the functorch query; a compiled graph sees plain tensors)."""
+    if torch.compiler.is_compiling():
+        return
     if any(isinstance(t, torch.Tensor) and torch._C._functorch.is_gradtrackingtensor(t) for t in tensors):
         raise RuntimeError(f"torch.func gradient transforms (grad, vjp, jacrev, ...) are not supported by the fused "
                            f"{family} kernel; use backend='torch' inside them.")
