@@ -301,9 +301,10 @@ def test_multistep_two_launches_graph_and_compile(opts):
     want, got = two_launches_and_graph_replay(lambda: call(q))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
-    compiled = torch.compile(call, fullgraph=True)
-    c = compiled(q)
-    assert torch.equal(c[0], want[0]) and torch.equal(c[1], want[1])
+    loss_c = torch.compile(lambda q: fl.dqn_loss(step, {"dqn": q, "dqn_target": out["dqn_target"]}, cfg)[0],
+                           fullgraph=True)(q)
+    (g_c,) = torch.autograd.grad(loss_c, q)
+    assert torch.equal(loss_c, want[0]) and torch.equal(g_c, want[1])
 
 
 # ---------------------------------------------------------------- config, registry, errors
