@@ -489,3 +489,31 @@ def test_linear_cuda_matches_and_saves_memory():
     for g, r, r64 in zip(grads, ref_grads, ref64_grads):
         assert_close_to_float64(g, r, r64, torch.bfloat16, "gradient")
     assert p_fused <= 0.15 * p_mat, (p_fused, p_mat)
+
+
+def test_topk_and_linear_modules_from_yaml():
+    yaml = pytest.importorskip("yaml")
+    topk = fl.build_loss(yaml.safe_load("""
+type: sp_topk
+params: {loss_type: kl-fwd, temperature: 1.5, reduction: sum, backend: torch}
+"""))
+    linear = fl.build_loss(yaml.safe_load("""
+type: sp_linear
+params:
+  loss_type: js
+  js_beta: 0.25
+  temperature: 2.0
+  label_smoothing: 0.05
+  chunk_size: 3
+  backend: torch
+"""))
+    assert isinstance(topk, fl.SpTopKLoss) and isinstance(linear, fl.SpLinearLoss)
+    idx, lp, z = make_topk(5, 30, 4)
+    assert torch.allclose(topk(idx, lp, z), fl.sp_topk_loss(idx, lp, z, "kl-fwd", 1.5, reduction="sum",
+                                                            backend="torch"))
+    hidden, weight, b, teacher, row_weight = _linear_case("dense", 7, 4, 13, torch.float32, "cpu", True)
+    got = linear(hidden, weight, teacher, bias=b, row_weight=row_weight)
+    want = _materialised(hidden, weight, b, teacher, "js", 2.0, 0.05, 0.25, "mean", row_weight)
+    assert torch.allclose(got, want, rtol=1e-5)
+    with pytest.raises(ValueError, match="js_beta"):
+        fl.build_loss({"type": "sp_linear", "params": {"js_beta": 0.0}})
