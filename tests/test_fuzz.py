@@ -257,6 +257,34 @@ def test_fuzz_sp(seed, N, A, dtype, kind, loss_type, T, eps, pad, special, targe
             skip=("grad",) if overflow else ())
 
 
+@fuzz(15)
+@given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 4), V=st.integers(1, 40), k=st.integers(1, 6),
+       dtype=st.sampled_from(FLOAT_DTYPES), kind=st.sampled_from(FINITE_KINDS),
+       loss_type=st.sampled_from(["kl-fwd", "ce-soft-fwd"]), T=st.sampled_from([0.3, 1.0, 2.5]),
+       unused=st.sampled_from([0.0, 0.4, 1.0]), special=st.sampled_from([None, None, *SPECIALS]),
+       target=st.sampled_from(["logprob", "logits"]), beta=st.sampled_from([0.1, 0.5, 0.9]))
+def test_fuzz_sp_topk_and_js_beta(seed, N, V, k, dtype, kind, loss_type, T, unused, special, target, beta, device):
+    """The top-k teacher (unused slots, rows with none, -inf log-probs) and the generalized JSD."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, V)
+    idx = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
+    idx = idx.masked_fill(torch.rand(N, k, generator=g) < unused, -1).to(device)
+    lp = values(g, (N, k), dtype, kind, device)
+    z = values(g, (N, V), dtype, kind, device)
+    q = values(g, (N, V), dtype, kind, device)
+    lp = inject(g, lp, special) if target == "logprob" else lp
+    z = inject(g, z, special) if target == "logits" else z
+
+    def call(backend):
+        zz = z.detach().requires_grad_(True)
+        loss = fl.sp_topk_loss(idx, lp, zz, loss_type, T, backend=backend)
+        js = fl.sp_js_loss(q, zz, T, beta=beta, reduction="none", backend=backend, check_inputs=False)
+        (grad,) = torch.autograd.grad(loss + js.sum(), zz)
+        return {"loss": loss, "js": js, "grad": grad}
+
+    compare(run_both(call, KERNEL_BACKENDS), dtype, special is None, "sp top-k / js beta")
+
+
 @fuzz(12)
 @given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 2), S=st.integers(2, 3), A=st.integers(1, 5),
        D=st.sampled_from([2, 4, 6]), dtype=st.sampled_from(FLOAT_DTYPES), kind=st.sampled_from(["normal", "tiny", "zeros"]),

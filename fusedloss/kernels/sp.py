@@ -242,7 +242,7 @@ def _sp_bwd_kernel(g_ptr, scale_ptr, out_ptr, N, A, stride_g, stride_o,
 def _topk_teacher(idx_ptr, lp_ptr, row64, K, V, stride_i, stride_l, inv_t, BLOCK_K: tl.constexpr):
     """The teacher's used slots of one row (index in ``[0, V)``; ``-1`` marks an unused slot) and
     their ``p = softmax(logprob / T)`` and ``log p``, renormalised over the used slots; 0 elsewhere,
-    and 0 everywhere in a row with no used slot."""
+    and 0 everywhere in a row with no used slot or whose used slots are all ``-inf``."""
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < K
     idx = tl.load(idx_ptr + row64 * stride_i + offs_k, mask=kmask, other=-1).to(tl.int64)
@@ -254,8 +254,9 @@ def _topk_teacher(idx_ptr, lp_ptr, row64, K, V, stride_i, stride_l, inv_t, BLOCK
     mx = tl.where(any_used, tl.max(x, axis=0) + nan_probe, 0.0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)  # every used slot at -inf: p is 0 there (no NaN)
     e = tl.where(used, tl.exp(x - mx), 0.0)
-    lse = tl.log(tl.sum(e, axis=0))
-    p = tl.where(used & any_used, e / tl.sum(e, axis=0), 0.0)
+    total = tl.sum(e, axis=0)
+    lse = tl.log(total)
+    p = tl.where(used & (e > 0), e / total, 0.0)  # every used slot at -inf: no mass, p = 0 (no 0/0)
     lp = tl.where(used, x - mx - lse, 0.0)
     return tl.where(used, idx, 0), used, p, lp
 
