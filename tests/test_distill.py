@@ -361,6 +361,13 @@ def test_linear_zero_weight_rows_never_leak_nan():
     assert torch.all(gh[1] == 0) and torch.isfinite(gh).all()
 
 
+def test_linear_double_backward_is_an_error():
+    hidden, weight, b, teacher, _ = _linear_case("dense", 5, 4, 11, torch.float64, "cpu", True)
+    loss = fl.sp_linear_loss(hidden, weight, teacher, "kl-fwd", bias=b, backend="torch")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+
+
 def test_linear_default_chunk_and_module():
     assert fl.losses.sp_linear.default_chunk_size(4096, 32768, 128) == 16
     assert fl.losses.sp_linear.default_chunk_size(8192, 128256, 4096) == 256

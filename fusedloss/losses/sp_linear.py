@@ -202,6 +202,10 @@ class _SpLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: the stored gradients have no graph of their own
+            raise RuntimeError("sp_linear_loss does not support double backward (create_graph=True); its gradients "
+                               "are computed chunk by chunk without a graph. Use the materialised sp losses for "
+                               "higher-order derivatives.")
         if ctx.reduction == "none":
             hidden, weight, bias, row_weight = ctx.saved_tensors
             kind, teacher, opts, chunk, triton_path = ctx.args
