@@ -101,8 +101,11 @@ for stage in $STAGES; do
     check)
         run_stage "verify --device cuda" "$CHECK_TIMEOUT" "$PY" -m fusedloss verify --device cuda
         run_stage "pytest -m cuda" "$CHECK_TIMEOUT" "$PY" -m pytest -m cuda tests -q -rs -p no:cacheprovider
+        run_stage "kernel tests on CUDA" "$CHECK_TIMEOUT" "$PY" -m pytest tests/test_kernels_dqn.py \
+            tests/test_multistep.py tests/test_kernels_sp.py tests/test_distill.py tests/test_kernels_vec_dqn.py \
+            tests/test_compile_paths.py -q --maxfail=25 -p no:cacheprovider
         run_stage "reliability and fuzz on CUDA" "$CHECK_TIMEOUT" "$PY" -m pytest tests/test_reliability.py \
-            tests/test_fuzz.py tests/test_multistep.py tests/test_kernels_dqn.py -q -x -p no:cacheprovider
+            tests/test_fuzz.py -q --maxfail=25 -p no:cacheprovider
         ;;
     bench)
         for fam in $FAMILIES; do
