@@ -361,6 +361,19 @@ def test_linear_zero_weight_rows_never_leak_nan():
     assert torch.all(gh[1] == 0) and torch.isfinite(gh).all()
 
 
+def test_linear_frozen_head_and_no_grad():
+    hidden, weight, b, teacher, row_weight = _linear_case("dense", 6, 4, 11, torch.float64, "cpu", True)
+    frozen = weight.detach()
+    loss = fl.sp_linear_loss(hidden, frozen, teacher, "kl-fwd", bias=b, row_weight=row_weight, backend="torch")
+    gh, gb = torch.autograd.grad(loss, [hidden, b])
+    ref = _materialised(hidden, frozen, b, teacher, "kl-fwd", 1.0, 0.0, 0.5, "mean", row_weight)
+    rh, rb = torch.autograd.grad(ref, [hidden, b])
+    assert torch.allclose(gh, rh, rtol=1e-10) and torch.allclose(gb, rb, rtol=1e-10)
+    with torch.no_grad():
+        value = fl.sp_linear_loss(hidden, weight, teacher, "kl-fwd", bias=b, row_weight=row_weight, backend="torch")
+    assert not value.requires_grad and torch.allclose(value, ref.detach(), rtol=1e-12)
+
+
 def test_linear_double_backward_is_an_error():
     hidden, weight, b, teacher, _ = _linear_case("dense", 5, 4, 11, torch.float64, "cpu", True)
     loss = fl.sp_linear_loss(hidden, weight, teacher, "kl-fwd", bias=b, backend="torch")

@@ -184,8 +184,8 @@ def _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_p
 
 class _SpLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, row_weight, kind, teacher, opts, reduction, chunk, triton_path):
-        want = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    def forward(ctx, hidden, weight, bias, row_weight, kind, teacher, opts, reduction, chunk, triton_path, grad_mode):
+        want = tuple(bool(n) and grad_mode for n in ctx.needs_input_grad[:3])  # nothing under no_grad
         ctx.reduction, ctx.want, ctx.dtypes = reduction, want, (hidden.dtype, weight.dtype,
                                                                 None if bias is None else bias.dtype)
         if reduction == "none":  # per-row upstream gradients: backward recomputes the chunks
@@ -221,7 +221,7 @@ class _SpLinearFunction(torch.autograd.Function):
                 out.append(None)
             else:
                 out.append((g if scale is None else g.to(scale.dtype) * scale).to(dtype))
-        return (*out, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None)
 
 
 def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float = 1.0, label_smoothing: float = 0.0,
@@ -277,7 +277,7 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     triton_path = resolve_backend(backend, "sp", *floats) is Backend.TRITON
     opts = (loss_type, float(temperature), float(label_smoothing), float(js_beta))
     loss = _SpLinearFunction.apply(hidden, weight, bias, row_weight, kind, teacher, opts, reduction, chunk_size,
-                                   triton_path)
+                                   triton_path, torch.is_grad_enabled())
     if check_inputs and kind == "dense":
         finalize_metrics({}, _q_star_checks(teacher, "teacher"), "float")
     elif check_inputs and kind == "topk":
