@@ -564,11 +564,13 @@ def _dqn_bwd_kernel(g_ptr, out_ptr, gout_ptr, inv_ptr, numel, BLOCK: tl.constexp
 _BWD_BLOCK = 4096
 
 
-def _tiles(A: int, S: int, max_block_a: int = MAX_BLOCK_A):
+def _tiles(A: int, S: int, max_block_a: int = MAX_BLOCK_A, n_step: int = 1):
     """(BLOCK_A, T_BLOCK, num_warps): a [T_BLOCK, BLOCK_A] tile of TILE_ELEMS elements over enough
-    warps that the kernel's dozen live tiles stay in registers (checked by tests/compile_check.py)."""
+    warps that the kernel's dozen live tiles stay in registers (checked by tests/compile_check.py).
+    The unrolled n-step window takes at most 32 transitions a chunk (Triton 3.6 spilled 8 bytes at
+    A = 4 with 64)."""
     block_a = min(triton.next_power_of_2(A), max_block_a)
-    t_block = max(1, min(64, TILE_ELEMS // block_a, triton.next_power_of_2(S)))
+    t_block = max(1, min(64 if n_step == 1 else 32, TILE_ELEMS // block_a, triton.next_power_of_2(S)))
     return block_a, t_block, TILE_WARPS if t_block * block_a > 256 else 4
 
 
@@ -631,7 +633,7 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
                          f"td_lambda={td_lambda}.")
     multi = n_step > 1 or td_lambda is not None
     boot = torch.empty((B, S - 1), dtype=torch.float32, device=dev) if multi else td
-    block_a, t_block, warps = _tiles(A, S, max_block_a)
+    block_a, t_block, warps = _tiles(A, S, max_block_a, n_step)
     try:
         _dqn_fwd_kernel[(B,)](
             q, q_target, action, reward, done, w, m, grad, td, boot, part, metrics, loss, _counter(dev),
@@ -730,8 +732,8 @@ def compile_variants():
     kinds = {"cql": (False, None), "all options": (True, None), "all options n-step": (True, "N_STEP"),
              "all options lambda": (True, "LAMBDA")}
     for A, S in ((4, 512), (18, 64), (18, 80), (1024, 32), (32768, 64)):
-        block_a, t_block, warps = _tiles(A, S)
         for kind, (every, multi) in kinds.items():
+            block_a, t_block, warps = _tiles(A, S, n_step=5 if multi == "N_STEP" else 1)
             if S == 80 and multi is None:
                 continue  # the R2D2 shape is there for the multi-step targets
             c = {"HAS_WEIGHT": every, "HAS_MASK": every, "NORM_MEAN": every, "NORM_STD": every, "CQL": True,
