@@ -98,7 +98,6 @@ _NP = tl.constexpr(len(DqnPartial))
 PARAMS = ("gamma", "gamma_terminal", "gamma_truncated", "reward_scale", "reward_shift", "norm_eps", "norm_target",
           "cql_weight", "cql_eps", "huber_delta", "rescale_eps")
 FLAGS = ("norm_mean", "norm_std", "huber", "double", "value_rescaling")
-_MULTI_STEP_DEFAULTS = {"n_step": 1, "td_lambda": None, "value_rescaling": False, "rescale_eps": 1e-3}  # one-step
 MAX_BLOCK_A = 1024
 TILE_ELEMS = 1024
 TILE_WARPS = 8
@@ -342,6 +341,7 @@ def _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, ste
         tv = t >= 0
         t_next = t.to(tl.int64) + 1
         qn_row = q_ptr + b64 * stride_qb + t_next[:, None] * stride_qs
+        # V alone (Q=False): the q row and action arguments are unused, qn_row and t_next fill them
         _, _, _, v = _action_pass(qn_row, qn_row, qt_ptr + b64 * stride_tb + t_next[:, None] * stride_ts, t_next, tv,
                                   A, False, True, False, DOUBLE, T_BLOCK, BLOCK_A)
         if RESCALE:
@@ -631,6 +631,7 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
     if n_step < 1 or (td_lambda is not None and n_step > 1):
         raise ValueError(f"n_step must be >= 1, and td_lambda needs n_step == 1; got n_step={n_step}, "
                          f"td_lambda={td_lambda}.")
+    n_step = min(n_step, S - 1)  # no window is longer than the sequence's transitions
     multi = n_step > 1 or td_lambda is not None
     boot = torch.empty((B, S - 1), dtype=torch.float32, device=dev) if multi else td
     block_a, t_block, warps = _tiles(A, S, max_block_a, n_step)
@@ -641,7 +642,7 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
             grad.stride(1), gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
             cql_weight, cql_eps, huber_delta, 0.0 if td_lambda is None else td_lambda, rescale_eps,
             HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, NORM_MEAN=norm_mean, NORM_STD=norm_std,
-            CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, N_STEP=min(n_step, S - 1), LAMBDA=td_lambda is not None,
+            CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, N_STEP=n_step, LAMBDA=td_lambda is not None,
             RESCALE=value_rescaling, T_BLOCK=t_block, BLOCK_A=block_a,
             B_BLOCK=min(triton.next_power_of_2(B), 1024), num_warps=warps,
         )
@@ -711,7 +712,6 @@ def dqn_fused(q, q_target, action, reward, done, weight=None, mask=None, *, max_
     scalars. Returns ``(loss, metrics, td_abs)``: ``metrics`` is the ``[len(DqnMetric)]`` device
     buffer, metric values and input-check flags alike (no extra launch)."""
     reject_grad_transforms("dqn", q)
-    scalars = {**_MULTI_STEP_DEFAULTS, **scalars}
     params = [float(scalars[k]) for k in PARAMS]
     flags = [bool(scalars[k]) for k in FLAGS]
     td_lambda = scalars["td_lambda"]
