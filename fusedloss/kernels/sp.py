@@ -249,10 +249,9 @@ def _topk_teacher(idx_ptr, lp_ptr, row64, K, V, stride_i, stride_l, inv_t, BLOCK
     used = kmask & (idx >= 0) & (idx < V)  # an index out of range is reported by the caller, never read
     x = tl.where(used, tl.load(lp_ptr + row64 * stride_l + offs_k, mask=used, other=0.0).to(tl.float32) * inv_t,
                  float("-inf"))
-    any_used = tl.sum(used.to(tl.int32), axis=0) > 0
     nan_probe = tl.sum(tl.where(x != x, x, 0.0), axis=0)  # tl.max skips NaN on the GPU
-    mx = tl.where(any_used, tl.max(x, axis=0) + nan_probe, 0.0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)  # every used slot at -inf: p is 0 there (no NaN)
+    mx = tl.max(x, axis=0) + nan_probe
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # no used slot, or all at -inf: no NaN from -inf - -inf
     e = tl.where(used, tl.exp(x - mx), 0.0)
     total = tl.sum(e, axis=0)
     lse = tl.log(total)

@@ -4,10 +4,9 @@ the ``nn.Module``. Kernels are imported lazily through :mod:`fusedloss._dispatch
 from .dqn import DqnLoss, DqnLossConfig, dqn_loss, dqn_reference, sequence_priority
 from .moe import RouterZLoss, SwitchLoadBalancingLoss, router_z_loss, switch_load_balancing_loss
 from .sinkhorn import KOTSinkhornLoss, sinkhorn_loss
-from .sp import (SpLoss, SpLossConfig, sp_js_loss, sp_kl_loss, sp_loss, sp_reference, sp_soft_ce_loss, sp_topk_loss,
-                 sp_topk_reference)
-from .sp_linear import (LinearTeacher, SpLinearLoss, SpLinearLossConfig, SpTopKLoss, SpTopKLossConfig, TopKTeacher,
-                        sp_linear_loss)
+from .sp import (SpLoss, SpLossConfig, SpTopKLoss, SpTopKLossConfig, sp_js_loss, sp_kl_loss, sp_loss, sp_reference,
+                 sp_soft_ce_loss, sp_topk_loss, sp_topk_reference)
+from .sp_linear import LinearTeacher, SpLinearLoss, SpLinearLossConfig, TopKTeacher, sp_linear_loss
 from .sv import SvLoss, SvLossConfig, sv_loss, sv_reference
 from .vec_dqn import (
     VecDqnLoss,

@@ -45,6 +45,8 @@ __all__ = [
     "sp_js_loss",
     "sp_topk_loss",
     "sp_topk_reference",
+    "SpTopKLossConfig",
+    "SpTopKLoss",
     "SpLoss",
 ]
 
@@ -80,6 +82,22 @@ class SpLossConfig(LossConfig):
 def check_js_beta(beta: float, name: str = "js_beta") -> None:
     if not (isinstance(beta, numbers.Real) and not isinstance(beta, bool) and 0.0 < beta < 1.0):
         raise ValueError(f"{name} must be a number strictly inside (0, 1), got {beta!r}.")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+
+
+def check_row_weight(weight, rows: torch.Tensor, name: str = "weight", rows_name: str = "logits") -> None:
+    """An optional per-row factor: a float ``[N]`` tensor on the device of ``rows`` (``[N, ...]``)."""
+    if weight is None:
+        return
+    require_float(weight, name)
+    N = rows.shape[0]
+    if tuple(weight.shape) != (N,):
+        raise ValueError(f"{name} must have shape [N] = ({N},), got {tuple(weight.shape)}.")
+    require_same_device({rows_name: rows, name: weight})
 
 
 def _check_options(loss_type: str, temperature: float, label_smoothing: float, js_beta: float = 0.5) -> None:
@@ -181,13 +199,9 @@ def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, redu
     if logits.shape[0] == 0:
         raise ValueError("logits is empty: the batch has no rows (N = 0).")
     _check_options(loss_type, temperature, label_smoothing, js_beta)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    if weight is not None:
-        require_float(weight, "weight")
-        if tuple(weight.shape) != (logits.shape[0],):
-            raise ValueError(f"weight must have shape [N] = ({logits.shape[0]},), got {tuple(weight.shape)}.")
-    require_same_device({"q_targets": q_targets, "logits": logits, "weight": weight})
+    check_reduction(reduction)
+    require_same_device({"q_targets": q_targets, "logits": logits})
+    check_row_weight(weight, logits)
 
 
 def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta=0.5) -> torch.Tensor:
@@ -321,13 +335,15 @@ def _topk_checks(index: torch.Tensor, logprob: torch.Tensor, V: int, name: str =
     ]
 
 
-def check_topk_teacher(index, logprob, N: int, V: int, device, name: str = "teacher") -> None:
-    """Shape, dtype and device checks of a top-k teacher for ``N`` rows of ``V`` actions."""
+def check_topk_teacher(index, logprob, V: int, like: torch.Tensor, like_name: str, name: str = "teacher") -> None:
+    """Shape, dtype and device checks of a top-k teacher for the ``N`` rows of ``like`` (the
+    student's logits ``[N, V]`` or hidden states ``[N, H]``), over ``V`` actions."""
     if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8,
                                                                    torch.int8):
         raise TypeError(f"{name}_index must be an integer tensor [N, k], got "
                         f"{index.dtype if isinstance(index, torch.Tensor) else type(index).__name__}.")
     require_float(logprob, f"{name}_logprob")
+    N = like.shape[0]
     if index.dim() != 2 or index.shape[0] != N or index.shape[1] < 1:
         raise ValueError(f"{name}_index must have shape [N, k] = [{N}, k] with k >= 1, got {tuple(index.shape)}.")
     if tuple(logprob.shape) != tuple(index.shape):
@@ -335,7 +351,7 @@ def check_topk_teacher(index, logprob, N: int, V: int, device, name: str = "teac
                          f"{tuple(logprob.shape)}.")
     if index.shape[1] > V:
         raise ValueError(f"{name}_index has k = {index.shape[1]} slots, more than the V = {V} actions.")
-    require_same_device({f"{name}_index": index, f"{name}_logprob": logprob, "logits": torch.empty(0, device=device)})
+    require_same_device({f"{name}_index": index, f"{name}_logprob": logprob, like_name: like})
 
 
 def _topk_rows(index, logprob, logits, loss_type, temperature, backend) -> torch.Tensor:
@@ -350,8 +366,7 @@ def _check_topk_options(loss_type: str, temperature: float, reduction: str) -> N
     if loss_type not in TOPK_LOSS_TYPES:
         raise ValueError(f"loss_type for a top-k teacher must be one of {TOPK_LOSS_TYPES}, got {loss_type!r}.")
     check_positive(temperature, "temperature")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    check_reduction(reduction)
 
 
 def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fwd", temperature: float = 1.0, *,
@@ -372,19 +387,48 @@ def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fw
     require_float(logits, "logits")
     if logits.dim() != 2 or logits.shape[1] < 1 or logits.shape[0] == 0:
         raise ValueError(f"logits must have shape [N, V] with N, V >= 1, got {tuple(logits.shape)}.")
-    N, V = logits.shape
-    check_topk_teacher(teacher_index, teacher_logprob, N, V, logits.device)
+    V = logits.shape[1]
+    check_topk_teacher(teacher_index, teacher_logprob, V, logits, "logits")
     _check_topk_options(loss_type, temperature, reduction)
-    if weight is not None:
-        require_float(weight, "weight")
-        if tuple(weight.shape) != (N,):
-            raise ValueError(f"weight must have shape [N] = ({N},), got {tuple(weight.shape)}.")
-        require_same_device({"logits": logits, "weight": weight})
+    check_row_weight(weight, logits)
     rows = _topk_rows(teacher_index, teacher_logprob, logits, loss_type, temperature, backend)
     loss = _reduce(rows, reduction, weight)
     if check_inputs:
         finalize_metrics({}, _topk_checks(teacher_index, teacher_logprob, V), "float")
     return loss
+
+
+@dataclasses.dataclass
+class SpTopKLossConfig(LossConfig):
+    """Configuration of :class:`SpTopKLoss` (the options of :func:`fusedloss.sp_topk_loss`)."""
+
+    loss_type: str = "kl-fwd"
+    """The sp loss type (see :func:`sp_linear_loss` and :func:`fusedloss.sp_topk_loss`)."""
+    temperature: float = 1.0
+    """Divides the teacher's values only (> 0)."""
+    reduction: str = "mean"
+    """``"mean"`` (over rows), ``"sum"`` or ``"none"``."""
+    backend: str = "auto"
+    """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
+    check_inputs: bool = True
+    """Check the teacher's values with one host sync (False: no sync)."""
+
+    def check_values(self) -> None:
+        _check_topk_options(self.loss_type, self.temperature, self.reduction)
+        check_config_common(self.backend)
+
+
+class SpTopKLoss(ConfigLoss):
+    """``nn.Module`` form of :func:`fusedloss.sp_topk_loss`: ``forward(teacher_index,
+    teacher_logprob, logits, weight=None)``."""
+
+    config_cls = SpTopKLossConfig
+
+    def forward(self, teacher_index, teacher_logprob, logits, weight=None):
+        c = self.cfg
+        c.validate()
+        return sp_topk_loss(teacher_index, teacher_logprob, logits, c.loss_type, c.temperature, reduction=c.reduction,
+                            weight=weight, backend=c.backend, check_inputs=c.check_inputs)
 
 
 class SpLoss(ConfigLoss):

@@ -26,19 +26,20 @@ from .._dispatch import Backend, resolve_backend
 from ..metrics import finalize_metrics
 from ._common import ConfigLoss, LossConfig, check_config_common, require_float, require_same_device
 from .sp import (
-    REDUCTIONS,
     SP_LOSS_TYPES,
     TOPK_LOSS_TYPES,
     _check_options,
     _q_star_checks,
     _topk_checks,
+    check_reduction,
+    check_row_weight,
     check_topk_teacher,
     sp_reference,
     sp_topk_reference,
 )
 
 __all__ = ["TopKTeacher", "LinearTeacher", "sp_linear_loss", "default_chunk_size", "SpLinearLossConfig",
-           "SpLinearLoss", "SpTopKLossConfig", "SpTopKLoss"]
+           "SpLinearLoss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +76,14 @@ def default_chunk_size(N: int, V: int, H: int) -> int:
     return min(N, 1 << (rows - 1).bit_length())
 
 
-def _check_teacher(teacher, N: int, V: int, loss_type: str, device) -> str:
-    """The teacher's kind (``dense``, ``topk``, ``linear``) after its shape and dtype checks."""
+def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str) -> str:
+    """The teacher's kind (``dense``, ``topk``, ``linear``) after its shape, dtype and device checks
+    against the student's ``hidden`` ``[N, H]`` and ``V`` actions."""
+    N = hidden.shape[0]
     if isinstance(teacher, TopKTeacher):
         if loss_type not in TOPK_LOSS_TYPES:
             raise ValueError(f"a TopKTeacher supports loss_type in {TOPK_LOSS_TYPES}, got {loss_type!r}.")
-        check_topk_teacher(teacher.index, teacher.logprob, N, V, device)
+        check_topk_teacher(teacher.index, teacher.logprob, V, hidden, "hidden")
         return "topk"
     if isinstance(teacher, LinearTeacher):
         require_float(teacher.hidden, "teacher.hidden")
@@ -94,14 +97,14 @@ def _check_teacher(teacher, N: int, V: int, loss_type: str, device) -> str:
             require_float(teacher.bias, "teacher.bias")
             if tuple(teacher.bias.shape) != (V,):
                 raise ValueError(f"teacher.bias must have shape [V] = ({V},), got {tuple(teacher.bias.shape)}.")
-        require_same_device({"hidden": torch.empty(0, device=device), "teacher.hidden": teacher.hidden,
+        require_same_device({"hidden": hidden, "teacher.hidden": teacher.hidden,
                              "teacher.weight": teacher.weight, "teacher.bias": teacher.bias})
         return "linear"
     if isinstance(teacher, torch.Tensor):
         require_float(teacher, "teacher")
         if tuple(teacher.shape) != (N, V):
             raise ValueError(f"a dense teacher must have shape [N, V] = [{N}, {V}], got {tuple(teacher.shape)}.")
-        require_same_device({"hidden": torch.empty(0, device=device), "teacher": teacher})
+        require_same_device({"hidden": hidden, "teacher": teacher})
         return "dense"
     raise TypeError("teacher must be a dense [N, V] tensor, a fusedloss.TopKTeacher or a fusedloss.LinearTeacher, "
                     f"got {type(teacher).__name__}.")
@@ -116,8 +119,9 @@ def _teacher_chunk(kind: str, teacher, r0: int, r1: int):
     return logits if teacher.bias is None else logits + teacher.bias.detach()
 
 
-def _chunk_loss_grad(kind, t_chunk, z, opts, triton_path: bool):
-    """Per-row losses (fp32) of one chunk of student logits ``z`` and their gradient ``d(Σ rows)/dz``."""
+def _chunk_loss_grad(kind, t_chunk, z, opts, triton_path: bool, need_grad: bool = True):
+    """Per-row losses (fp32) of one chunk of student logits ``z`` and their gradient ``d(Σ rows)/dz``
+    (None on the reference path when ``need_grad`` is False; the kernel writes it in its one pass)."""
     loss_type, temperature, eps, beta = opts
     if triton_path:
         from ..kernels import sp as kernels
@@ -126,12 +130,12 @@ def _chunk_loss_grad(kind, t_chunk, z, opts, triton_path: bool):
             return kernels.sp_topk_fwd(t_chunk[0], t_chunk[1], z, loss_type, temperature)
         return kernels.sp_fwd(t_chunk, z, loss_type, temperature, eps, js_beta=beta)
     with torch.enable_grad():
-        zz = z.detach().requires_grad_(True)
+        zz = z.detach().requires_grad_(need_grad)
         if kind == "topk":
             rows = sp_topk_reference(t_chunk[0], t_chunk[1], zz, loss_type, temperature)
         else:
             rows = sp_reference(t_chunk, zz, loss_type, temperature, eps, beta)
-        (g,) = torch.autograd.grad(rows.sum(), zz)
+        g = torch.autograd.grad(rows.sum(), zz)[0] if need_grad else None
     return rows.detach(), g
 
 
@@ -158,7 +162,7 @@ def _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_p
         z = h @ w_det.T
         if b_det is not None:
             z = z + b_det
-        rows_c, g = _chunk_loss_grad(kind, _teacher_chunk(kind, teacher, r0, r1), z, opts, triton_path)
+        rows_c, g = _chunk_loss_grad(kind, _teacher_chunk(kind, teacher, r0, r1), z, opts, triton_path, any(want))
         del z
         scale = None if row_weight is None else row_weight[r0:r1].to(acc)
         if scale is not None:
@@ -260,19 +264,16 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     if loss_type not in SP_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {SP_LOSS_TYPES}, got {loss_type!r}.")
     _check_options(loss_type, temperature, label_smoothing, js_beta)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    check_reduction(reduction)
+    check_row_weight(row_weight, hidden, "row_weight", "hidden")
     if row_weight is not None:
-        require_float(row_weight, "row_weight")
-        if tuple(row_weight.shape) != (N,):
-            raise ValueError(f"row_weight must have shape [N] = ({N},), got {tuple(row_weight.shape)}.")
         row_weight = row_weight.detach()
     if chunk_size is None:
         chunk_size = default_chunk_size(N, V, H)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
-    require_same_device({"hidden": hidden, "weight": weight, "bias": bias, "row_weight": row_weight})
-    kind = _check_teacher(teacher, N, V, loss_type, hidden.device)
+    require_same_device({"hidden": hidden, "weight": weight, "bias": bias})
+    kind = _check_teacher(teacher, hidden, V, loss_type)
     floats = [hidden, weight] + ([teacher] if kind == "dense" else [teacher.logprob] if kind == "topk" else [])
     triton_path = resolve_backend(backend, "sp", *floats) is Backend.TRITON
     opts = (loss_type, float(temperature), float(label_smoothing), float(js_beta))
@@ -308,8 +309,7 @@ class SpLinearLossConfig(LossConfig):
 
     def check_values(self) -> None:
         _check_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}.")
+        check_reduction(self.reduction)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be None or an integer >= 1, got {self.chunk_size!r}.")
         check_config_common(self.backend)
@@ -327,40 +327,3 @@ class SpLinearLoss(ConfigLoss):
         return sp_linear_loss(hidden, weight, teacher, c.loss_type, c.temperature, c.label_smoothing, c.js_beta,
                               bias=bias, reduction=c.reduction, row_weight=row_weight, chunk_size=c.chunk_size,
                               backend=c.backend, check_inputs=c.check_inputs)
-
-
-@dataclasses.dataclass
-class SpTopKLossConfig(LossConfig):
-    """Configuration of :class:`SpTopKLoss` (the options of :func:`fusedloss.sp_topk_loss`)."""
-
-    loss_type: str = "kl-fwd"
-    """The sp loss type (see :func:`sp_linear_loss` and :func:`fusedloss.sp_topk_loss`)."""
-    temperature: float = 1.0
-    """Divides the teacher's values only (> 0)."""
-    reduction: str = "mean"
-    """``"mean"`` (over rows), ``"sum"`` or ``"none"``."""
-    backend: str = "auto"
-    """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
-    check_inputs: bool = True
-    """Check the teacher's values with one host sync (False: no sync)."""
-
-    def check_values(self) -> None:
-        from .sp import _check_topk_options
-
-        _check_topk_options(self.loss_type, self.temperature, self.reduction)
-        check_config_common(self.backend)
-
-
-class SpTopKLoss(ConfigLoss):
-    """``nn.Module`` form of :func:`fusedloss.sp_topk_loss`: ``forward(teacher_index,
-    teacher_logprob, logits, weight=None)``."""
-
-    config_cls = SpTopKLossConfig
-
-    def forward(self, teacher_index, teacher_logprob, logits, weight=None):
-        from .sp import sp_topk_loss
-
-        c = self.cfg
-        c.validate()
-        return sp_topk_loss(teacher_index, teacher_logprob, logits, c.loss_type, c.temperature, reduction=c.reduction,
-                            weight=weight, backend=c.backend, check_inputs=c.check_inputs)

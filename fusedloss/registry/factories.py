@@ -11,8 +11,8 @@ from ..losses._common import check_field_types
 from ..losses.dqn import DqnLoss, DqnLossConfig
 from ..losses.moe import RouterZLoss, SwitchLoadBalancingLoss
 from ..losses.sinkhorn import KOTSinkhornLoss, SinkhornOptions
-from ..losses.sp import SpLoss, SpLossConfig
-from ..losses.sp_linear import SpLinearLoss, SpLinearLossConfig, SpTopKLoss, SpTopKLossConfig
+from ..losses.sp import SpLoss, SpLossConfig, SpTopKLoss, SpTopKLossConfig
+from ..losses.sp_linear import SpLinearLoss, SpLinearLossConfig
 from ..losses.sv import SvLoss, SvLossConfig
 from ..losses.vec_dqn import VecDqnLoss, VecDqnLossConfig
 from ._registry import LOSS_BUILDER_REGISTRY
