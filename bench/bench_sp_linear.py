@@ -13,6 +13,7 @@ import torch
 
 import fusedloss as fl
 from _common import CUDA, DEVICE, need_triton, run_benchmark, sync
+from fusedloss.testing import make_topk_inputs
 
 if CUDA:
     LINEAR_SHAPES = [(8192, 4096, 128256)]  # a Llama-3-like head
@@ -73,20 +74,12 @@ def bench_sp_linear_js_fwd_bwd(benchmark, dtype, shape, provider):
                   dtype=str(dtype)[6:], flops=4 * 2 * N * H * V)
 
 
-def _topk_inputs(N, V, k, dtype):
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    idx = torch.rand(N, V, generator=g, device=DEVICE).topk(k, dim=-1).indices
-    logprob = torch.log_softmax(torch.randn(N, k, generator=g, device=DEVICE), -1).to(dtype)
-    z = torch.randn(N, V, generator=g, device=DEVICE).to(dtype).requires_grad_(True)
-    return idx, logprob, z
-
-
 @pytest.mark.parametrize("provider", ["fused", "eager"])
 @pytest.mark.parametrize("shape", TOPK_SHAPES, ids=lambda s: "N{}-V{}-k{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def bench_sp_topk_fwd_bwd(benchmark, dtype, shape, provider):
     N, V, k = shape
-    idx, logprob, z = _topk_inputs(N, V, k, dtype)
+    idx, logprob, z = make_topk_inputs(N, V, k, dtype, DEVICE, seed=0)
     if provider == "fused":
         need_triton()
     backend = "triton" if provider == "fused" else "torch"

@@ -107,12 +107,7 @@ def _cases(small: bool) -> list[Case]:
     k = 16 if small else 64
 
     def make_topk(dtype, device):
-        g = torch.Generator(device=device).manual_seed(7)
-        idx = torch.rand(N, V, generator=g, device=device).topk(k, dim=-1).indices
-        idx[::3, k // 2:] = -1
-        logprob = torch.log_softmax(torch.randn(N, k, generator=g, device=device, dtype=torch.float64), -1)
-        _, logits = T.make_sp_inputs(N, V, dtype, device, seed=8)
-        return idx, logprob.to(dtype), logits
+        return T.make_topk_inputs(N, V, k, dtype, device, seed=7, unused=0.3)
 
     for lt in ("kl-fwd", "ce-soft-fwd"):
         def call_topk(args, backend, _lt=lt):

@@ -14,6 +14,7 @@ __all__ = [
     "make_dqn_inputs",
     "make_vec_dqn_inputs",
     "make_sp_inputs",
+    "make_topk_inputs",
     "make_router_logits",
     "make_sinkhorn_inputs",
     "max_abs_error",
@@ -103,6 +104,23 @@ def make_sp_inputs(N=6, A=10, dtype=torch.float32, device="cpu", seed=None, pad_
         q = q.masked_fill(pad, float("-inf"))
     logits = _randn((N, A), g, dtype, device, scale).requires_grad_(True)
     return q.to(dtype=dtype, device=device), logits
+
+
+def make_topk_inputs(N=6, V=40, k=5, dtype=torch.float32, device="cpu", seed=None, unused=0.0, scale=2.0):
+    """``(teacher_index, teacher_logprob, logits)`` for :func:`fusedloss.sp_topk_loss`: ``k``
+    distinct indices per row, ``unused`` of the slots set to -1 (slot 0 of row 0 always kept; with
+    ``unused > 0`` and ``N > 2``, row 2 has no used slot), normalised log-probabilities ``[N, k]``
+    and student logits ``[N, V]`` that require grad."""
+    g = _gen(seed, device)
+    idx = torch.rand((N, V), generator=g, device=g.device).topk(k, dim=-1).indices
+    drop = torch.rand((N, k), generator=g, device=g.device) < unused
+    drop[0, 0] = False
+    if unused > 0 and N > 2:
+        drop[2] = True
+    idx = idx.masked_fill(drop, -1)
+    logprob = torch.log_softmax(_randn((N, k), g, torch.float64, device, scale), dim=-1).to(dtype)
+    logits = _randn((N, V), g, dtype, device, scale).requires_grad_(True)
+    return idx.to(device), logprob, logits
 
 
 def make_router_logits(T=16, E=8, dtype=torch.float32, device="cpu", seed=None):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss.testing import make_dqn_inputs, make_sp_inputs
+from fusedloss.testing import make_dqn_inputs, make_sp_inputs, make_topk_inputs
 
 pytest.importorskip("triton")
 
@@ -41,8 +41,7 @@ def test_sp_and_topk_kernel_paths_compile_fullgraph(device):
     # The mean over rows runs as a PyTorch op, which inductor fuses: equal to the last bits only.
     _compiled_equals_eager(lambda z: fl.sp_js_loss(q, z, 1.3, beta=0.3, backend="triton", check_inputs=False), z,
                            exact=False)
-    idx = torch.stack([torch.randperm(37, device=device)[:5] for _ in range(6)])
-    lp = torch.log_softmax(torch.randn(6, 5, device=device), -1)
+    idx, lp, _ = make_topk_inputs(6, 37, 5, torch.float32, device, unused=0.3)
     _compiled_equals_eager(lambda z: fl.sp_topk_loss(idx, lp, z, "kl-fwd", backend="triton", check_inputs=False), z,
                            exact=False)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss.testing import assert_close_to_float64, make_sp_inputs, nan_like
+from fusedloss.testing import assert_close_to_float64, make_sp_inputs, make_topk_inputs, nan_like
 
 BETAS = [0.1, 0.5, 0.9]
 
@@ -108,19 +108,8 @@ def test_js_beta_public_paths_agree(device):
 
 # ---------------------------------------------------------------- top-k teacher
 
-def make_topk(N, V, k, dtype=torch.float32, device="cpu", unused=0.3, seed=0, scale=2.0):
-    """A top-k teacher: distinct indices per row, ``unused`` of the slots set to -1 (row 0 keeps
-    one used slot at least; with N > 2, row 2 has none), and student logits ``[N, V]``."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
-    drop = torch.rand(N, k, generator=g) < unused
-    drop[0, 0] = False
-    idx = idx.masked_fill(drop, -1)
-    if N > 2:
-        idx[2] = -1
-    logprob = torch.log_softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * scale, -1).gather(-1, idx.clamp(min=0))
-    z = (torch.randn(N, V, generator=g, dtype=torch.float64) * scale)
-    return idx.to(device), logprob.to(dtype).to(device), z.to(dtype).to(device).requires_grad_(True)
+def make_topk(N, V, k, dtype=torch.float32, device="cpu", unused=0.3, seed=0):
+    return make_topk_inputs(N, V, k, dtype, device, seed=seed, unused=unused)
 
 
 def dense_topk(idx, logprob, z, loss_type, T):
@@ -449,11 +438,7 @@ def test_topk_full_sizes_cuda(shape):
     from fusedloss.kernels import sp as K
 
     N, V, k = shape
-    g = torch.Generator(device="cuda").manual_seed(0)
-    idx = torch.rand(N, V, generator=g, device="cuda").topk(k, dim=-1).indices
-    idx[::5, k // 2:] = -1
-    lp = torch.log_softmax(torch.randn(N, k, generator=g, device="cuda"), -1).to(torch.bfloat16)
-    z = torch.randn(N, V, generator=g, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    idx, lp, z = make_topk(N, V, k, torch.bfloat16, "cuda", unused=0.2)
     rows, grad = K.sp_topk_fwd(idx, lp, z.detach(), "kl-fwd", 1.2)
     ref = fl.sp_topk_reference(idx, lp, z, "kl-fwd", 1.2)
     (g_ref,) = torch.autograd.grad(ref.sum(), z)
