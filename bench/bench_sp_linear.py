@@ -13,7 +13,7 @@ import torch
 
 import fusedloss as fl
 from _common import CUDA, DEVICE, need_triton, run_benchmark, sync
-from fusedloss.testing import make_topk_inputs
+from fusedloss.testing import make_sp_linear_inputs, make_topk_inputs
 
 if CUDA:
     LINEAR_SHAPES = [(8192, 4096, 128256)]  # a Llama-3-like head
@@ -23,18 +23,6 @@ else:  # smoke test under the interpreter
     LINEAR_SHAPES = [(6, 8, 40)]
     TOPK_SHAPES = [(5, 40, 4)]
     DTYPES = [torch.float32]
-
-
-def _linear_inputs(N, H, V, dtype):
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device=DEVICE, dtype=torch.float32) * scale).to(dtype)
-
-    hidden = rnd(N, H).requires_grad_(True)
-    weight = rnd(V, H, scale=H ** -0.5).requires_grad_(True)
-    teacher = fl.LinearTeacher(rnd(N, H), rnd(V, H, scale=H ** -0.5))
-    return hidden, weight, teacher
 
 
 def _linear_step(provider, hidden, weight, teacher):
@@ -62,7 +50,7 @@ def _linear_step(provider, hidden, weight, teacher):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def bench_sp_linear_js_fwd_bwd(benchmark, dtype, shape, provider):
     N, H, V = shape
-    hidden, weight, teacher = _linear_inputs(N, H, V, dtype)
+    hidden, weight, _, teacher, _ = make_sp_linear_inputs(N, H, V, "linear", dtype, DEVICE, seed=0)
     loss_fn = _linear_step(provider, hidden, weight, teacher)
 
     def step():

@@ -118,11 +118,8 @@ def _cases(small: bool) -> list[Case]:
     H = 8 if small else 64
 
     def make_linear(dtype, device):
-        q, _ = T.make_sp_inputs(N, V, dtype, device, seed=9, pad_frac=0.1)
-        g = torch.Generator(device=device).manual_seed(10)
-        hidden = torch.randn(N, H, generator=g, device=device, dtype=torch.float64).to(dtype).requires_grad_(True)
-        weight = (torch.randn(V, H, generator=g, device=device, dtype=torch.float64) * H ** -0.5).to(dtype)
-        return q, hidden, weight.requires_grad_(True)
+        hidden, weight, _, teacher, _ = T.make_sp_linear_inputs(N, H, V, "dense", dtype, device, seed=9, pad=0.1)
+        return teacher, hidden, weight
 
     def call_linear(args, backend):
         return fl.sp_linear_loss(args[1], args[2], args[0], "js", 1.2, 0.05, 0.3, chunk_size=max(1, N // 5),

@@ -15,6 +15,7 @@ __all__ = [
     "make_vec_dqn_inputs",
     "make_sp_inputs",
     "make_topk_inputs",
+    "make_sp_linear_inputs",
     "make_router_logits",
     "make_sinkhorn_inputs",
     "max_abs_error",
@@ -121,6 +122,42 @@ def make_topk_inputs(N=6, V=40, k=5, dtype=torch.float32, device="cpu", seed=Non
     logprob = torch.log_softmax(_randn((N, k), g, torch.float64, device, scale), dim=-1).to(dtype)
     logits = _randn((N, V), g, dtype, device, scale).requires_grad_(True)
     return idx.to(device), logprob, logits
+
+
+def make_sp_linear_inputs(N=8, H=4, V=40, teacher="linear", dtype=torch.float32, device="cpu", seed=None,
+                          bias=False, pad=0.2):
+    """``(hidden, weight, bias, teacher, row_weight)`` for :func:`fusedloss.sp_linear_loss`: the
+    student's ``[N, H]`` hidden states and ``[V, H]`` head (and ``[V]`` bias when ``bias``), all
+    requiring grad; ``teacher`` ``"dense"`` (``[N, V]`` values, ``pad`` of them ``-inf``, never a
+    whole row), ``"topk"`` (a :class:`~fusedloss.TopKTeacher` of ``min(6, V)`` slots) or
+    ``"linear"`` (a :class:`~fusedloss.LinearTeacher` of width ``H + 2`` with a bias); and
+    ``row_weight`` ``[N]`` in ``[0.5, 1.5)`` with row 1 (when ``N > 1``) at 0."""
+    from .losses.sp_linear import LinearTeacher, TopKTeacher
+
+    g = _gen(seed, device)
+    head = 2.0 * H**-0.5  # logits of order 1..2
+    hidden = _randn((N, H), g, dtype, device).requires_grad_(True)
+    weight = _randn((V, H), g, dtype, device, head).requires_grad_(True)
+    b = _randn((V,), g, dtype, device, 0.5).requires_grad_(True) if bias else None
+    if teacher == "dense":
+        values = _randn((N, V), g, dtype, device, 2.0)
+        holes = torch.rand((N, V), generator=g, device=g.device) < pad
+        holes[:, 0] = False
+        t = values.masked_fill(holes.to(device), float("-inf"))
+    elif teacher == "topk":
+        idx, lp, _ = make_topk_inputs(N, V, min(6, V), dtype, device, seed=None if seed is None else seed + 1,
+                                      unused=0.3)
+        t = TopKTeacher(idx, lp)
+    elif teacher == "linear":
+        Ht = H + 2
+        t = LinearTeacher(_randn((N, Ht), g, dtype, device), _randn((V, Ht), g, dtype, device, 2.0 * Ht**-0.5),
+                          _randn((V,), g, dtype, device, 0.5))
+    else:
+        raise ValueError(f"teacher must be 'dense', 'topk' or 'linear', got {teacher!r}.")
+    row_weight = (torch.rand(N, generator=g, device=g.device, dtype=torch.float64) + 0.5).to(dtype).to(device)
+    if N > 1:
+        row_weight[1] = 0.0
+    return hidden, weight, b, t, row_weight
 
 
 def make_router_logits(T=16, E=8, dtype=torch.float32, device="cpu", seed=None):

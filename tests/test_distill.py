@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss.testing import assert_close_to_float64, make_sp_inputs, make_topk_inputs, nan_like
+from fusedloss.testing import (assert_close_to_float64, make_sp_inputs, make_sp_linear_inputs, make_topk_inputs,
+                               nan_like)
 
 BETAS = [0.1, 0.5, 0.9]
 
@@ -238,28 +239,8 @@ def test_topk_module_from_registry():
 
 # ---------------------------------------------------------------- fused linear
 
-def _linear_case(kind, N, H, V, dtype, device, bias, seed=0, pad=0.2):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
-
-    hidden = rnd(N, H).requires_grad_(True)
-    weight = rnd(V, H, scale=H ** -0.5 * 2).requires_grad_(True)
-    b = rnd(V, scale=0.5).requires_grad_(True) if bias else None
-    if kind == "dense":
-        teacher = rnd(N, V, scale=2.0)
-        holes = torch.rand(N, V, generator=g) < pad
-        holes[:, 0] = False
-        teacher = teacher.masked_fill(holes.to(device), float("-inf"))
-    elif kind == "topk":
-        idx, lp, _ = make_topk(N, V, min(6, V), dtype, device, seed=seed + 1)
-        teacher = fl.TopKTeacher(idx, lp)
-    else:
-        teacher = fl.LinearTeacher(rnd(N, H + 2), rnd(V, H + 2, scale=(H + 2) ** -0.5 * 2), rnd(V, scale=0.5))
-    row_weight = (torch.rand(N, generator=g, dtype=torch.float64) + 0.5).to(dtype).to(device)
-    row_weight[1] = 0.0
-    return hidden, weight, b, teacher, row_weight
+def _linear_case(kind, N, H, V, dtype, device, bias, seed=0):
+    return make_sp_linear_inputs(N, H, V, kind, dtype, device, seed=seed, bias=bias)
 
 
 def _materialised(hidden, weight, bias, teacher, loss_type, T, eps, beta, reduction, row_weight, dtype=None):
