@@ -32,7 +32,8 @@ import triton.language as tl
 from ._common import (AotVariant, constexpr_namespace, last_dim_contiguous, launcher, nanmax, nanmin,
                       no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
-__all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "sp_topk_fwd", "sp_topk_fused", "compile_variants"]
+__all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "sp_op", "sp_topk_fwd", "sp_topk_fused", "sp_topk_op",
+           "compile_variants"]
 
 
 class SpLossType(enum.IntEnum):
@@ -242,22 +243,40 @@ def _sp_bwd_kernel(g_ptr, scale_ptr, out_ptr, N, A, stride_g, stride_o,
 def _topk_teacher(idx_ptr, lp_ptr, row64, K, V, stride_i, stride_l, inv_t, BLOCK_K: tl.constexpr):
     """The teacher's used slots of one row (index in ``[0, V)``; ``-1`` marks an unused slot) and
     their ``p = softmax(logprob / T)`` and ``log p``, renormalised over the used slots; 0 elsewhere,
-    and 0 everywhere in a row with no used slot or whose used slots are all ``-inf``."""
+    and 0 everywhere in a row with no used slot or whose used slots are all ``-inf``. The row max
+    is subtracted before the temperature scales the differences, so values near ``finfo.min``
+    cannot overflow at ``T < 1``. A NaN or ``+inf`` at a used slot makes the row's ``p`` NaN."""
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < K
     idx = tl.load(idx_ptr + row64 * stride_i + offs_k, mask=kmask, other=-1).to(tl.int64)
     used = kmask & (idx >= 0) & (idx < V)  # an index out of range is reported by the caller, never read
-    x = tl.where(used, tl.load(lp_ptr + row64 * stride_l + offs_k, mask=used, other=0.0).to(tl.float32) * inv_t,
+    v = tl.where(used, tl.load(lp_ptr + row64 * stride_l + offs_k, mask=used, other=0.0).to(tl.float32),
                  float("-inf"))
-    nan_probe = tl.sum(tl.where(x != x, x, 0.0), axis=0)  # tl.max skips NaN on the GPU
-    mx = tl.max(x, axis=0) + nan_probe
+    nan_probe = tl.sum(tl.where(v != v, v, 0.0), axis=0)  # tl.max skips NaN on the GPU
+    mx = tl.max(v, axis=0) + nan_probe
     mx = tl.where(mx == float("-inf"), 0.0, mx)  # no used slot, or all at -inf: no NaN from -inf - -inf
-    e = tl.where(used, tl.exp(x - mx), 0.0)
+    x = (v - mx) * inv_t
+    e = tl.where(used, tl.exp(x), 0.0)
     total = tl.sum(e, axis=0)
-    lse = tl.log(total)
-    p = tl.where(used & (e > 0), e / total, 0.0)  # every used slot at -inf: no mass, p = 0 (no 0/0)
-    lp = tl.where(used, x - mx - lse, 0.0)
+    # every used slot at -inf: no mass, p = 0 (no 0/0); a NaN total (NaN or +inf in) makes every p NaN
+    p = tl.where(used, e / tl.where(total != 0.0, total, float("inf")), 0.0)
+    lp = tl.where(used, x - tl.log(total), 0.0)
     return tl.where(used, idx, 0), used, p, lp
+
+
+@triton.jit
+def _slot_mass(idx, used, p, K, BLOCK_K: tl.constexpr):
+    """The teacher mass at each slot's action, summed over the slots that name it: ``p`` itself,
+    bit for bit, where an index is not repeated; the same sum at each of a repeated index's slots,
+    so that their gradient stores agree (a repeat is an error only with ``check_inputs``)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mass = tl.zeros([BLOCK_K], tl.float32)
+    for j in range(0, K):
+        at_j = offs_k == j
+        idx_j = tl.sum(tl.where(at_j, idx, 0), axis=0)
+        p_j = tl.sum(tl.where(at_j, p, 0.0), axis=0)  # 0 at an unused slot: adding it changes nothing
+        mass += tl.where(used & (idx == idx_j), p_j, 0.0)
+    return mass
 
 
 @triton.jit
@@ -268,8 +287,9 @@ def _sp_topk_fwd_kernel(
 ):
     """One row per program: the student's log-softmax over ``V`` (online max/sum over the tiles),
     ``kl-fwd`` (``Σ p (log p - log s[idx])``) or ``ce-soft-fwd`` (``-Σ p log s[idx]``) over the
-    teacher's ``k`` slots, and the gradient ``s·Σp - scatter(p)``: ``s`` is written over the row,
-    then, after a barrier, the ``k`` teacher slots are rewritten with ``s - p``."""
+    teacher's ``k`` slots, and the gradient ``s·Σp - scatter_add(p)``: ``s·Σp`` is written over the
+    row, then, after a barrier, the ``k`` teacher slots are rewritten with ``s·Σp`` minus the mass
+    of their action (:func:`_slot_mass`)."""
     row64 = tl.program_id(0).to(tl.int64)
     idx, used, p, lp = _topk_teacher(idx_ptr, lp_ptr, row64, K, V, stride_i, stride_l, inv_t, BLOCK_K)
     psum = tl.sum(p, axis=0)
@@ -301,9 +321,20 @@ def _sp_topk_fwd_kernel(
         row_loss = tl.sum(_wmul(p, lp - ls), axis=0)
     else:
         row_loss = tl.sum(_wmul(p, -ls), axis=0)
+    mass = _slot_mass(idx, used, p, K, BLOCK_K)
     tl.debug_barrier()  # the row's s·Σp stores land before the teacher slots are rewritten
-    tl.store(g_row + idx, (tl.exp(ls) * psum - p).to(grad_ptr.dtype.element_ty), mask=used)
+    tl.store(g_row + idx, (tl.exp(ls) * psum - mass).to(grad_ptr.dtype.element_ty), mask=used)
     tl.store(loss_ptr + row64, row_loss)
+
+
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _inv_temperature(temperature: float) -> float:
+    """``1/T`` as the kernels' fp32 scalar, at most ``finfo(float32).max``: below ``T ~ 3e-39`` it
+    would overflow to inf and make ``0·inf = NaN`` at the row max; the largest finite factor still
+    gives the one-hot teacher that the limit ``T -> 0`` is."""
+    return min(1.0 / float(temperature), _FP32_MAX)
 
 
 def _fwd_tiles(A: int, max_block: int = MAX_BLOCK):
@@ -346,7 +377,8 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     constexprs, warps = _fwd_constexprs(loss_type, label_smoothing, A, max_block)
     _sp_fwd_kernel[(triton.cdiv(N, constexprs["ROWS"]),)](
         q, z, loss, grad, N, A, q.stride(0), z.stride(0), grad.stride(0),
-        1.0 / temperature, float(label_smoothing), float(js_beta), math.log(js_beta), math.log1p(-js_beta),
+        _inv_temperature(temperature), float(label_smoothing), float(js_beta), math.log(js_beta),
+        math.log1p(-js_beta),
         num_warps=warps, **constexprs,
     )
     return loss, grad
@@ -382,7 +414,8 @@ def sp_topk_fwd(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, los
     constexprs, warps = _topk_constexprs(loss_type, K, V, max_block)
     if N:
         _sp_topk_fwd_kernel[(N,)](index, logprob, z, loss, grad, V, K, index.stride(0), logprob.stride(0),
-                                  z.stride(0), grad.stride(0), 1.0 / temperature, num_warps=warps, **constexprs)
+                                  z.stride(0), grad.stride(0), _inv_temperature(temperature), num_warps=warps,
+                                  **constexprs)
     return loss, grad
 
 
@@ -469,6 +502,18 @@ def sp_fused(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: floa
     rows, _ = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing), max_block,
                          float(js_beta))
     return rows
+
+
+def sp_op(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
+          js_beta: float = 0.5):
+    """``(row_loss fp32 [N], grad [N, A])`` of :func:`sp_fwd` through its custom op, for callers
+    that use the gradient themselves (``sp_linear_loss``), so ``torch.compile`` traces the call."""
+    return _sp_fwd_op(q, z, loss_type, float(temperature), float(label_smoothing), MAX_BLOCK, float(js_beta))
+
+
+def sp_topk_op(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float):
+    """``(row_loss fp32 [N], grad [N, V])`` of :func:`sp_topk_fwd` through its custom op."""
+    return _sp_topk_fwd_op(index, logprob, z, loss_type, float(temperature), TOPK_MAX_BLOCK)
 
 
 def sp_topk_fused(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,

@@ -303,13 +303,14 @@ def sp_topk_reference(teacher_index: torch.Tensor, teacher_logprob: torch.Tensor
     cd = compute_dtype(teacher_logprob, logits)
     V = logits.shape[-1]
     used = (teacher_index >= 0) & (teacher_index < V)
-    x = (teacher_logprob.detach().to(cd) / temperature).masked_fill(~used, float("-inf"))
-    mx = x.amax(dim=-1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))  # all slots unused or -inf: p = 0, no NaN
-    e = (x - mx).exp()
+    v = teacher_logprob.detach().to(cd).masked_fill(~used, float("-inf"))
+    mx = v.amax(dim=-1, keepdim=True)  # NaN propagates; +inf stays and gives NaN below
+    mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)  # all slots unused or -inf: p = 0, no NaN
+    x = (v - mx) / temperature  # differences scaled, never the values: finfo.min rows cannot overflow at T < 1
+    e = x.exp()
     total = e.sum(dim=-1, keepdim=True)
-    p = torch.where(used & (total > 0), e / total, torch.zeros_like(e))
-    log_p = torch.where(used, x - mx - total.log(), torch.zeros_like(x))
+    p = torch.where(used & (total != 0), e / total, torch.zeros_like(e))  # NaN total (NaN/+inf in): NaN
+    log_p = torch.where(used, x - total.log(), torch.zeros_like(x))
     log_q = torch.log_softmax(logits.to(cd), dim=-1).gather(-1, teacher_index.clamp(0, V - 1).long())
     log_q = torch.where(used, log_q, torch.zeros_like(log_q))
     if loss_type == "kl-fwd":
@@ -338,10 +339,9 @@ def _topk_checks(index: torch.Tensor, logprob: torch.Tensor, V: int, name: str =
 def check_topk_teacher(index, logprob, V: int, like: torch.Tensor, like_name: str, name: str = "teacher") -> None:
     """Shape, dtype and device checks of a top-k teacher for the ``N`` rows of ``like`` (the
     student's logits ``[N, V]`` or hidden states ``[N, H]``), over ``V`` actions."""
-    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8,
-                                                                   torch.int8):
-        raise TypeError(f"{name}_index must be an integer tensor [N, k], got "
-                        f"{index.dtype if isinstance(index, torch.Tensor) else type(index).__name__}.")
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8):
+        raise TypeError(f"{name}_index must be a signed integer tensor [N, k] (int64, int32, int16 or int8: -1 marks "
+                        f"an unused slot), got {index.dtype if isinstance(index, torch.Tensor) else type(index).__name__}.")
     require_float(logprob, f"{name}_logprob")
     N = like.shape[0]
     if index.dim() != 2 or index.shape[0] != N or index.shape[1] < 1:
@@ -382,7 +382,10 @@ def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fw
     or ``"none"``. The teacher is never scattered into a dense ``[N, V]`` tensor; the kernel reads
     ``k`` values per row. ``check_inputs`` raises ``ValueError`` for an index outside
     ``[-1, V)``, a repeated index in a row, or NaN/+inf log-probabilities, with one host sync;
-    pass ``False`` for a sync-free call (bad indices are then ignored, never read).
+    pass ``False`` for a sync-free call. Then an index outside ``[0, V)`` is an unused slot
+    (never read), a repeated index is not an error (each slot is its own term of the loss, and
+    the gradient at that action sums them, on both paths), and a NaN or ``+inf`` log-probability
+    at a used slot makes the row's loss and gradient NaN, as in the dense losses.
     """
     require_float(logits, "logits")
     if logits.dim() != 2 or logits.shape[1] < 1 or logits.shape[0] == 0:

@@ -76,7 +76,7 @@ def default_chunk_size(N: int, V: int, H: int) -> int:
     return min(N, 1 << (rows - 1).bit_length())
 
 
-def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str) -> str:
+def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str, label_smoothing: float = 0.0) -> str:
     """The teacher's kind (``dense``, ``topk``, ``linear``) after its shape, dtype and device checks
     against the student's ``hidden`` ``[N, H]`` and ``V`` actions."""
     N = hidden.shape[0]
@@ -84,6 +84,11 @@ def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str) -> str
         if loss_type not in TOPK_LOSS_TYPES:
             raise ValueError(f"a TopKTeacher supports loss_type in {TOPK_LOSS_TYPES}, got {loss_type!r}.")
         check_topk_teacher(teacher.index, teacher.logprob, V, hidden, "hidden")
+        if label_smoothing != 0.0:
+            raise ValueError(f"label_smoothing must be 0 with a TopKTeacher, got {label_smoothing!r}: a teacher "
+                             "that kept k of V log-probabilities does not say where the smoothing mass of the "
+                             "other V - k actions would go. Smooth the teacher before taking its top k, or use a "
+                             "dense or linear teacher.")
         return "topk"
     if isinstance(teacher, LinearTeacher):
         require_float(teacher.hidden, "teacher.hidden")
@@ -97,6 +102,12 @@ def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str) -> str
             require_float(teacher.bias, "teacher.bias")
             if tuple(teacher.bias.shape) != (V,):
                 raise ValueError(f"teacher.bias must have shape [V] = ({V},), got {tuple(teacher.bias.shape)}.")
+        dtypes = {"teacher.hidden": teacher.hidden.dtype, "teacher.weight": teacher.weight.dtype}
+        if teacher.bias is not None:
+            dtypes["teacher.bias"] = teacher.bias.dtype
+        if len(set(dtypes.values())) > 1:
+            raise TypeError("a LinearTeacher's hidden, weight and bias must share a dtype, got "
+                            + ", ".join(f"{k} {v}" for k, v in dtypes.items()) + ".")
         require_same_device({"hidden": hidden, "teacher.hidden": teacher.hidden,
                              "teacher.weight": teacher.weight, "teacher.bias": teacher.bias})
         return "linear"
@@ -110,25 +121,37 @@ def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str) -> str
                     f"got {type(teacher).__name__}.")
 
 
-def _teacher_chunk(kind: str, teacher, r0: int, r1: int):
+def _teacher_tensors(kind: str, teacher) -> tuple:
+    """The teacher as three tensors (None where absent), so that autograd saves them for backward
+    and checks their version counters, and ``torch.compile`` sees plain arguments."""
     if kind == "dense":
-        return teacher[r0:r1].detach()
+        return teacher, None, None
     if kind == "topk":
-        return teacher.index[r0:r1], teacher.logprob[r0:r1].detach()
-    logits = teacher.hidden[r0:r1].detach() @ teacher.weight.detach().T
-    return logits if teacher.bias is None else logits + teacher.bias.detach()
+        return teacher.index, teacher.logprob, None
+    return teacher.hidden, teacher.weight, teacher.bias
+
+
+def _teacher_chunk(kind: str, t: tuple, r0: int, r1: int):
+    t0, t1, t2 = t
+    if kind == "dense":
+        return t0[r0:r1].detach()
+    if kind == "topk":
+        return t0[r0:r1], t1[r0:r1].detach()
+    logits = t0[r0:r1].detach() @ t1.detach().T
+    return logits if t2 is None else logits + t2.detach()
 
 
 def _chunk_loss_grad(kind, t_chunk, z, opts, triton_path: bool, need_grad: bool = True):
     """Per-row losses (fp32) of one chunk of student logits ``z`` and their gradient ``d(Σ rows)/dz``
-    (None on the reference path when ``need_grad`` is False; the kernel writes it in its one pass)."""
+    (None on the reference path when ``need_grad`` is False; the kernel writes it in its one pass).
+    The kernel runs through its custom ops, so ``torch.compile`` traces it."""
     loss_type, temperature, eps, beta = opts
     if triton_path:
         from ..kernels import sp as kernels
 
         if kind == "topk":
-            return kernels.sp_topk_fwd(t_chunk[0], t_chunk[1], z, loss_type, temperature)
-        return kernels.sp_fwd(t_chunk, z, loss_type, temperature, eps, js_beta=beta)
+            return kernels.sp_topk_op(t_chunk[0], t_chunk[1], z, loss_type, temperature)
+        return kernels.sp_op(t_chunk, z, loss_type, temperature, eps, beta)
     with torch.enable_grad():
         zz = z.detach().requires_grad_(need_grad)
         if kind == "topk":
@@ -147,7 +170,9 @@ def _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_p
           want=(True, True, True)):
     """One sweep over the chunks: per-row weighted losses and, where ``want`` asks, the gradients of
     ``Σ_r row_scale[r]·w[r]·L[r]`` with respect to ``hidden``, ``weight`` and ``bias``. A row whose
-    weight is 0 adds exactly 0 to all of them (even where its loss is NaN)."""
+    weight is 0 adds exactly 0 to all of them (even where its loss is NaN). The weight and bias
+    gradients are products and sums in fp32 (fp64 for fp64 inputs), whatever the input dtype: a
+    sum over ``N`` rows of fp16 products overflows long before the ``1/N`` of the mean."""
     N = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows = torch.empty(N, dtype=acc, device=hidden.device)
@@ -175,11 +200,10 @@ def _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_p
         if scale is not None:
             g = torch.where((scale == 0)[:, None], torch.zeros((), dtype=g.dtype, device=g.device),
                             g * scale[:, None].to(g.dtype))
-        g = g.to(hidden.dtype)
         if g_hidden is not None:
-            g_hidden[r0:r1] = g @ w_det
+            g_hidden[r0:r1] = g.to(hidden.dtype) @ w_det
         if g_weight is not None:
-            g_weight += (g.T @ h).to(acc)  # each chunk's product in the input dtype, summed in fp32
+            g_weight.addmm_(g.to(acc).T, h.to(acc))
         if g_bias is not None:
             g_bias += g.to(acc).sum(dim=0)
         del g
@@ -187,20 +211,26 @@ def _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_p
 
 
 class _SpLinearFunction(torch.autograd.Function):
+    """Everything backward reads goes through ``save_for_backward``: autograd frees it after the
+    first backward (a second one raises, as for any autograd graph) and raises when a saved tensor,
+    the teacher's included, was modified in place in between."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, row_weight, kind, teacher, opts, reduction, chunk, triton_path, grad_mode):
+    def forward(ctx, hidden, weight, bias, row_weight, t0, t1, t2, kind, opts, reduction, chunk, triton_path,
+                grad_mode):
+        teacher = (t0, t1, t2)
         want = tuple(bool(n) and grad_mode for n in ctx.needs_input_grad[:3])  # nothing under no_grad
         ctx.reduction, ctx.want, ctx.dtypes = reduction, want, (hidden.dtype, weight.dtype,
                                                                 None if bias is None else bias.dtype)
         if reduction == "none":  # per-row upstream gradients: backward recomputes the chunks
             rows, *_ = _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_path,
                              want=(False, False, False))
-            ctx.save_for_backward(hidden, weight, bias, row_weight)
-            ctx.args = (kind, teacher, opts, chunk, triton_path)
+            ctx.save_for_backward(hidden, weight, bias, row_weight, t0, t1, t2)
+            ctx.args = (kind, opts, chunk, triton_path)
             return rows
         rows, gh, gw, gb = _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_path,
                                  want=want)
-        ctx.grads = (gh, gw, gb)
+        ctx.save_for_backward(gh, gw, gb)
         ctx.inv_n = 1.0 / hidden.shape[0] if reduction == "mean" else 1.0
         return rows.sum() * ctx.inv_n
 
@@ -211,13 +241,13 @@ class _SpLinearFunction(torch.autograd.Function):
                                "are computed chunk by chunk without a graph. Use the materialised sp losses for "
                                "higher-order derivatives.")
         if ctx.reduction == "none":
-            hidden, weight, bias, row_weight = ctx.saved_tensors
-            kind, teacher, opts, chunk, triton_path = ctx.args
-            _, gh, gw, gb = _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_path,
+            hidden, weight, bias, row_weight, t0, t1, t2 = ctx.saved_tensors
+            kind, opts, chunk, triton_path = ctx.args
+            _, gh, gw, gb = _pass(hidden, weight, bias, kind, (t0, t1, t2), row_weight, opts, chunk, triton_path,
                                   row_scale=grad_out, want=ctx.want)
             scale = None
         else:
-            gh, gw, gb = ctx.grads
+            gh, gw, gb = ctx.saved_tensors
             scale = grad_out * ctx.inv_n  # a 0-dim device tensor: no sync
         out = []
         for g, dtype in zip((gh, gw, gb), ctx.dtypes):
@@ -225,7 +255,7 @@ class _SpLinearFunction(torch.autograd.Function):
                 out.append(None)
             else:
                 out.append((g if scale is None else g.to(scale.dtype) * scale).to(dtype))
-        return (*out, None, None, None, None, None, None, None, None)
+        return (*out,) + (None,) * 10
 
 
 def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float = 1.0, label_smoothing: float = 0.0,
@@ -273,12 +303,12 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
     require_same_device({"hidden": hidden, "weight": weight, "bias": bias})
-    kind = _check_teacher(teacher, hidden, V, loss_type)
+    kind = _check_teacher(teacher, hidden, V, loss_type, label_smoothing)
     floats = [hidden, weight] + ([teacher] if kind == "dense" else [teacher.logprob] if kind == "topk" else [])
     triton_path = resolve_backend(backend, "sp", *floats) is Backend.TRITON
     opts = (loss_type, float(temperature), float(label_smoothing), float(js_beta))
-    loss = _SpLinearFunction.apply(hidden, weight, bias, row_weight, kind, teacher, opts, reduction, chunk_size,
-                                   triton_path, torch.is_grad_enabled())
+    loss = _SpLinearFunction.apply(hidden, weight, bias, row_weight, *_teacher_tensors(kind, teacher), kind, opts,
+                                   reduction, chunk_size, triton_path, torch.is_grad_enabled())
     if check_inputs and kind == "dense":
         finalize_metrics({}, _q_star_checks(teacher, "teacher"), "float")
     elif check_inputs and kind == "topk":

@@ -1,0 +1,159 @@
+"""Regression tests for the faults of issue 21 (reliability, round 2), numbered as in the issue.
+Each failed before its fix. Kernel paths run on CUDA when present, else under TRITON_INTERPRET=1."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fusedloss as fl
+from fusedloss.testing import assert_close_to_float64, make_dqn_inputs, make_sp_inputs, make_topk_inputs
+
+triton = pytest.importorskip("triton")
+BACKENDS = ["torch", "triton"]
+
+
+def _grad(loss, x):
+    (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+# 1. The fp16 weight gradient of sp_linear_loss is summed in fp32: no overflow before the 1/N.
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sp_linear_fp16_weight_gradient_does_not_overflow(backend, device):
+    N, H, V = 2048, 64, 16
+    g = torch.Generator().manual_seed(0)
+    hidden = (40.0 + torch.randn(N, H, generator=g)).to(device)
+    weight = (0.01 * torch.randn(V, H, generator=g)).to(device)
+    teacher = torch.zeros((N, V), device=device)
+    teacher[:, 3] = 40.0  # one-hot: every row's teacher on action 3
+    grads = {}
+    for dtype in (torch.float16, torch.float64):
+        w = weight.to(dtype).requires_grad_(True)
+        b = "torch" if dtype == torch.float64 else backend
+        loss = fl.sp_linear_loss(hidden.to(dtype), w, teacher.to(dtype), "kl-fwd", backend=b, chunk_size=256)
+        grads[dtype] = _grad(loss, w)
+    g16, g64 = grads[torch.float16].double(), grads[torch.float64]
+    assert torch.isfinite(g16).all()
+    assert float(g64.abs().max()) > 1.0  # the case is the issue's: a gradient of about -37
+    assert float((g16 - g64).abs().max()) <= 2e-3 * float(g64.abs().max())
+
+
+# 2. A TopKTeacher with label smoothing raises: where the smoothing mass goes is undefined.
+def test_sp_linear_topk_teacher_rejects_label_smoothing():
+    hidden, weight, _, teacher, _ = fl.testing.make_sp_linear_inputs(6, 4, 20, "topk", seed=0)
+    with pytest.raises(ValueError, match="label_smoothing must be 0 with a TopKTeacher"):
+        fl.sp_linear_loss(hidden, weight, teacher, "kl-fwd", label_smoothing=0.3)
+
+
+# 3. NaN or +inf teacher log-probabilities at a used slot, unchecked: NaN out, on both paths.
+@pytest.mark.parametrize("special", ["nan", "inf"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sp_topk_unchecked_non_finite_teacher_gives_nan(special, backend, device):
+    idx, lp, z = make_topk_inputs(4, 30, 5, device=device, seed=3)
+    lp = lp.clone()
+    lp[1, 2] = float(special)
+    rows = fl.sp_topk_loss(idx, lp, z, reduction="none", backend=backend, check_inputs=False)
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2, 3]]).all()
+    g = _grad(rows.sum(), z)
+    assert torch.isnan(g[1]).all() and torch.isfinite(g[[0, 2, 3]]).all()
+    # A NaN at an unused slot is never read.
+    lp2, idx2 = lp.clone(), idx.clone()
+    lp2[1, 2], idx2[1, 2] = float(special), -1
+    assert torch.isfinite(fl.sp_topk_loss(idx2, lp2, z, backend=backend, check_inputs=False))
+
+
+# 6. A repeated top-k index (unchecked): each slot is a term, and the gradient sums them, on both paths.
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sp_topk_duplicate_index_gradient(backend, device):
+    idx, lp, z = make_topk_inputs(3, 9, 3, dtype=torch.float64 if backend == "torch" else torch.float32,
+                                  device=device, seed=4)
+    idx = idx.clone()
+    idx[0] = torch.tensor([1, 1, 4])
+    got = _grad(fl.sp_topk_loss(idx, lp, z, backend=backend, check_inputs=False), z)
+    z64 = z.detach().double()
+
+    def f(x):
+        return fl.sp_topk_loss(idx, lp.double(), x, backend="torch", check_inputs=False)
+
+    h = 1e-6
+    e = torch.zeros_like(z64)
+    e[0, 1] = h
+    central = (f(z64 + e) - f(z64 - e)) / (2 * h)
+    assert abs(float(got[0, 1]) - float(central)) < 1e-5
+    want = _grad(f(z64.requires_grad_(True)), z64)
+    assert_close_to_float64(got, got if backend == "torch" else want.float(), want, got.dtype, "gradient")
+
+
+# 7. reduction="none": backward re-reads the teacher, so changing it in place in between raises.
+@pytest.mark.parametrize("kind", ["dense", "topk", "linear"])
+def test_sp_linear_none_detects_teacher_modified_in_place(kind):
+    hidden, weight, _, teacher, _ = fl.testing.make_sp_linear_inputs(6, 4, 20, kind, seed=1)
+    rows = fl.sp_linear_loss(hidden, weight, teacher, "kl-fwd", reduction="none", backend="torch")
+    with torch.no_grad():
+        {"dense": lambda: teacher, "topk": lambda: teacher.logprob, "linear": lambda: teacher.hidden}[kind]().mul_(-3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        rows.sum().backward()
+
+
+# 8. The top-k temperature scales differences from the row max, not the values.
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sp_topk_temperature_of_huge_negative_values(backend, device):
+    z = torch.randn(1, 6, generator=torch.Generator().manual_seed(5)).to(device)
+    idx = torch.tensor([[0, 3, 5]], device=device)
+    lp = torch.tensor([[-3e38, -3.2e38, -3.3e38]], device=device)
+    shifted = fl.sp_topk_loss(idx, lp + 3e38, z, temperature=0.5, backend=backend)
+    huge = fl.sp_topk_loss(idx, lp, z, temperature=0.5, backend=backend)
+    assert torch.isfinite(huge) and float(huge) > 1.0
+    assert abs(float(huge) - float(shifted)) <= 1e-5 * abs(float(shifted))
+
+
+# 10. A temperature so small that 1/T overflows fp32 gives the one-hot teacher, not NaN.
+@pytest.mark.parametrize("loss_type", ["kl-fwd", "ce-soft-fwd", "js"])
+def test_sp_tiny_temperature(loss_type, device):
+    q, z = make_sp_inputs(4, 9, device=device, seed=6)
+    out = {b: fl.sp_loss({"q_star": q}, z, fl.SpLossConfig(loss_type=loss_type, temperature=1e-39, backend=b))[0]
+           for b in BACKENDS}
+    assert torch.isfinite(out["triton"])
+    assert abs(float(out["triton"]) - float(out["torch"])) <= 1e-5 * max(1.0, abs(float(out["torch"])))
+    idx, lp, zt = make_topk_inputs(4, 12, 4, device=device, seed=7)
+    topk = {b: fl.sp_topk_loss(idx, lp, zt, temperature=1e-39, backend=b) for b in BACKENDS}
+    assert torch.isfinite(topk["triton"])
+    assert abs(float(topk["triton"]) - float(topk["torch"])) <= 1e-5 * max(1.0, abs(float(topk["torch"])))
+
+
+# 15. Unsigned index tensors cannot hold -1 (an unused slot): rejected up front, not a false range error.
+def test_topk_unsigned_index_is_rejected():
+    idx, lp, z = make_topk_inputs(3, 20, 4, seed=8)
+    with pytest.raises(TypeError, match="signed integer tensor"):
+        fl.sp_topk_loss(idx.to(torch.uint8), lp, z)
+    hidden, weight, _, _, _ = fl.testing.make_sp_linear_inputs(3, 4, 20, "dense", seed=8)
+    with pytest.raises(TypeError, match="signed integer tensor"):
+        fl.sp_linear_loss(hidden, weight, fl.TopKTeacher(idx.to(torch.uint8), lp), "kl-fwd")
+
+
+# 16. sp_linear_loss frees its gradient buffers in backward; a second backward raises.
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_sp_linear_second_backward_raises(reduction):
+    hidden, weight, _, teacher, _ = fl.testing.make_sp_linear_inputs(6, 4, 20, "linear", seed=2)
+    loss = fl.sp_linear_loss(hidden, weight, teacher, "kl-fwd", reduction=reduction, backend="torch").sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+def test_sp_linear_frees_saved_buffers_after_backward():
+    hidden, weight, _, teacher, _ = fl.testing.make_sp_linear_inputs(6, 4, 20, "linear", seed=2)
+    loss = fl.sp_linear_loss(hidden, weight, teacher, "kl-fwd", backend="torch")
+    assert any(t is not None and t.shape == weight.shape for t in loss.grad_fn.saved_tensors)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="freed"):
+        loss.grad_fn.saved_tensors
+
+
+# 17. Clear errors: a LinearTeacher of mixed dtypes names the teacher.
+def test_linear_teacher_mixed_dtypes_error():
+    hidden, weight, _, t, _ = fl.testing.make_sp_linear_inputs(3, 4, 20, "linear", seed=9)
+    with pytest.raises(TypeError, match="LinearTeacher's hidden, weight and bias must share a dtype"):
+        fl.sp_linear_loss(hidden, weight, fl.LinearTeacher(t.hidden, t.weight.bfloat16(), t.bias), "kl-fwd")
