@@ -157,3 +157,138 @@ def test_linear_teacher_mixed_dtypes_error():
     hidden, weight, _, t, _ = fl.testing.make_sp_linear_inputs(3, 4, 20, "linear", seed=9)
     with pytest.raises(TypeError, match="LinearTeacher's hidden, weight and bias must share a dtype"):
         fl.sp_linear_loss(hidden, weight, fl.LinearTeacher(t.hidden, t.weight.bfloat16(), t.bias), "kl-fwd")
+
+
+def _dqn_case(device, S=5, **step_changes):
+    step, out = make_dqn_inputs(2, S, 4, torch.float32, device, seed=11)
+    step = {**step, **step_changes}
+    return step, out
+
+
+def _dqn(step, q, q_target, backend, **cfg):
+    return fl.dqn_loss(step, {"dqn": q, "dqn_target": q_target}, fl.DqnLossConfig(backend=backend, **cfg))
+
+
+MULTI = [{}, {"n_step": 3}, {"td_lambda": 0.9}, {"td_lambda": 1.0}, {"td_lambda": 0.0, "double_dqn": True},
+         {"double_dqn": True}, {"n_step": 3, "value_rescaling": True}]
+
+
+# 4. A zero discount never reads its bootstrap: -inf (all actions illegal after a terminal) gives r alone.
+@pytest.mark.parametrize("opts", MULTI, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "one-step")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dqn_zero_discount_ignores_infinite_bootstrap(opts, backend, device):
+    step, out = _dqn_case(device)
+    done = torch.zeros_like(step["done"])
+    done[0, 2] = 1  # terminal at step 2: gamma_terminal = 0 discounts V[2]
+    step["done"] = done
+    q = out["dqn"]
+    finite_t = out["dqn_target"].clone()
+    inf_t = finite_t.clone()
+    inf_t[0, 2, :] = float("-inf")
+    finite_t[0, 2, :] = 123.0  # any value: it must not be read
+    loss_inf, m_inf = _dqn(step, q, inf_t, backend, **opts)
+    loss_fin, m_fin = _dqn(step, q, finite_t, backend, **opts)
+    assert torch.isfinite(loss_inf)
+    assert float(loss_inf) == pytest.approx(float(loss_fin), rel=1e-6)
+    assert torch.equal(_grad(loss_inf, q), _grad(loss_fin, q))
+    assert m_inf == pytest.approx(m_fin, rel=1e-6)
+
+
+# 5. Reward-std normalisation and the q std metric scale before squaring: no overflow near 1e20.
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dqn_reward_std_of_huge_rewards(backend, device):
+    step, out = _dqn_case(device, S=9)
+    step["reward"] = step["reward"] * 2e19
+    step["mask"] = torch.ones_like(step["done"], dtype=torch.bool)
+    opts = dict(normalize_reward_mean=True, normalize_reward_std=True, gamma=0.9)
+    want = _dqn(step, out["dqn"], out["dqn_target"], "torch", **opts)[0]  # unmasked reference: right already
+    masked = _dqn(step, out["dqn"], out["dqn_target"], backend, mask_key="mask", **opts)[0]
+    plain = _dqn(step, out["dqn"], out["dqn_target"], backend, **opts)[0]
+    for got in (masked, plain):
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dqn_q_std_metric_of_huge_values(backend, device):
+    step, out = _dqn_case(device, S=9)
+    q = (out["dqn"].detach() * 1e20).requires_grad_(True)
+    m = _dqn(step, q, out["dqn_target"] * 1e20, backend, gamma=0.0)[1]
+    want = _dqn(step, q.double(), out["dqn_target"].double() * 1e20, "torch", gamma=0.0)[1]
+    assert math.isfinite(m["q_values_std"]) and m["q_values_std"] > 1e19
+    assert m["q_values_std"] == pytest.approx(want["q_values_std"], rel=1e-5)
+    assert m["q_values_mean"] == pytest.approx(want["q_values_mean"], rel=1e-4, abs=1e14)
+
+
+# 11. sequence_priority: eta of 0 or 1 drops the other term (inf stays inf); fp16 rows sum in fp32.
+def test_sequence_priority_edges(device):
+    td = torch.tensor([[1.0, float("inf"), 2.0], [1.0, 2.0, 3.0]], device=device)
+    assert torch.isinf(fl.sequence_priority(td, eta=0.0)[0]) and torch.isinf(fl.sequence_priority(td, eta=1.0)[0])
+    assert float(fl.sequence_priority(td, eta=1.0)[1]) == 3.0 and float(fl.sequence_priority(td, eta=0.0)[1]) == 2.0
+    big = torch.full((2, 300), 6e4, dtype=torch.float16, device=device)
+    p = fl.sequence_priority(big, eta=0.9)
+    assert p.dtype == torch.float16 and torch.isfinite(p).all()
+    assert torch.allclose(p.float(), torch.full((2,), 6e4, device=device), rtol=1e-3)
+
+
+# 12. torch.compile(fullgraph=True) of dqn_loss with lazy metrics on the kernel path returns its metrics.
+def test_dqn_lazy_metrics_compile_fullgraph(device):
+    torch._dynamo.reset()
+    step, out = _dqn_case(device, S=7)
+    cfg = fl.DqnLossConfig(backend="triton", metrics_mode="lazy", cql_weight=0.1)
+    loss_c, m_c = torch.compile(lambda s, o: fl.dqn_loss(s, o, cfg), fullgraph=True)(step, out)
+    loss_e, m_e = fl.dqn_loss(step, out, cfg)
+    assert torch.equal(loss_c, loss_e)
+    assert dict(m_c) == dict(m_e)
+
+
+# 13. Lazy metrics of the kernel path deep-copy, and hold no autograd graph.
+def test_dqn_lazy_metrics_deepcopy(device):
+    step, out = _dqn_case(device)
+    _, m = fl.dqn_loss(step, out, fl.DqnLossConfig(backend="triton", metrics_mode="lazy"))
+    assert all(t.grad_fn is None and not t.requires_grad for t in m.tensors().values())
+    assert dict(copy.deepcopy(m)) == dict(m)
+
+
+# 17. Clear errors, and no false ones.
+def test_dqn_huge_n_step_on_the_kernel_path(device):
+    step, out = _dqn_case(device, S=6)
+    got = _dqn(step, out["dqn"], out["dqn_target"], "triton", n_step=10**20)
+    want = _dqn(step, out["dqn"], out["dqn_target"], "torch", n_step=10**20)
+    assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-5)
+
+
+def test_dqn_config_errors():
+    with pytest.raises(ValueError, match="cql_weight must be a finite number"):
+        fl.DqnLossConfig(cql_weight=float("inf"))
+    step, out = make_dqn_inputs(2, 5, 3, seed=0)
+    step["reward"] = torch.ones_like(step["reward"])
+    with pytest.raises(ValueError, match="normalize_reward_eps must be > 0 with normalize_reward_std"):
+        fl.dqn_loss(step, out, fl.DqnLossConfig(normalize_reward_std=True, normalize_reward_eps=0.0))
+
+
+def test_float_metrics_under_fullgraph_name_lazy_metrics():
+    torch._dynamo.reset()
+    step, out = make_dqn_inputs(2, 5, 3, seed=0)
+    f = torch.compile(lambda s, o: fl.dqn_loss(s, o, fl.DqnLossConfig(backend="torch")), fullgraph=True)
+    with pytest.raises(Exception, match="metrics_mode='lazy'"):
+        f(step, out)
+
+
+# 18. The n-step window compiles once per n_step, whatever S; a long window loops and matches the reference.
+def test_dqn_n_step_variants_do_not_grow_with_s():
+    from fusedloss.kernels.dqn import MAX_UNROLL, n_step_window
+
+    for n_step in (3, MAX_UNROLL, MAX_UNROLL + 1, 10**6):
+        unrolls = {n_step_window(n_step, S)[1] for S in range(n_step + 2 if n_step < 100 else 3, 400)}
+        assert len(unrolls) == 1
+    assert n_step_window(5, 2) == (1, 1)  # one transition: the one-step target
+
+
+@pytest.mark.parametrize("n_step", [20, 10**6])
+def test_dqn_long_window_matches_reference(n_step, device):
+    step, out = make_dqn_inputs(2, 23, 3, torch.float32, device, seed=12, mask=True)
+    opts = dict(n_step=n_step, mask_key="mask", gamma=0.95, double_dqn=True)
+    got = _dqn(step, out["dqn"], out["dqn_target"], "triton", **opts)[0]
+    want = _dqn(step, out["dqn"], out["dqn_target"], "torch", **opts)[0]
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert torch.allclose(_grad(got, out["dqn"]), _grad(want, out["dqn"]), rtol=1e-4, atol=1e-6)

@@ -55,7 +55,7 @@ import triton.language as tl
 from ._common import (AotVariant, as_loadable, constexpr_namespace, last_dim_contiguous, launcher, nanmax, nanmin,
                       no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
-__all__ = ["DqnPartial", "DqnMetric", "dqn_fwd", "dqn_bwd", "dqn_fused", "compile_variants"]
+__all__ = ["DqnPartial", "DqnMetric", "dqn_fwd", "dqn_bwd", "dqn_fused", "n_step_window", "compile_variants"]
 
 
 class DqnPartial(enum.IntEnum):
@@ -71,6 +71,7 @@ class DqnPartial(enum.IntEnum):
     CQL = 7
     BAD_ACTION = 8  # counts of clamped inputs
     BAD_DONE = 9
+    SCALE = 10  # max |q_sa|: M2 is stored in units of SCALE², so squares of values near 1e20 cannot overflow
 
 
 class DqnMetric(enum.IntEnum):
@@ -99,6 +100,7 @@ PARAMS = ("gamma", "gamma_terminal", "gamma_truncated", "reward_scale", "reward_
           "cql_weight", "cql_eps", "huber_delta", "rescale_eps")
 FLAGS = ("norm_mean", "norm_std", "huber", "double", "value_rescaling")
 MAX_BLOCK_A = 1024
+MAX_UNROLL = 16  # longest n-step window unrolled at compile time; longer ones loop (one variant for every S)
 TILE_ELEMS = 1024
 TILE_WARPS = 8
 _LOCAL = threading.local()  # each thread's ticket counters, by (device, stream)
@@ -121,6 +123,19 @@ def _transition(m_ptr, rew_ptr, step, t, tv, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _safe_scale(x):
+    """``x`` as a divisor: itself when finite and > 0, else 1 (``fusedloss.losses._common.safe_scale``)."""
+    return tl.where(x > 0.0, tl.where(x < float("inf"), x, 1.0), 1.0)
+
+
+@triton.jit
+def _discounted(c, v):
+    """``c·v``, and exactly 0 where the coefficient ``c`` is 0: a zero discount never reads its
+    bootstrap value, even a -inf (every action illegal after a terminal) or a NaN."""
+    return tl.where(c == 0.0, 0.0, c * v)
+
+
+@triton.jit
 def _reward_stats(m_ptr, rew_ptr, step, n_tr, HAS_MASK: tl.constexpr, NORM_STD: tl.constexpr,
                   T_BLOCK: tl.constexpr):
     """Mean and unbiased std of the sequence's valid rewards ``r[t+1]``, ``t < S-1`` (std 0
@@ -128,21 +143,27 @@ def _reward_stats(m_ptr, rew_ptr, step, n_tr, HAS_MASK: tl.constexpr, NORM_STD: 
     offs_t = tl.arange(0, T_BLOCK)
     r_sum = tl.zeros([T_BLOCK], tl.float32)
     n_sum = tl.zeros([T_BLOCK], tl.float32)
+    r_amax = tl.zeros([T_BLOCK], tl.float32)
     for t0 in range(0, n_tr, T_BLOCK):
         t = t0 + offs_t
         valid, r = _transition(m_ptr, rew_ptr, step, t, t < n_tr, HAS_MASK)
         r_sum += tl.where(valid, r, 0.0)
         n_sum += valid.to(tl.float32)
+        if NORM_STD:
+            r_amax = tl.where(valid, tl.maximum(r_amax, tl.abs(r)), r_amax)
     n_seq = tl.sum(n_sum, axis=0)
     r_mean = tl.sum(r_sum, axis=0) / tl.maximum(n_seq, 1.0)
     r_std = 0.0
     if NORM_STD:
+        # deviations in units of max|r| (the reference's scaling): no square overflows for |r| up to fp32's max
+        scale = _safe_scale(tl.max(r_amax, axis=0))
         dev = tl.zeros([T_BLOCK], tl.float32)
         for t0 in range(0, n_tr, T_BLOCK):
             t = t0 + offs_t
             valid, r = _transition(m_ptr, rew_ptr, step, t, t < n_tr, HAS_MASK)
-            dev += tl.where(valid, (r - r_mean) * (r - r_mean), 0.0)
-        r_std = tl.sqrt(tl.sum(dev, axis=0) / tl.maximum(n_seq - 1.0, 1.0))
+            d = r / scale - r_mean / scale
+            dev += tl.where(valid, d * d, 0.0)
+        r_std = tl.sqrt(tl.sum(dev, axis=0) / tl.maximum(n_seq - 1.0, 1.0)) * scale
     return r_mean, r_std
 
 
@@ -278,8 +299,9 @@ def _h_inv(x, eps):
 def _compose(a_acc, b_acc, c_acc, a_y, b_y, c_y):
     """Scan operator of the lambda-return: lanes run backwards in time, so ``acc`` is the map
     ``G -> a + b·G`` of the later steps and ``y`` the earlier one; the result is ``y ∘ acc``. A
-    cut (``c = 0``) keeps ``a_y`` alone, so nothing behind it (not even a NaN) gets through."""
-    return tl.where(c_y != 0, a_y + b_y * a_acc, a_y), b_y * b_acc, c_y * c_acc
+    cut (``c = 0``) or a zero coefficient ``b_y`` keeps ``a_y`` alone, so nothing behind it (not even
+    a NaN or a -inf times 0) gets through."""
+    return tl.where((c_y != 0) & (b_y != 0.0), a_y + b_y * a_acc, a_y), b_y * b_acc, c_y * c_acc
 
 
 @triton.jit
@@ -351,54 +373,87 @@ def _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, ste
                                                      gamma_terminal, gamma_truncated, reward_scale, reward_shift,
                                                      norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
             cont = (d_raw == 0) & _valid(m_ptr, step, t + 1, tv & (t + 1 < n_tr), HAS_MASK)
-            a = tl.where(valid, r + disc * tl.where(cont, v * (1.0 - td_lambda), v), 0.0)
+            a = tl.where(valid, r + tl.where(cont, _discounted(disc * (1.0 - td_lambda), v), _discounted(disc, v)),
+                         0.0)
             ga, gb, gc = tl.associative_scan((a, td_lambda * disc, cont.to(tl.int32)), 0, _compose)
-            v = tl.where(gc != 0, ga + gb * carry, ga)
+            v = tl.where((gc != 0) & (gb != 0.0), ga + gb * carry, ga)
             carry = tl.zeros([T_BLOCK], tl.float32) + tl.sum(tl.where(offs_t == T_BLOCK - 1, v, 0.0), axis=0)
         tl.store(boot_ptr + b64 * n_tr + t, v, mask=tv)
 
 
 @triton.jit
-def _n_step_target(boot_row, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, r_mean, r_std,
+def _window_step(boot_row, done_ptr, rew_ptr, m_ptr, step, t, j, n_tr, acc, boot, alive, gpow, r_mean, r_std,
+                 gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
+                 HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
+    """Term ``j`` of the n-step window: ``gamma^j r'[t+j]`` into ``acc``, the bootstrap candidate
+    ``gamma^j disc[t+j] V[t+j+1]`` into ``boot``, and whether the window goes on past ``t+j``."""
+    tj = t + j
+    alive, r, disc, d_raw = _reward_discount(done_ptr, rew_ptr, m_ptr, step, tj, alive & (tj < n_tr), r_mean,
+                                             r_std, gamma, gamma_terminal, gamma_truncated, reward_scale,
+                                             reward_shift, norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
+    acc += tl.where(alive, gpow * r, 0.0)
+    boot = tl.where(alive, _discounted(gpow * disc, tl.load(boot_row + tj, mask=alive, other=0.0)), boot)
+    return acc, boot, alive & (d_raw == 0), gpow * gamma
+
+
+@triton.jit
+def _n_step_target(boot_row, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, n_window, r_mean, r_std,
                    gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
                    HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr, N_STEP: tl.constexpr):
     """``sum_{j<m} gamma^j r'[t+j] + gamma^(m-1) disc[t+m-1] V[t+m]``: a window over the step inputs
     and the bootstrap values of sweep 1 (``boot_row[t] = V[t+1]``), summed in the reference's order;
-    it stops before an invalid transition and after the first done."""
+    it stops before an invalid transition and after the first done. ``N_STEP > 1`` unrolls a
+    window of that length (steps past the sequence end are masked); ``N_STEP == 0`` loops over a
+    window of the runtime length ``n_window``, so long windows compile once, whatever ``S``."""
     acc = tl.zeros(t.shape, tl.float32)
     boot = tl.zeros(t.shape, tl.float32)
     alive = valid
     gpow = tl.full([], 1.0, tl.float32)
-    for j in tl.static_range(N_STEP):
-        tj = t + j
-        alive, r, disc, d_raw = _reward_discount(done_ptr, rew_ptr, m_ptr, step, tj, alive & (tj < n_tr), r_mean,
-                                                 r_std, gamma, gamma_terminal, gamma_truncated, reward_scale,
-                                                 reward_shift, norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
-        acc += tl.where(alive, gpow * r, 0.0)
-        boot = tl.where(alive, gpow * disc * tl.load(boot_row + tj, mask=alive, other=0.0), boot)
-        alive = alive & (d_raw == 0)
-        gpow = gpow * gamma
+    if N_STEP > 0:
+        for j in tl.static_range(N_STEP):
+            acc, boot, alive, gpow = _window_step(boot_row, done_ptr, rew_ptr, m_ptr, step, t, j, n_tr, acc, boot,
+                                                  alive, gpow, r_mean, r_std, gamma, gamma_terminal, gamma_truncated,
+                                                  reward_scale, reward_shift, norm_eps, norm_target, HAS_MASK,
+                                                  NORM_MEAN, NORM_STD)
+    else:
+        for j in range(0, n_window):
+            acc, boot, alive, gpow = _window_step(boot_row, done_ptr, rew_ptr, m_ptr, step, t, j, n_tr, acc, boot,
+                                                  alive, gpow, r_mean, r_std, gamma, gamma_terminal, gamma_truncated,
+                                                  reward_scale, reward_shift, norm_eps, norm_target, HAS_MASK,
+                                                  NORM_MEAN, NORM_STD)
     return acc + boot
 
 
 @triton.jit
-def _chan_update(c_n, c_mean, c_m2, x, valid):
-    """Chan's update of per-lane (count, mean, M2) with one observation ``x`` where ``valid``."""
+def _chan_update(c_n, c_mean, c_m2, c_sc, x, valid):
+    """Chan's update of per-lane (count, mean, M2) with one observation ``x`` where ``valid``.
+    ``c_sc`` is the lane's running max ``|x|`` and ``M2`` is kept in units of ``c_sc²`` (rescaled
+    when the max grows), so deviations near 1e20 are never squared in fp32."""
     n_new = c_n + valid.to(tl.float32)
     delta = x - c_mean
+    sc_new = tl.where(valid, nanmax(c_sc, tl.abs(x)), c_sc)
+    unit = _safe_scale(sc_new)
+    ratio = c_sc / unit
+    d_old = x / unit - c_mean / unit
     c_mean = tl.where(valid, c_mean + delta / tl.maximum(n_new, 1.0), c_mean)
-    c_m2 = tl.where(valid, c_m2 + delta * (x - c_mean), c_m2)
-    return n_new, c_mean, c_m2
+    c_m2 = tl.where(valid, c_m2 * ratio * ratio + d_old * (x / unit - c_mean / unit), c_m2)
+    return n_new, c_mean, c_m2, sc_new
 
 
 @triton.jit
-def _write_partials(pb, c_n, c_mean, c_m2, c_min, c_max, c_loss, c_tgt, c_cql, c_bad_a, c_bad_d):
-    """Combine the lanes (Chan) and store one sequence's partials at ``pb``."""
+def _write_partials(pb, c_n, c_mean, c_m2, c_sc, c_min, c_max, c_loss, c_tgt, c_cql, c_bad_a, c_bad_d):
+    """Combine the lanes (Chan, in units of the sequence's max ``|q_sa|``) and store one
+    sequence's partials at ``pb``."""
     n = tl.sum(c_n, axis=0)
     mean = tl.sum(c_n * c_mean, axis=0) / tl.maximum(n, 1.0)
+    sc = tl.max(c_sc, axis=0)
+    unit = _safe_scale(sc)
+    ratio = c_sc / unit
+    dm = c_mean / unit - mean / unit
     tl.store(pb + _P.COUNT, n)
     tl.store(pb + _P.MEAN, mean)
-    tl.store(pb + _P.M2, tl.sum(c_m2 + c_n * (c_mean - mean) * (c_mean - mean), axis=0))
+    tl.store(pb + _P.SCALE, sc)
+    tl.store(pb + _P.M2, tl.sum(c_m2 * ratio * ratio + c_n * dm * dm, axis=0))
     tl.store(pb + _P.MIN, tl.min(c_min, axis=0))
     tl.store(pb + _P.MAX, tl.max(c_max, axis=0))
     tl.store(pb + _P.LOSS, tl.sum(c_loss, axis=0))
@@ -426,6 +481,7 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
     s_cql = tl.zeros([B_BLOCK], tl.float32)
     s_ba = tl.zeros([B_BLOCK], tl.float32)
     s_bd = tl.zeros([B_BLOCK], tl.float32)
+    s_sc = tl.zeros([B_BLOCK], tl.float32)
     for b0 in range(0, B, B_BLOCK):
         bb = (b0 + offs_b).to(tl.int64)
         bm = bb < B
@@ -439,18 +495,22 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
         s_cql += _load_partial(part_ptr, bb, bm, _P.CQL, 0.0)
         s_ba += _load_partial(part_ptr, bb, bm, _P.BAD_ACTION, 0.0)
         s_bd += _load_partial(part_ptr, bb, bm, _P.BAD_DONE, 0.0)
+        s_sc = nanmax(s_sc, _load_partial(part_ptr, bb, bm, _P.SCALE, 0.0))
     total = tl.sum(s_n, axis=0)
     g_mean = tl.sum(s_nm, axis=0) / total
+    g_unit = _safe_scale(tl.max(s_sc, axis=0))
     s_m2 = tl.zeros([B_BLOCK], tl.float32)
     for b0 in range(0, B, B_BLOCK):
         bb = (b0 + offs_b).to(tl.int64)
         bm = bb < B
-        dm = _load_partial(part_ptr, bb, bm, _P.MEAN, 0.0) - g_mean
-        s_m2 += _load_partial(part_ptr, bb, bm, _P.M2, 0.0) + _load_partial(part_ptr, bb, bm, _P.COUNT, 0.0) * dm * dm
+        dm = _load_partial(part_ptr, bb, bm, _P.MEAN, 0.0) / g_unit - g_mean / g_unit
+        ratio = _load_partial(part_ptr, bb, bm, _P.SCALE, 0.0) / g_unit
+        s_m2 += (_load_partial(part_ptr, bb, bm, _P.M2, 0.0) * ratio * ratio
+                 + _load_partial(part_ptr, bb, bm, _P.COUNT, 0.0) * dm * dm)
     loss = tl.sum(s_loss, axis=0) / total
     tl.store(loss_ptr, loss)
     tl.store(metrics_ptr + _M.Q_MEAN, g_mean)
-    tl.store(metrics_ptr + _M.Q_STD, tl.sqrt(tl.sum(s_m2, axis=0) / tl.maximum(total - 1.0, 1.0)))
+    tl.store(metrics_ptr + _M.Q_STD, tl.sqrt(tl.sum(s_m2, axis=0) / tl.maximum(total - 1.0, 1.0)) * g_unit)
     # GPU min/max skip NaN; a NaN q[t, a] has already made the mean NaN, and must show here too.
     tl.store(metrics_ptr + _M.Q_MIN, tl.where(g_mean != g_mean, g_mean, tl.min(s_min, axis=0)))
     tl.store(metrics_ptr + _M.Q_MAX, tl.where(g_mean != g_mean, g_mean, tl.max(s_max, axis=0)))
@@ -468,7 +528,7 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
 def _dqn_fwd_kernel(
     q_ptr, qt_ptr, act_ptr, rew_ptr, done_ptr, w_ptr, m_ptr,
     grad_ptr, td_ptr, boot_ptr, part_ptr, metrics_ptr, loss_ptr, counter_ptr,
-    B, S, A,
+    B, S, A, n_window,
     stride_qb, stride_qs, stride_tb, stride_ts, stride_gb, stride_gs,
     gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
     cql_weight, cql_eps, huber_delta, td_lambda, rescale_eps,
@@ -482,7 +542,7 @@ def _dqn_fwd_kernel(
     step = b64 * S
     offs_t = tl.arange(0, T_BLOCK)
     r_mean, r_std = _reward_stats(m_ptr, rew_ptr, step, n_tr, HAS_MASK, NORM_STD, T_BLOCK)
-    if N_STEP > 1 or LAMBDA:
+    if N_STEP != 1 or LAMBDA:
         _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, step, n_tr, A,
                          stride_qb, stride_qs, stride_tb, stride_ts, r_mean, r_std, gamma, gamma_terminal,
                          gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target, td_lambda, rescale_eps,
@@ -493,6 +553,7 @@ def _dqn_fwd_kernel(
     c_n = tl.zeros([T_BLOCK], tl.float32)
     c_mean = tl.zeros([T_BLOCK], tl.float32)
     c_m2 = tl.zeros([T_BLOCK], tl.float32)
+    c_sc = tl.zeros([T_BLOCK], tl.float32)
     c_min = tl.full([T_BLOCK], float("inf"), tl.float32)
     c_max = tl.full([T_BLOCK], float("-inf"), tl.float32)
     c_loss = tl.zeros([T_BLOCK], tl.float32)
@@ -512,17 +573,17 @@ def _dqn_fwd_kernel(
         q_row = q_ptr + b64 * stride_qb + t64[:, None] * stride_qs
         q_sa, lse_m, lse_s, next_v = _action_pass(
             q_row, q_row + stride_qs, qt_ptr + b64 * stride_tb + (t64[:, None] + 1) * stride_ts, a, tv, A,
-            True, not (N_STEP > 1 or LAMBDA), CQL, DOUBLE, T_BLOCK, BLOCK_A)
+            True, not (N_STEP != 1 or LAMBDA), CQL, DOUBLE, T_BLOCK, BLOCK_A)
         if LAMBDA:
             target = tl.load(boot_ptr + b64 * n_tr + t, mask=tv, other=0.0)
-        elif N_STEP > 1:
-            target = _n_step_target(boot_ptr + b64 * n_tr, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr,
+        elif N_STEP != 1:
+            target = _n_step_target(boot_ptr + b64 * n_tr, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, n_window,
                                     r_mean, r_std, gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift,
                                     norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD, N_STEP)
         else:
             if RESCALE:
                 next_v = _h_inv(next_v, rescale_eps)
-            target = r + disc * next_v
+            target = r + _discounted(disc, next_v)
         if RESCALE:
             target = _h(target, rescale_eps)
         d, per, dsa, pen, q_scale = _td_loss(q_sa, target, lse_m, lse_s, cql_weight, cql_eps, huber_delta, CQL, HUBER)
@@ -531,7 +592,7 @@ def _dqn_fwd_kernel(
             w = tl.load(w_ptr + step + t + 1, mask=tv, other=0.0).to(tl.float32)
         tl.store(td_ptr + b64 * n_tr + t, tl.where(valid, tl.abs(d), 0.0), mask=tv)  # not 0·NaN
 
-        c_n, c_mean, c_m2 = _chan_update(c_n, c_mean, c_m2, q_sa, valid)
+        c_n, c_mean, c_m2, c_sc = _chan_update(c_n, c_mean, c_m2, c_sc, q_sa, valid)
         c_min = tl.where(valid, nanmin(c_min, q_sa), c_min)
         c_max = tl.where(valid, nanmax(c_max, q_sa), c_max)
         c_loss += tl.where(valid, per * w, 0.0)
@@ -543,7 +604,8 @@ def _dqn_fwd_kernel(
         _grad_pass(grad_ptr + b64 * stride_gb + t64[:, None] * stride_gs, q_row, a, tv, valid, t < S, coef_sa, coef_sm,
                    lse_m, A, CQL, BLOCK_A)
 
-    _write_partials(part_ptr + b64 * _NP, c_n, c_mean, c_m2, c_min, c_max, c_loss, c_tgt, c_cql, c_bad_a, c_bad_d)
+    _write_partials(part_ptr + b64 * _NP, c_n, c_mean, c_m2, c_sc, c_min, c_max, c_loss, c_tgt, c_cql, c_bad_a,
+                    c_bad_d)
     # The last program to finish reduces all partials in a fixed order.
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == B - 1:
@@ -572,6 +634,15 @@ def _tiles(A: int, S: int, max_block_a: int = MAX_BLOCK_A, n_step: int = 1):
     block_a = min(triton.next_power_of_2(A), max_block_a)
     t_block = max(1, min(64 if n_step == 1 else 32, TILE_ELEMS // block_a, triton.next_power_of_2(S)))
     return block_a, t_block, TILE_WARPS if t_block * block_a > 256 else 4
+
+
+def n_step_window(n_step: int, S: int) -> tuple[int, int]:
+    """``(window, N_STEP)``: the longest window a sequence of ``S`` steps holds, ``min(n_step,
+    S-1)``, and the kernel's compile-time window: 1 for a one-step target, ``n_step`` itself
+    (unrolled, the steps past the end masked) up to ``MAX_UNROLL``, else 0 (a loop over the
+    runtime window). It depends on ``n_step`` alone, so a new ``S`` never compiles a new kernel."""
+    window = min(n_step, S - 1)
+    return window, 1 if window == 1 else (n_step if n_step <= MAX_UNROLL else 0)
 
 
 def _counters() -> dict:
@@ -631,18 +702,18 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
     if n_step < 1 or (td_lambda is not None and n_step > 1):
         raise ValueError(f"n_step must be >= 1, and td_lambda needs n_step == 1; got n_step={n_step}, "
                          f"td_lambda={td_lambda}.")
-    n_step = min(n_step, S - 1)  # no window is longer than the sequence's transitions
-    multi = n_step > 1 or td_lambda is not None
+    window, unroll = n_step_window(n_step, S)
+    multi = window > 1 or td_lambda is not None
     boot = torch.empty((B, S - 1), dtype=torch.float32, device=dev) if multi else td
-    block_a, t_block, warps = _tiles(A, S, max_block_a, n_step)
+    block_a, t_block, warps = _tiles(A, S, max_block_a, window)
     try:
         _dqn_fwd_kernel[(B,)](
             q, q_target, action, reward, done, w, m, grad, td, boot, part, metrics, loss, _counter(dev),
-            B, S, A, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), grad.stride(0),
+            B, S, A, window, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), grad.stride(0),
             grad.stride(1), gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
             cql_weight, cql_eps, huber_delta, 0.0 if td_lambda is None else td_lambda, rescale_eps,
             HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, NORM_MEAN=norm_mean, NORM_STD=norm_std,
-            CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, N_STEP=n_step, LAMBDA=td_lambda is not None,
+            CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, N_STEP=unroll, LAMBDA=td_lambda is not None,
             RESCALE=value_rescaling, T_BLOCK=t_block, BLOCK_A=block_a,
             B_BLOCK=min(triton.next_power_of_2(B), 1024), num_warps=warps,
         )
@@ -691,7 +762,8 @@ def _(g, grad_output, inv_count, dtype):
 
 
 def _setup(ctx, inputs, output):
-    _, metrics, grad, _ = output
+    _, metrics, grad, td = output
+    ctx.mark_non_differentiable(metrics, grad, td)  # only the loss carries a gradient
     ctx.dtype = inputs[0].dtype
     ctx.save_for_backward(grad, metrics)
 
@@ -716,7 +788,8 @@ def dqn_fused(q, q_target, action, reward, done, weight=None, mask=None, *, max_
     flags = [bool(scalars[k]) for k in FLAGS]
     td_lambda = scalars["td_lambda"]
     loss, metrics, _, td = _dqn_fwd_op(q, q_target.detach(), action, reward, done, weight, mask, params, flags,
-                                       int(scalars["n_step"]), None if td_lambda is None else float(td_lambda),
+                                       min(int(scalars["n_step"]), 2**31 - 1),  # any longer window is the whole sequence
+                                       None if td_lambda is None else float(td_lambda),
                                        max_block_a)
     return loss, metrics, td
 

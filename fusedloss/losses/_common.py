@@ -230,6 +230,18 @@ def masked(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     return x if m is None else torch.where(m > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def safe_scale(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a divisor that brings values into ``[-1, 1]`` before they are squared: itself where
+    finite and > 0, else 1. The fused kernels scale the same way."""
+    return torch.where((x > 0) & torch.isfinite(x), x, torch.ones_like(x))
+
+
+def discounted(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``coef·value``, and exactly 0 where ``coef`` is 0: a zero discount never reads its
+    bootstrap value, even a -inf (every action illegal after a terminal) or a NaN."""
+    return torch.where(coef == 0, torch.zeros((), dtype=value.dtype, device=value.device), coef * value)
+
+
 def transform_rewards(r: torch.Tensor, cfg: Any, m: torch.Tensor | None = None) -> torch.Tensor:
     """The reward transform of dqn and vec_dqn, written once for both and their fused paths:
     per-sequence mean/std normalisation over dim 1 (over the entries where the float 0/1 mask ``m``
@@ -245,8 +257,11 @@ def transform_rewards(r: torch.Tensor, cfg: Any, m: torch.Tensor | None = None) 
         if cfg.normalize_reward_mean:
             r = r - masked(r, m).sum(dim=1, keepdim=True) / n.clamp(min=1)
         if cfg.normalize_reward_std:
+            # deviations in units of max|r|, as the fused kernel: no square overflows for |r| up to the dtype's max
             mean = masked(r, m).sum(dim=1, keepdim=True) / n.clamp(min=1)
-            std = (masked((r - mean) ** 2, m).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+            unit = safe_scale(masked(r, m).abs().amax(dim=1, keepdim=True))
+            dev = masked((r / unit - mean / unit) ** 2, m)
+            std = (dev.sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt() * unit
             r = r / (std + cfg.normalize_reward_eps) * cfg.normalize_reward_std_target
     return r * cfg.reward_scale + cfg.reward_shift
 
@@ -263,6 +278,9 @@ def check_reward_config(cfg: Any, S: int) -> None:
         check_finite_number(getattr(cfg, name), name)
     if not (math.isfinite(cfg.normalize_reward_eps) and cfg.normalize_reward_eps >= 0):
         raise ValueError(f"normalize_reward_eps must be a finite number >= 0, got {cfg.normalize_reward_eps!r}.")
+    if cfg.normalize_reward_std and cfg.normalize_reward_eps == 0:
+        raise ValueError("normalize_reward_eps must be > 0 with normalize_reward_std=True: a sequence of constant "
+                         "rewards has std 0, and 0/0 would make its rewards NaN.")
     if cfg.normalize_reward_std and S < 3:
         raise ValueError(
             f"normalize_reward_std needs at least 2 transitions per sequence (S >= 3) for an "

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dispatch import Backend, resolve_backend
-from ..metrics import finalize_metrics
+from ..metrics import finalize_buffer_metrics, finalize_metrics
 from ._common import (
     ConfigLoss,
     LossConfig,
@@ -23,12 +23,14 @@ from ._common import (
     check_reward_config,
     clamp_index,
     compute_dtype,
+    discounted,
     masked,
     require_float,
     require_same_device,
     require_shape,
     reward_kernel_args,
     reward_tensor,
+    safe_scale,
     split_done,
     stream_get,
     transform_rewards,
@@ -134,8 +136,8 @@ class DqnLossConfig(LossConfig):
                 raise ValueError(f"td_lambda and n_step > 1 are two kinds of multi-step target; set one, got "
                                  f"td_lambda={self.td_lambda!r} with n_step={self.n_step!r}.")
         check_positive(self.value_rescaling_eps, "value_rescaling_eps")
-        if not (isinstance(self.cql_weight, numbers.Real) and self.cql_weight >= 0):
-            raise ValueError(f"cql_weight must be a number >= 0, got {self.cql_weight!r}.")
+        if not (isinstance(self.cql_weight, numbers.Real) and math.isfinite(self.cql_weight) and self.cql_weight >= 0):
+            raise ValueError(f"cql_weight must be a finite number >= 0, got {self.cql_weight!r}.")
         if self.td_loss not in TD_LOSSES:
             raise ValueError(f"td_loss must be one of {TD_LOSSES}, got {self.td_loss!r}.")
         check_positive(self.huber_delta, "huber_delta")
@@ -148,7 +150,7 @@ def _td_target(rewards, discount, next_v, running, m, cfg: DqnLossConfig) -> tor
     if cfg.value_rescaling:
         next_v = value_rescale_inverse(next_v, cfg.value_rescaling_eps)
     if cfg.n_step == 1 and cfg.td_lambda is None:
-        target = rewards + discount * next_v
+        target = rewards + discounted(discount, next_v)
     else:
         valid = torch.ones_like(running) if m is None else m > 0
         if cfg.td_lambda is None:
@@ -170,8 +172,7 @@ def _masked_moments(x: torch.Tensor, m: torch.Tensor | None):
     else:
         n = m.sum()
         n_minus_1 = (n - 1).clamp(min=1)
-    scale = x.abs().amax()
-    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    scale = safe_scale(x.abs().amax())
     xs = x / scale
     mean = xs.sum() / n
     var = masked((xs - mean) ** 2, m).sum() / n_minus_1
@@ -220,7 +221,7 @@ def _n_step_target(rewards, discount, next_v, running, valid, n_step: int, gamma
         if j > 0:
             alive = alive & _ahead(valid, j, False)
         acc = acc + torch.where(alive, gpow * _ahead(rewards, j, 0.0), 0.0)
-        boot = torch.where(alive, gpow * _ahead(discount, j, 0.0) * _ahead(next_v, j, 0.0), boot)
+        boot = torch.where(alive, discounted(gpow * _ahead(discount, j, 0.0), _ahead(next_v, j, 0.0)), boot)
         alive = alive & _ahead(running, j, False)
         gpow *= gamma
     return acc + boot
@@ -230,15 +231,15 @@ def _lambda_target(rewards, discount, next_v, running, valid, lam: float):
     """Peng's Q(lambda) return as the linear recurrence ``G[t] = a[t] + b[t] G[t+1]``, cut where
     ``cont[t]`` is false (a done at ``t+1``, the last transition, or an invalid next transition):
     ``a = r' + disc·(1 - lambda·cont)·V``, ``b = lambda·disc``. Solved by a log2(S)-step doubling
-    scan over the maps ``G -> a + b·G``: a cut drops everything behind it, even a NaN (a
-    ``torch.where``, never a product with 0), as the kernel's scan does."""
+    scan over the maps ``G -> a + b·G``: a cut, or a zero coefficient, drops everything behind it,
+    even a NaN or a -inf (a ``torch.where``, never a product with 0), as the kernel's scan does."""
     cont = running & _ahead(valid, 1, False)
-    a = rewards + discount * torch.where(cont, next_v * (1.0 - lam), next_v)
+    a = rewards + torch.where(cont, discounted(discount * (1.0 - lam), next_v), discounted(discount, next_v))
     a = torch.where(valid, a, 0.0)
     b = lam * discount
     off = 1
     while off < a.shape[1]:
-        a = torch.where(cont, a + b * _ahead(a, off, 0.0), a)
+        a = torch.where(cont & (b != 0), a + b * _ahead(a, off, 0.0), a)
         b = b * _ahead(b, off, 0.0)
         cont = cont & _ahead(cont, off, False)
         off *= 2
@@ -382,10 +383,11 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
         loss, buf, td_abs = kernels.dqn_fused(q, q_target, action, reward, done, weight, mask, **_kernel_scalars(cfg))
         slot = kernels.DqnMetric
         names = list(_KERNEL_METRICS) if cfg.cql_weight > 0.0 else list(_KERNEL_METRICS)[:-1]
-        named = {k: buf[slot[_KERNEL_METRICS[k]]] for k in names}
-        checks = [(buf[slot.BAD_ACTION], msg_action), (buf[slot.BAD_DONE], msg_done)]
+        slots = {k: int(slot[_KERNEL_METRICS[k]]) for k in names}
+        check_slots = [(int(slot.BAD_ACTION), msg_action), (int(slot.BAD_DONE), msg_done)]
         if mask is not None:
-            checks.append((buf[slot.NO_VALID], msg_mask))
+            check_slots.append((int(slot.NO_VALID), msg_mask))
+        metrics = finalize_buffer_metrics(buf, slots, check_slots, cfg.metrics_mode)
     else:
         action, bad_action = clamp_index(action, A, slice(1, None))
         terminal, truncated, bad_done = split_done(done)
@@ -393,7 +395,7 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
         if mask is not None:
             checks.append(((mask[:, :-1] & mask[:, 1:]).sum() == 0, msg_mask))
         loss, named, td_abs = dqn_reference(q, q_target, action, reward, terminal, truncated, cfg, weight, mask)
-    metrics = finalize_metrics(named, checks, cfg.metrics_mode)
+        metrics = finalize_metrics(named, checks, cfg.metrics_mode)
     if cfg.return_td_error:
         return loss, metrics, td_abs
     return loss, metrics
@@ -406,8 +408,9 @@ def sequence_priority(td_error: torch.Tensor, mask: torch.Tensor | None = None, 
     ``td_error``: float ``[B, S-1]``, such as the third value :func:`dqn_loss` returns with
     ``return_td_error=True``. ``mask``: optional bool ``[B, S-1]``, the valid transitions (all when
     None); entries outside it never reach the result, not even a NaN. ``eta``: a number in
-    ``[0, 1]``. Returns ``[B]`` in ``td_error``'s dtype; a row with no valid transition gets 0.
-    Runs on the device, with no host sync.
+    ``[0, 1]``. Returns ``[B]`` in ``td_error``'s dtype (computed in fp32, fp64 for fp64); a row with
+    no valid transition gets 0, and ``eta`` of 0 or 1 leaves out the other term (an infinite error
+    gives inf, not ``0·inf``). Runs on the device, with no host sync.
     """
     require_float(td_error, "td_error")
     if td_error.dim() != 2:
@@ -427,8 +430,17 @@ def sequence_priority(td_error: torch.Tensor, mask: torch.Tensor | None = None, 
         count = mask.sum(dim=1).to(x.dtype)
     if x.shape[1] == 0:
         return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # an fp16 row sum overflows at 65504
+    x, count = x.to(acc), count.to(acc)
     eta = float(eta)
-    return eta * x.amax(dim=1) + (1.0 - eta) * (x.sum(dim=1) / count.clamp(min=1))
+    peak, mean = x.amax(dim=1), x.sum(dim=1) / count.clamp(min=1)
+    if eta == 1.0:  # the other term has weight 0: not 0·inf = NaN
+        out = peak
+    elif eta == 0.0:
+        out = mean
+    else:
+        out = eta * peak + (1.0 - eta) * mean
+    return out.to(td_error.dtype)
 
 
 class DqnLoss(ConfigLoss):
