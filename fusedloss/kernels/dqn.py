@@ -763,7 +763,7 @@ def _(g, grad_output, inv_count, dtype):
 
 def _setup(ctx, inputs, output):
     _, metrics, grad, td = output
-    ctx.mark_non_differentiable(metrics, grad, td)  # only the loss carries a gradient
+    ctx.mark_non_differentiable(metrics, td)  # metrics and |td| carry no gradient (and keep no graph alive)
     ctx.dtype = inputs[0].dtype
     ctx.save_for_backward(grad, metrics)
 

@@ -10,7 +10,8 @@ Gradients (``s = softmax(z)``, ``p`` the smoothed teacher, ``L`` the row loss):
   ce-soft-bwd (``L = -Σ s log p``): ``s (-L - log p)``;
   kl-bwd (``L = Σ s (log s - log p)``): ``s (log s - log p - L)``;
   js, generalized (``m = βp + (1-β)s``, ``L = β Σ p (log p - log m) + (1-β) Σ s (log s - log m)``,
-  ``K = Σ s (log s - log m)``): ``(1-β) s (log s - log m - K)``; β = ½ is the symmetric JS.
+  ``K = Σ s (log s - log m)``): ``(1-β) s (log s - log m - K)``; β = ½ is the symmetric JS. Both
+  KL terms are summed as non-negative terms (:func:`_kl_to_mix`), exact as β -> 0 or 1.
 
 Byte model (``b`` bytes per element, ``N·A`` elements):
   a row that fits one tile (``A <= max_block``): read teacher and student once, write the
@@ -111,6 +112,27 @@ def _log_m(lp, ls, log_b, log_1mb):
 
 
 @triton.jit
+def _phi_series(u):
+    """``u - log(1 + u)`` for ``|u| < 0.1``: its Taylor series to ``u^8`` (relative error below
+    3e-8), free of the cancellation of the direct form."""
+    return u * u * (0.5 + u * (-1.0 / 3.0 + u * (0.25 + u * (-0.2 + u * (1.0 / 6.0 + u * (-1.0 / 7.0 + u * 0.125))))))
+
+
+@triton.jit
+def _kl_to_mix(a, la, b, lm, c):
+    """The term of ``KL(A‖M)`` at one entry, with ``m = a + c·(b - a)``, written as
+    ``a·log(a/m) + c·(b - a)`` (the added terms sum to 0 over a row), which is ``a·φ(u) >= 0``
+    with ``u = c·(b - a)/a`` and ``φ(u) = u - log(1 + u)``: ``_phi_series`` where ``|u| < 0.1``,
+    the log-domain form elsewhere (``c·b`` where ``a = 0``). No term cancels another, so the
+    row's sum keeps its relative precision as ``c -> 0`` (``β -> 0`` or ``1`` in the JSD).
+    Also returns where the series applies and its ``u``."""
+    diff = c * (b - a)
+    small = tl.abs(diff) < 0.1 * a
+    u = tl.where(small, diff / tl.where(small, a, 1.0), 0.0)
+    return tl.where(small, a * _phi_series(u), _wmul(a, la - lm) + diff), small, u
+
+
+@triton.jit
 def _elem_loss(p, lp, s, ls, beta, log_b, log_1mb, LOSS: tl.constexpr):
     if LOSS == _L.CE or LOSS == _L.CE_SOFT_FWD:
         e = _wmul(p, -ls)
@@ -122,14 +144,18 @@ def _elem_loss(p, lp, s, ls, beta, log_b, log_1mb, LOSS: tl.constexpr):
         e = _wmul(s, ls - lp)
     else:
         lm = _log_m(lp, ls, log_b, log_1mb)
-        e = beta * _wmul(p, lp - lm) + (1.0 - beta) * _wmul(s, ls - lm)
+        e_p, _, _ = _kl_to_mix(p, lp, s, lm, 1.0 - beta)
+        e_s, _, _ = _kl_to_mix(s, ls, p, lm, beta)
+        e = beta * e_p + (1.0 - beta) * e_s
     return e
 
 
 @triton.jit
-def _elem_aux(p, lp, s, ls, log_b, log_1mb, LOSS: tl.constexpr):
-    """The row scalar the gradient of js needs: K = Σ s (log s - log m)."""
-    return _wmul(s, ls - _log_m(lp, ls, log_b, log_1mb))
+def _elem_aux(p, lp, s, ls, beta, log_b, log_1mb):
+    """The row scalar the gradient of js needs: K = KL(Q‖M) = Σ s (log s - log m), term by term
+    as :func:`_kl_to_mix`."""
+    e_s, _, _ = _kl_to_mix(s, ls, p, _log_m(lp, ls, log_b, log_1mb), beta)
+    return e_s
 
 
 @triton.jit
@@ -141,7 +167,11 @@ def _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOS
     elif LOSS == _L.KL_BWD:
         g = _wmul(s, ls - lp - row_loss[:, None])
     else:
-        g = _wmul(s, (1.0 - beta) * (ls - _log_m(lp, ls, log_b, log_1mb)) - (1.0 - beta) * row_aux[:, None])
+        # log(s/m) = -log(1 + u) = φ(u) - u, exact where the series applies (u ~ β as β -> 0)
+        lm = _log_m(lp, ls, log_b, log_1mb)
+        _, small, u = _kl_to_mix(s, ls, p, lm, beta)
+        log_sm = tl.where(small, _phi_series(u) - u, ls - lm)
+        g = _wmul(s, (1.0 - beta) * (log_sm - row_aux[:, None]))
     if LOSS == _L.CE_SOFT_BWD or LOSS == _L.KL_BWD:
         # A row whose loss overflowed or is NaN has no gradient: NaN at its valid entries, as autograd gives.
         bad = (tl.abs(row_loss) < float("inf")) == 0  # NaN too
@@ -183,7 +213,7 @@ def _sp_fwd_kernel(
                               LOSS, HAS_SMOOTHING)
         row_loss = tl.sum(_elem_loss(p, lp, s, ls, beta, log_b, log_1mb, LOSS), axis=1)
         if LOSS == _L.JS:
-            row_aux = tl.sum(_elem_aux(p, lp, s, ls, log_b, log_1mb, LOSS), axis=1)
+            row_aux = tl.sum(_elem_aux(p, lp, s, ls, beta, log_b, log_1mb), axis=1)
         g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOSS)
         tl.store(g_row + cols0[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
@@ -210,7 +240,7 @@ def _sp_fwd_kernel(
                                   HAS_SMOOTHING)
             row_loss += tl.sum(_elem_loss(p, lp, s, ls, beta, log_b, log_1mb, LOSS), axis=1)
             if LOSS == _L.JS:
-                row_aux += tl.sum(_elem_aux(p, lp, s, ls, log_b, log_1mb, LOSS), axis=1)
+                row_aux += tl.sum(_elem_aux(p, lp, s, ls, beta, log_b, log_1mb), axis=1)
             if not GRAD_NEEDS_ROW_LOSS:  # write the gradient in this pass
                 g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOSS)
                 tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
