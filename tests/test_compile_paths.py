@@ -54,3 +54,27 @@ def test_vec_dqn_kernel_path_compiles_fullgraph(device):
     cfg = fl.VecDqnLossConfig(backend="triton", metrics_mode="lazy")
     # theta and the mean run as PyTorch ops, which inductor fuses: equal to the last bits only
     _compiled_equals_eager(lambda x: fl.vec_dqn_loss(step, x, target, cfg)[0], online, exact=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["dense", "topk", "linear"])
+def test_sp_linear_compiles_fullgraph(kind, backend, device):
+    """sp_linear_loss (issue 21, item 14): its chunks call the kernels through their custom ops and
+    take the reference's chunk gradient with torch.func.vjp, so Dynamo traces the whole loss."""
+    from fusedloss.testing import make_sp_linear_inputs
+
+    torch._dynamo.reset()
+    hidden, weight, bias, teacher, row_weight = make_sp_linear_inputs(8, 4, 21, kind, torch.float32, device, seed=0,
+                                                                      bias=True)
+
+    def f(h, w):
+        return fl.sp_linear_loss(h, w, teacher, "kl-fwd", bias=bias, row_weight=row_weight, chunk_size=3,
+                                 backend=backend, check_inputs=False)
+
+    loss_c = torch.compile(f, fullgraph=True)(hidden, weight)
+    grads_c = torch.autograd.grad(loss_c, (hidden, weight))
+    loss_e = f(hidden, weight)
+    grads_e = torch.autograd.grad(loss_e, (hidden, weight))
+    assert torch.allclose(loss_c, loss_e, rtol=1e-6, atol=0)
+    for g_c, g_e in zip(grads_c, grads_e):
+        assert torch.allclose(g_c, g_e, rtol=1e-5, atol=1e-7)

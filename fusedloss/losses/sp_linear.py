@@ -152,14 +152,16 @@ def _chunk_loss_grad(kind, t_chunk, z, opts, triton_path: bool, need_grad: bool 
         if kind == "topk":
             return kernels.sp_topk_op(t_chunk[0], t_chunk[1], z, loss_type, temperature)
         return kernels.sp_op(t_chunk, z, loss_type, temperature, eps, beta)
-    with torch.enable_grad():
-        zz = z.detach().requires_grad_(need_grad)
+    def rows_of(zz):
         if kind == "topk":
-            rows = sp_topk_reference(t_chunk[0], t_chunk[1], zz, loss_type, temperature)
-        else:
-            rows = sp_reference(t_chunk, zz, loss_type, temperature, eps, beta)
-        g = torch.autograd.grad(rows.sum(), zz)[0] if need_grad else None
-    return rows.detach(), g
+            return sp_topk_reference(t_chunk[0], t_chunk[1], zz, loss_type, temperature)
+        return sp_reference(t_chunk, zz, loss_type, temperature, eps, beta)
+
+    if not need_grad:
+        return rows_of(z.detach()), None
+    # torch.func.vjp rather than autograd.grad: Dynamo traces it, so fullgraph compile works on this path too
+    rows, vjp = torch.func.vjp(rows_of, z.detach())
+    return rows.detach(), vjp(torch.ones_like(rows))[0]
 
 
 def _chunks(N: int, chunk: int):
