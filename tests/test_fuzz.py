@@ -262,7 +262,7 @@ def test_fuzz_sp(seed, N, A, dtype, kind, loss_type, T, eps, pad, special, targe
        dtype=st.sampled_from(FLOAT_DTYPES), kind=st.sampled_from(FINITE_KINDS),
        loss_type=st.sampled_from(["kl-fwd", "ce-soft-fwd"]), T=st.sampled_from([0.3, 1.0, 2.5]),
        unused=st.sampled_from([0.0, 0.4, 1.0]), special=st.sampled_from([None, None, *SPECIALS]),
-       target=st.sampled_from(["logprob", "logits"]), beta=st.sampled_from([0.1, 0.5, 0.9]))
+       target=st.sampled_from(["logprob", "logits"]), beta=st.sampled_from([1e-6, 0.1, 0.5, 0.9, 1 - 1e-6]))
 def test_fuzz_sp_topk_and_js_beta(seed, N, V, k, dtype, kind, loss_type, T, unused, special, target, beta, device):
     """The top-k teacher (unused slots, rows with none, -inf log-probs) and the generalized JSD."""
     g = torch.Generator().manual_seed(seed)
@@ -283,6 +283,112 @@ def test_fuzz_sp_topk_and_js_beta(seed, N, V, k, dtype, kind, loss_type, T, unus
         return {"loss": loss, "js": js, "grad": grad}
 
     compare(run_both(call, KERNEL_BACKENDS), dtype, special is None, "sp top-k / js beta")
+
+
+@fuzz(15)
+@given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 4), V=st.integers(1, 30), k=st.integers(1, 6),
+       dtype=st.sampled_from(FLOAT_DTYPES), kind=st.sampled_from(FINITE_KINDS), T=st.sampled_from([0.3, 1.0, 2.5]),
+       unused=st.sampled_from([0.0, 0.4]), dup=st.booleans(), bad_index=st.booleans(),
+       special=st.sampled_from([None, None, *SPECIALS]))
+def test_fuzz_sp_topk_unchecked(seed, N, V, k, dtype, kind, T, unused, dup, bad_index, special, device):
+    """``sp_topk_loss(check_inputs=False)``: repeated indices, indices outside ``[0, V)`` (unused
+    slots) and non-finite log-probabilities give the same results on both paths."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, V)
+    idx = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
+    idx = idx.masked_fill(torch.rand(N, k, generator=g) < unused, -1)
+    if dup and k > 1:
+        idx[:, -1] = idx[:, 0]
+    if bad_index:
+        idx[0, 0] = V + 3
+    idx = idx.to(device)
+    lp = inject(g, values(g, (N, k), dtype, kind, device), special)
+    z = values(g, (N, V), dtype, kind, device)
+
+    def call(backend):
+        zz = z.detach().requires_grad_(True)
+        rows = fl.sp_topk_loss(idx, lp, zz, "kl-fwd", T, reduction="none", backend=backend, check_inputs=False)
+        (grad,) = torch.autograd.grad(rows.sum(), zz)
+        return {"rows": rows, "grad": grad}
+
+    compare(run_both(call, KERNEL_BACKENDS), dtype, special is None, "sp top-k unchecked")
+
+
+@fuzz(10)
+@given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 7), H=st.integers(1, 6), V=st.integers(1, 30),
+       dtype=st.sampled_from(FLOAT_DTYPES), teacher=st.sampled_from(["dense", "topk", "linear"]),
+       loss_type=st.sampled_from(["kl-fwd", "ce-soft-fwd", "js", "kl-bwd"]), bias=st.booleans(),
+       row_weight=st.booleans(), reduction=st.sampled_from(["mean", "sum", "none"]), chunk=st.integers(1, 4),
+       special=st.sampled_from([None, None, None, *SPECIALS]))
+def test_fuzz_sp_linear(seed, N, H, V, dtype, teacher, loss_type, bias, row_weight, reduction, chunk, special,
+                        device):
+    """``sp_linear_loss`` over every teacher kind, bias, row weights (with a zero), reductions and
+    chunk sizes: both paths agree with each other, gradients included."""
+    from fusedloss.testing import make_sp_linear_inputs
+
+    if teacher == "topk" and loss_type not in ("kl-fwd", "ce-soft-fwd"):
+        loss_type = "kl-fwd"
+    h, w, b, t, rw = make_sp_linear_inputs(N, H, V, teacher, dtype, device, seed=seed % 1000, bias=bias)
+    if special is not None:
+        h = inject(torch.Generator().manual_seed(seed), h.detach(), special).requires_grad_(True)
+
+    def call(backend):
+        hh, ww = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        bb = None if b is None else b.detach().requires_grad_(True)
+        out = fl.sp_linear_loss(hh, ww, t, loss_type, bias=bb, row_weight=rw if row_weight else None,
+                                reduction=reduction, chunk_size=chunk, backend=backend, check_inputs=False)
+        grads = torch.autograd.grad(out.sum(), [hh, ww] + ([bb] if bb is not None else []))
+        return {"loss": out, **{f"grad{i}": gi for i, gi in enumerate(grads)}}
+
+    # a NaN hidden row reaches every weight-gradient entry; a zero row weight must still keep it out
+    compare(run_both(call, KERNEL_BACKENDS), dtype, special is None, "sp_linear", scale_of="loss")
+
+
+@fuzz(3)
+@given(seed=st.integers(0, 2**31 - 1), opts=st.sampled_from([{}, {"cql_weight": 0.2}, {"n_step": 3}]),
+       special=st.sampled_from([None, "nan"]))
+def test_fuzz_lazy_metrics_compile_and_deepcopy(seed, opts, special, device):
+    """Lazy DQN metrics: a fullgraph compile returns the eager metrics, and they deep-copy."""
+    import copy
+
+    from fusedloss.testing import make_dqn_inputs
+
+    torch._dynamo.reset()
+    step, out = make_dqn_inputs(2, 6, 4, torch.float32, device, seed=seed % 1000)
+    g = torch.Generator().manual_seed(seed)
+    out = {"dqn": inject(g, out["dqn"].detach(), special).requires_grad_(True), "dqn_target": out["dqn_target"]}
+    for backend in KERNEL_BACKENDS:
+        cfg = fl.DqnLossConfig(backend=backend, metrics_mode="lazy", **opts)
+        loss_c, m_c = torch.compile(lambda s, o: fl.dqn_loss(s, o, cfg), fullgraph=True)(step, out)
+        loss_e, m_e = fl.dqn_loss(step, out, cfg)
+        assert_agree(loss_c, loss_e, torch.float32, f"compiled loss [{backend}]")
+        for key in m_e:
+            assert_agree(m_c[key], m_e[key], torch.float32, f"compiled {key} [{backend}]")
+        assert dict(copy.deepcopy(m_c)).keys() == dict(m_e).keys()
+
+
+@fuzz(20)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), S=st.integers(0, 300),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       kind=st.sampled_from(["normal", "large", "zeros"]), eta=st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+       masked=st.booleans(), special=st.sampled_from([None, None, *SPECIALS]))
+def test_fuzz_sequence_priority(seed, B, S, dtype, kind, eta, masked, special, device):
+    """``sequence_priority`` against the float64 formula: masked entries never reach it, an
+    infinite error gives inf for any eta, and a finite fp16 input never overflows."""
+    g = torch.Generator().manual_seed(seed)
+    x = inject(g, values(g, (B, S), torch.float64, kind, device), special).to(dtype)  # fp16 rows of 1e3 sum past 65504
+    mask = (torch.rand(B, S, generator=g) < 0.7).to(device) if masked else None
+    got = fl.sequence_priority(x, mask, eta)
+    a = x.double().abs()
+    valid = torch.ones_like(a, dtype=torch.bool) if mask is None else mask
+    a = torch.where(valid, a, torch.zeros_like(a))
+    peak = a.amax(dim=1) if S else torch.zeros(B, dtype=torch.float64)
+    mean = a.sum(dim=1) / valid.sum(dim=1).clamp(min=1) if S else torch.zeros(B, dtype=torch.float64)
+    want = peak if eta == 1.0 else mean if eta == 0.0 else eta * peak + (1 - eta) * mean
+    assert got.dtype == dtype
+    assert_agree(got, want.to(dtype), dtype, "sequence_priority")
+    if special is None:
+        assert torch.isfinite(got).all()
 
 
 @fuzz(12)
