@@ -121,6 +121,12 @@ def test_sp_tiny_temperature(loss_type, device):
     topk = {b: fl.sp_topk_loss(idx, lp, zt, temperature=1e-39, backend=b) for b in BACKENDS}
     assert torch.isfinite(topk["triton"])
     assert abs(float(topk["triton"]) - float(topk["torch"])) <= 1e-5 * max(1.0, abs(float(topk["torch"])))
+    # Below fp32's smallest subnormal (T rounds to 0 in fp32): still the one-hot limit, on both paths.
+    for b in BACKENDS:
+        tiny = fl.sp_loss({"q_star": q}, z, fl.SpLossConfig(loss_type=loss_type, temperature=1e-46, backend=b))[0]
+        assert float(tiny) == pytest.approx(float(out["torch"]), rel=1e-5, abs=1e-6)
+        tiny = fl.sp_topk_loss(idx, lp, zt, temperature=1e-46, backend=b)
+        assert float(tiny) == pytest.approx(float(topk["torch"]), rel=1e-5, abs=1e-6)
 
 
 # 15. Unsigned index tensors cannot hold -1 (an unused slot): rejected up front, not a false range error.
@@ -219,6 +225,40 @@ def test_dqn_q_std_metric_of_huge_values(backend, device):
     assert m["q_values_mean"] == pytest.approx(want["q_values_mean"], rel=1e-4, abs=1e14)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dqn_q_mean_metric_near_the_fp32_range(backend, device):
+    """Means of q near +-2e38 are combined in units of the largest |q|: no count·mean or
+    x - mean overflows (the lanes, the sequences, and the batch)."""
+    step, out = _dqn_case(device, S=9)
+    sign = torch.where(torch.arange(9, device=device) % 3 == 0, -1.0, 1.0)
+    for q in (torch.full_like(out["dqn"], 2e38), 2e38 * sign[None, :, None].expand_as(out["dqn"]).contiguous()):
+        m = _dqn(step, q, out["dqn_target"], backend, gamma=0.0)[1]
+        want = _dqn(step, q.double(), out["dqn_target"].double(), "torch", gamma=0.0)[1]
+        for name in ("q_values_mean", "q_values_std"):
+            assert math.isfinite(m[name]), name
+            assert m[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6 * 2e38), name
+
+
+# The lambda-return's scan cuts only at a zero per-step coefficient: a product of small discounts
+# that underflows in fp32 still carries a -inf bootstrap, as the step-by-step recurrence does.
+# S = 100 crosses the kernel's 64-step chunks, so the carry between chunks is tested too (its product
+# over the 35 steps of the second chunk underflows). At S = 20 only the GPU's tree scan composes products
+# within a chunk; the interpreter's scan is sequential.
+@pytest.mark.parametrize("S", [20, 100])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dqn_lambda_scan_product_underflow(S, backend, device):
+    step, out = _dqn_case(device, S=S, done=torch.zeros(2, S, dtype=torch.int64, device=device))
+    q_target = out["dqn_target"].clone()
+    q_target[0, S - 2] = float("-inf")
+    opts = dict(td_lambda=0.5, gamma=1e-6, return_td_error=True)
+    td = _dqn(step, out["dqn"], q_target, backend, **opts)[2]
+    want = _dqn(step, out["dqn"].double(), q_target.double(), "torch", **opts)[2]  # no fp64 underflow at S=20
+    assert torch.isinf(want[0, : S - 2]).all()  # every G[t] before it: lambda·gamma > 0 at each step
+    assert torch.equal(torch.isinf(td), torch.isinf(want))
+    fin = torch.isfinite(want)
+    assert torch.allclose(td[fin].double(), want[fin], rtol=1e-5, atol=1e-6)
+
+
 # 11. sequence_priority: eta of 0 or 1 drops the other term (inf stays inf); fp16 rows sum in fp32.
 def test_sequence_priority_edges(device):
     td = torch.tensor([[1.0, float("inf"), 2.0], [1.0, 2.0, 3.0]], device=device)
@@ -228,6 +268,11 @@ def test_sequence_priority_edges(device):
     p = fl.sequence_priority(big, eta=0.9)
     assert p.dtype == torch.float16 and torch.isfinite(p).all()
     assert torch.allclose(p.float(), torch.full((2,), 6e4, device=device), rtol=1e-3)
+    # Row counts past 256 are not bf16 numbers: the count is kept in fp32, so the mean is exact.
+    td = torch.randn((64, 301), generator=torch.Generator().manual_seed(13)).to(device, torch.bfloat16)
+    want = (0.3 * td.double().abs().amax(dim=1) + 0.7 * td.double().abs().mean(dim=1)).to(torch.bfloat16)
+    for mask in (None, torch.ones_like(td, dtype=torch.bool)):
+        assert torch.equal(fl.sequence_priority(td, mask, eta=0.3), want)
 
 
 # 12. torch.compile(fullgraph=True) of dqn_loss with lazy metrics on the kernel path returns its metrics.

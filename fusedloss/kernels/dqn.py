@@ -296,12 +296,20 @@ def _h_inv(x, eps):
 
 
 @triton.jit
+def _times_positive(b, x):
+    """``b·x`` for a product ``b`` of positive coefficients, which may have underflowed to 0: an
+    infinite ``x`` stays infinite (``0·inf`` would be NaN, and the true product is not 0)."""
+    return tl.where((b == 0.0) & (tl.abs(x) == float("inf")), x, b * x)
+
+
+@triton.jit
 def _compose(a_acc, b_acc, c_acc, a_y, b_y, c_y):
     """Scan operator of the lambda-return: lanes run backwards in time, so ``acc`` is the map
     ``G -> a + b·G`` of the later steps and ``y`` the earlier one; the result is ``y ∘ acc``. A
-    cut (``c = 0``) or a zero coefficient ``b_y`` keeps ``a_y`` alone, so nothing behind it (not even
-    a NaN or a -inf times 0) gets through."""
-    return tl.where((c_y != 0) & (b_y != 0.0), a_y + b_y * a_acc, a_y), b_y * b_acc, c_y * c_acc
+    cut (``c = 0``: a done, an invalid step, or a zero coefficient, flagged per step before the
+    scan) keeps ``a_y`` alone, so nothing behind it (not even a NaN or a -inf times 0) gets through;
+    an uncut ``b`` is a product of positive coefficients, however small it has become."""
+    return tl.where(c_y != 0, a_y + _times_positive(b_y, a_acc), a_y), b_y * b_acc, c_y * c_acc
 
 
 @triton.jit
@@ -375,8 +383,9 @@ def _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, ste
             cont = (d_raw == 0) & _valid(m_ptr, step, t + 1, tv & (t + 1 < n_tr), HAS_MASK)
             a = tl.where(valid, r + tl.where(cont, _discounted(disc * (1.0 - td_lambda), v), _discounted(disc, v)),
                          0.0)
-            ga, gb, gc = tl.associative_scan((a, td_lambda * disc, cont.to(tl.int32)), 0, _compose)
-            v = tl.where((gc != 0) & (gb != 0.0), ga + gb * carry, ga)
+            b = td_lambda * disc
+            ga, gb, gc = tl.associative_scan((a, b, (cont & (b != 0.0)).to(tl.int32)), 0, _compose)
+            v = tl.where(gc != 0, ga + _times_positive(gb, carry), ga)
             carry = tl.zeros([T_BLOCK], tl.float32) + tl.sum(tl.where(offs_t == T_BLOCK - 1, v, 0.0), axis=0)
         tl.store(boot_ptr + b64 * n_tr + t, v, mask=tv)
 
@@ -430,12 +439,11 @@ def _chan_update(c_n, c_mean, c_m2, c_sc, x, valid):
     ``c_sc`` is the lane's running max ``|x|`` and ``M2`` is kept in units of ``c_sc²`` (rescaled
     when the max grows), so deviations near 1e20 are never squared in fp32."""
     n_new = c_n + valid.to(tl.float32)
-    delta = x - c_mean
     sc_new = tl.where(valid, nanmax(c_sc, tl.abs(x)), c_sc)
     unit = _safe_scale(sc_new)
     ratio = c_sc / unit
-    d_old = x / unit - c_mean / unit
-    c_mean = tl.where(valid, c_mean + delta / tl.maximum(n_new, 1.0), c_mean)
+    d_old = x / unit - c_mean / unit  # x - mean overflows where they are near +-3e38 apart
+    c_mean = tl.where(valid, c_mean + d_old / tl.maximum(n_new, 1.0) * unit, c_mean)
     c_m2 = tl.where(valid, c_m2 * ratio * ratio + d_old * (x / unit - c_mean / unit), c_m2)
     return n_new, c_mean, c_m2, sc_new
 
@@ -445,9 +453,9 @@ def _write_partials(pb, c_n, c_mean, c_m2, c_sc, c_min, c_max, c_loss, c_tgt, c_
     """Combine the lanes (Chan, in units of the sequence's max ``|q_sa|``) and store one
     sequence's partials at ``pb``."""
     n = tl.sum(c_n, axis=0)
-    mean = tl.sum(c_n * c_mean, axis=0) / tl.maximum(n, 1.0)
     sc = tl.max(c_sc, axis=0)
     unit = _safe_scale(sc)
+    mean = tl.sum(c_n * (c_mean / unit), axis=0) / tl.maximum(n, 1.0) * unit
     ratio = c_sc / unit
     dm = c_mean / unit - mean / unit
     tl.store(pb + _P.COUNT, n)
@@ -470,8 +478,15 @@ def _load_partial(part_ptr, bb, bm, SLOT: tl.constexpr, other):
 
 @triton.jit
 def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
-    """Fold every sequence's partials, in a fixed order, into the loss and the metrics."""
+    """Fold every sequence's partials, in a fixed order, into the loss and the metrics. The q
+    moments are combined in units of the largest sequence scale, found first, so neither the
+    count-weighted means nor the squared deviations overflow."""
     offs_b = tl.arange(0, B_BLOCK)
+    s_sc = tl.zeros([B_BLOCK], tl.float32)
+    for b0 in range(0, B, B_BLOCK):
+        bb = (b0 + offs_b).to(tl.int64)
+        s_sc = nanmax(s_sc, _load_partial(part_ptr, bb, bb < B, _P.SCALE, 0.0))
+    g_unit = _safe_scale(tl.max(s_sc, axis=0))
     s_n = tl.zeros([B_BLOCK], tl.float32)
     s_nm = tl.zeros([B_BLOCK], tl.float32)
     s_min = tl.full([B_BLOCK], float("inf"), tl.float32)
@@ -481,13 +496,12 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
     s_cql = tl.zeros([B_BLOCK], tl.float32)
     s_ba = tl.zeros([B_BLOCK], tl.float32)
     s_bd = tl.zeros([B_BLOCK], tl.float32)
-    s_sc = tl.zeros([B_BLOCK], tl.float32)
     for b0 in range(0, B, B_BLOCK):
         bb = (b0 + offs_b).to(tl.int64)
         bm = bb < B
         pn = _load_partial(part_ptr, bb, bm, _P.COUNT, 0.0)
         s_n += pn
-        s_nm += pn * _load_partial(part_ptr, bb, bm, _P.MEAN, 0.0)
+        s_nm += pn * (_load_partial(part_ptr, bb, bm, _P.MEAN, 0.0) / g_unit)
         s_min = nanmin(s_min, _load_partial(part_ptr, bb, bm, _P.MIN, float("inf")))
         s_max = nanmax(s_max, _load_partial(part_ptr, bb, bm, _P.MAX, float("-inf")))
         s_loss += _load_partial(part_ptr, bb, bm, _P.LOSS, 0.0)
@@ -495,10 +509,8 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
         s_cql += _load_partial(part_ptr, bb, bm, _P.CQL, 0.0)
         s_ba += _load_partial(part_ptr, bb, bm, _P.BAD_ACTION, 0.0)
         s_bd += _load_partial(part_ptr, bb, bm, _P.BAD_DONE, 0.0)
-        s_sc = nanmax(s_sc, _load_partial(part_ptr, bb, bm, _P.SCALE, 0.0))
     total = tl.sum(s_n, axis=0)
-    g_mean = tl.sum(s_nm, axis=0) / total
-    g_unit = _safe_scale(tl.max(s_sc, axis=0))
+    g_mean = tl.sum(s_nm, axis=0) / total * g_unit
     s_m2 = tl.zeros([B_BLOCK], tl.float32)
     for b0 in range(0, B, B_BLOCK):
         bb = (b0 + offs_b).to(tl.int64)

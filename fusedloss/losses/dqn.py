@@ -227,19 +227,27 @@ def _n_step_target(rewards, discount, next_v, running, valid, n_step: int, gamma
     return acc + boot
 
 
+def _times_positive(b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``b·x`` for a product ``b`` of positive coefficients, which may have underflowed to 0: an
+    infinite ``x`` stays infinite (``0·inf`` would be NaN, and the true product is not 0)."""
+    return torch.where((b == 0) & x.isinf(), x, b * x)
+
+
 def _lambda_target(rewards, discount, next_v, running, valid, lam: float):
     """Peng's Q(lambda) return as the linear recurrence ``G[t] = a[t] + b[t] G[t+1]``, cut where
     ``cont[t]`` is false (a done at ``t+1``, the last transition, or an invalid next transition):
     ``a = r' + disc·(1 - lambda·cont)·V``, ``b = lambda·disc``. Solved by a log2(S)-step doubling
-    scan over the maps ``G -> a + b·G``: a cut, or a zero coefficient, drops everything behind it,
-    even a NaN or a -inf (a ``torch.where``, never a product with 0), as the kernel's scan does."""
+    scan over the maps ``G -> a + b·G``: a cut, or a zero coefficient (tested per step, never on the
+    scan's products, which may underflow), drops everything behind it, even a NaN or a -inf (a
+    ``torch.where``, never a product with 0), as the kernel's scan does."""
     cont = running & _ahead(valid, 1, False)
     a = rewards + torch.where(cont, discounted(discount * (1.0 - lam), next_v), discounted(discount, next_v))
     a = torch.where(valid, a, 0.0)
     b = lam * discount
+    cont = cont & (b != 0)  # a zero coefficient cuts, per step; products that underflow later do not
     off = 1
     while off < a.shape[1]:
-        a = torch.where(cont & (b != 0), a + b * _ahead(a, off, 0.0), a)
+        a = torch.where(cont, a + _times_positive(b, _ahead(a, off, 0.0)), a)
         b = b * _ahead(b, off, 0.0)
         cont = cont & _ahead(cont, off, False)
         off *= 2
@@ -418,8 +426,9 @@ def sequence_priority(td_error: torch.Tensor, mask: torch.Tensor | None = None, 
     if not (isinstance(eta, numbers.Real) and not isinstance(eta, bool) and math.isfinite(eta) and 0.0 <= eta <= 1.0):
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}.")
     x = td_error.abs()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # an fp16 row sum overflows at 65504
     if mask is None:
-        count = torch.full((x.shape[0],), x.shape[1], dtype=x.dtype, device=x.device)
+        count = torch.full((x.shape[0],), x.shape[1], dtype=acc, device=x.device)
     else:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor of shape [B, S-1], got "
@@ -427,11 +436,10 @@ def sequence_priority(td_error: torch.Tensor, mask: torch.Tensor | None = None, 
         require_shape(mask, tuple(x.shape), "mask", "[B, S-1] (td_error's shape)")
         require_same_device({"td_error": td_error, "mask": mask})
         x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        count = mask.sum(dim=1).to(x.dtype)
+        count = mask.sum(dim=1).to(acc)  # bf16 counts past 256 are not exact
     if x.shape[1] == 0:
         return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # an fp16 row sum overflows at 65504
-    x, count = x.to(acc), count.to(acc)
+    x = x.to(acc)
     eta = float(eta)
     peak, mean = x.amax(dim=1), x.sum(dim=1) / count.clamp(min=1)
     if eta == 1.0:  # the other term has weight 0: not 0·inf = NaN

@@ -109,6 +109,13 @@ def _check_options(loss_type: str, temperature: float, label_smoothing: float, j
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}.")
 
 
+def _over_temperature(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``x / T`` as ``x · min(1/T, finfo.max)``, as the kernels scale: a ``T`` below the dtype's
+    smallest subnormal would round to 0 and give ``0/0 = NaN`` at the row max, where the limit
+    ``T -> 0`` is the one-hot teacher."""
+    return x * min(1.0 / float(temperature), torch.finfo(x.dtype).max)
+
+
 def _wmul(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``w·x`` with ``0·x = 0`` for any ``x`` (the ``0·log 0`` convention, also where a log
     overflowed to -inf), with finite gradients there; NaN weights stay NaN."""
@@ -140,7 +147,7 @@ def sp_reference(
         smooth = -log_s0.sum(dim=-1) / n_valid.squeeze(-1)
         return (1.0 - eps) * nll + eps * smooth
     # (q - max) / T: the same distribution, but finfo.min padding cannot overflow to -inf at T < 1.
-    log_t = torch.log_softmax((q - q.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
+    log_t = torch.log_softmax(_over_temperature(q - q.amax(dim=-1, keepdim=True), temperature), dim=-1)
     if eps > 0.0:
         log_t = torch.log((1.0 - eps) * log_t.exp() + eps / n_valid)
     log_t0 = log_t.masked_fill(pad, 0.0)
@@ -330,7 +337,7 @@ def sp_topk_reference(teacher_index: torch.Tensor, teacher_logprob: torch.Tensor
     v = teacher_logprob.detach().to(cd).masked_fill(~used, float("-inf"))
     mx = v.amax(dim=-1, keepdim=True)  # NaN propagates; +inf stays and gives NaN below
     mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)  # all slots unused or -inf: p = 0, no NaN
-    x = (v - mx) / temperature  # differences scaled, never the values: finfo.min rows cannot overflow at T < 1
+    x = _over_temperature(v - mx, temperature)  # differences scaled, never the values: finfo.min rows cannot overflow at T < 1
     e = x.exp()
     total = e.sum(dim=-1, keepdim=True)
     p = torch.where(used & (total != 0), e / total, torch.zeros_like(e))  # NaN total (NaN/+inf in): NaN
