@@ -1,6 +1,8 @@
 """MkDocs hooks: the strict build fails when the public API is not fully documented.
 
-- every name in ``fusedloss.__all__`` has a docstring of its own and appears in ``api.md``;
+- every name in ``fusedloss.__all__`` has a docstring of its own and appears in ``api.md``: the
+  families' names in the sections generated from the family table (at the ``<!-- families -->``
+  line), the rest written there by hand;
 - every field of a public config dataclass has an attribute docstring (the string right after
   the field, which mkdocstrings renders).
 """
@@ -33,11 +35,43 @@ def _field_docs(cls) -> set[str]:
     return names
 
 
+FAMILIES_MARKER = "<!-- families -->"
+
+
+def family_sections() -> str:
+    """The API page's family sections, from the family table: one ``##`` section per run of
+    families with one ``section`` title, each export under its defining module's path (which
+    mkdocstrings resolves statically)."""
+    from fusedloss.losses import FAMILIES
+
+    out, title = [], None
+    for family in FAMILIES:
+        if family.section != title:
+            title = family.section
+            out.append(f"\n## {title}\n")
+        for name in family.exports:
+            out.append(f"::: fusedloss.losses.{family.name}.{name}")
+    return "\n".join(out) + "\n"
+
+
+def anchors() -> dict[str, str]:
+    """``{public name: its anchor on the API page}``."""
+    from fusedloss.losses import FAMILIES
+
+    out = {name: f"fusedloss.losses.{f.name}.{name}" for f in FAMILIES for name in f.exports}
+    api = (Path(__file__).parent / "api.md").read_text(encoding="utf-8")
+    out.update({name: f"fusedloss.{name}" for name in re.findall(r"^::: fusedloss\.(\w+)$", api, flags=re.M)})
+    return out
+
+
 def problems(docs_dir: Path) -> list[str]:
     import fusedloss
 
     api = (docs_dir / "api.md").read_text(encoding="utf-8")
-    listed = set(re.findall(r"^::: fusedloss\.(\w+)", api, flags=re.M))
+    if FAMILIES_MARKER not in api:
+        return [f"docs/api.md has no {FAMILIES_MARKER} line, where the family sections go"]
+    api = api.replace(FAMILIES_MARKER, family_sections())
+    listed = set(re.findall(r"^::: fusedloss\.(?:losses\.\w+\.)?(\w+)$", api, flags=re.M))
     out = []
     for name in fusedloss.__all__:
         obj = getattr(fusedloss, name)
@@ -64,6 +98,13 @@ def on_pre_build(config, **kwargs):
         raise PluginError("the public API is not fully documented:\n  " + "\n  ".join(found))
 
 
+def on_page_markdown(markdown, page, config, files, **kwargs):
+    """The API page's family sections come from the family table."""
+    if page.file.src_uri == "api.md":
+        return markdown.replace(FAMILIES_MARKER, family_sections())
+    return markdown
+
+
 def on_files(files, config, **kwargs):
     """Publish BENCHMARKS.md (the repository's figures) as the Benchmarks page, with its plots."""
     from mkdocs.structure.files import File
@@ -85,14 +126,12 @@ _ROLE = re.compile(r":(?:func|class|meth|mod|data|attr):<code>~?([\w.]+)</code>"
 
 def on_page_content(html, page, config, files, **kwargs):
     """The docstrings' Sphinx roles (``:func:`dqn_loss```) as links into the API reference."""
-    import fusedloss
-
-    public = set(fusedloss.__all__)
+    where = anchors()
     up = "../" * page.url.count("/")
 
     def link(m):
         name = m.group(1).split(".")[-1]
         code = f"<code>{m.group(1).removeprefix('fusedloss.')}</code>"
-        return f'<a href="{up}api/#fusedloss.{name}">{code}</a>' if name in public else code
+        return f'<a href="{up}api/#{where[name]}">{code}</a>' if name in where else code
 
     return _ROLE.sub(link, html)

@@ -14,17 +14,32 @@ from __future__ import annotations
 import enum
 import functools
 import importlib.util
+import logging
 import os
 
 import torch
 
-__all__ = ["Backend", "resolve_backend", "triton_available", "use_interpreter_without_cuda", "KERNEL_FAMILIES"]
+__all__ = ["Backend", "resolve_backend", "triton_available", "use_interpreter_without_cuda", "kernel_families",
+           "explain_backend"]
 
 ENV_VAR = "FUSEDLOSS_BACKEND"
+_LOG = logging.getLogger("fusedloss")
 
-# Families with a fused kernel, each in fusedloss/kernels/<family>.py. A family absent here has no
-# kernel yet, and ``backend="triton"`` raises NotImplementedError for it.
-KERNEL_FAMILIES = frozenset({"sp", "dqn", "vec_dqn", "rope"})
+
+
+def kernel_families() -> frozenset[str]:
+    """The dispatch families with a fused kernel (``fusedloss/kernels/<family>.py``), from the family
+    table (``fusedloss.losses.FAMILIES``). A family absent here has no kernel, and
+    ``backend="triton"`` raises ``NotImplementedError`` for it."""
+    global _KERNEL_FAMILIES
+    if _KERNEL_FAMILIES is None:
+        from .losses import FAMILIES
+
+        _KERNEL_FAMILIES = frozenset(f.kernel for f in FAMILIES if f.kernel is not None)
+    return _KERNEL_FAMILIES
+
+
+_KERNEL_FAMILIES: frozenset[str] | None = None
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -56,16 +71,23 @@ def triton_available() -> bool:
 
 
 def interpreter_enabled() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``, the variable Triton's own
+    ``triton.knobs.runtime.interpret`` reads): the one place the package asks."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _interpreter_too_late() -> bool:
     """True when triton.language was imported before TRITON_INTERPRET=1 was set: its own jit
-    helpers (tl.zeros, ...) were then compiled for the GPU, and no kernel can run interpreted."""
+    helpers (``tl.zeros``, ...) were then built as GPU ``triton.JITFunction`` s rather than
+    interpreted functions, and no kernel can run interpreted."""
     import sys
 
     tl = sys.modules.get("triton.language")
-    return tl is not None and type(getattr(tl, "zeros", None)).__name__ == "JITFunction"
+    if tl is None:
+        return False
+    import triton
+
+    return isinstance(getattr(tl, "zeros", None), triton.JITFunction)
 
 
 def use_interpreter_without_cuda(device: "str | torch.device | None" = None) -> None:
@@ -78,7 +100,7 @@ def use_interpreter_without_cuda(device: "str | torch.device | None" = None) -> 
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _why_not_kernel(family: str, tensors) -> str | None:
+def why_not_kernel(family: str, tensors) -> str | None:
     """The reason the kernel cannot run on these tensors, or None when it can."""
     if not triton_available():
         return "Triton is not installed (pip install triton)"
@@ -104,34 +126,82 @@ def _why_not_kernel(family: str, tensors) -> str | None:
     return None
 
 
-def resolve_backend(backend: "str | Backend", family: str, *tensors: torch.Tensor) -> Backend:
-    """Pick ``Backend.TRITON`` or ``Backend.TORCH`` for ``family`` on ``tensors``.
-
-    ``tensors`` are the floating-point inputs the kernel would read.
-    """
+def _choose(backend: "str | Backend", family: str, tensors) -> tuple[Backend, str, type[Exception] | None]:
+    """``(path, why, error)``: the path the rule picks and the reason in words; ``error`` is the
+    exception class to raise (with ``why``) when ``backend="triton"`` cannot run, else None."""
     choice = Backend.parse(backend)
+    source = f"backend={choice.value!r}"
     if choice is Backend.AUTO:
         override = os.environ.get(ENV_VAR, "").strip().lower()
         if override:
             choice = Backend.parse(override, argname=f"the environment variable {ENV_VAR}")
+            source = f"{ENV_VAR}={override!r} (over backend='auto')"
     if choice is Backend.TORCH:
-        return Backend.TORCH
+        return Backend.TORCH, f"{source}: the PyTorch reference", None
+    has_kernel = family in kernel_families()
     if choice is Backend.TRITON:
-        if family not in KERNEL_FAMILIES:
-            raise NotImplementedError(
-                f"backend='triton': the {family!r} loss has no fused kernel yet; "
-                "use backend='torch' or 'auto'."
-            )
-        reason = _why_not_kernel(family, tensors)
+        if not has_kernel:
+            return (Backend.TORCH, f"backend='triton': the {family!r} loss has no fused kernel yet; "
+                    "use backend='torch' or 'auto'.", NotImplementedError)
+        reason = why_not_kernel(family, tensors)
         if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run the {family!r} kernel: {reason}.")
-        return Backend.TRITON
+            return Backend.TORCH, f"backend='triton' cannot run the {family!r} kernel: {reason}.", RuntimeError
+        return Backend.TRITON, f"{source}: the fused {family!r} kernel", None
     # auto: the kernel on CUDA only; CPU tensors always take the reference.
-    if (
-        family in KERNEL_FAMILIES
-        and tensors
-        and all(t.device.type == "cuda" for t in tensors)
-        and _why_not_kernel(family, tensors) is None
-    ):
-        return Backend.TRITON
-    return Backend.TORCH
+    if not has_kernel:
+        return Backend.TORCH, f"{source}: the PyTorch reference (the {family!r} loss has no fused kernel)", None
+    if not tensors or not all(t.device.type == "cuda" for t in tensors):
+        where = sorted({str(t.device) for t in tensors}) or ["no tensors"]
+        return (Backend.TORCH, f"{source}: the PyTorch reference (the tensors are on {', '.join(where)}; auto runs "
+                "the kernel on CUDA tensors only)", None)
+    reason = why_not_kernel(family, tensors)
+    if reason is not None:
+        return Backend.TORCH, f"{source}: the PyTorch reference ({reason})", None
+    return Backend.TRITON, f"{source}: the fused {family!r} kernel (CUDA tensors, Triton present)", None
+
+
+def resolve_backend(backend: "str | Backend", family: str, *tensors: torch.Tensor) -> Backend:
+    """Pick ``Backend.TRITON`` or ``Backend.TORCH`` for ``family`` on ``tensors``.
+
+    ``tensors`` are the floating-point inputs the kernel would read. The choice and its reason are
+    logged at DEBUG level on the ``fusedloss`` logger (not while ``torch.compile`` traces), and
+    :func:`fusedloss.explain_backend` returns them.
+    """
+    path, why, error = _choose(backend, family, tensors)
+    if error is not None:
+        raise error(why)
+    if not torch.compiler.is_compiling() and _LOG.isEnabledFor(logging.DEBUG):
+        _LOG.debug("%s: %s", family, why)
+    return path
+
+
+def explain_backend(loss: "str | object", *tensors: torch.Tensor, backend: "str | Backend" = "auto") -> str:
+    """Which path a call of ``loss`` on ``tensors`` takes, and why, in one line: ``"triton: ..."`` or
+    ``"torch: ..."``. No host sync; the same rule the call itself applies.
+
+    ``loss`` is a public loss function, module or config class (``fl.sp_linear_loss``,
+    ``fl.DqnLoss``) or a family name (``"dqn"``); ``tensors`` are the floating-point inputs the
+    kernel would read (``q`` and ``q_target`` for DQN, the logits and teacher for distillation).
+    ``backend`` is the call's (``FUSEDLOSS_BACKEND`` applies to ``"auto"``, as in the call). Raises
+    the error the call would raise where ``backend="triton"`` cannot run.
+
+    >>> import torch, fusedloss as fl
+    >>> fl.explain_backend(fl.dqn_loss, torch.zeros(2, 3, 4))
+    "torch: backend='auto': the PyTorch reference (the tensors are on cpu; auto runs the kernel on CUDA tensors only)"
+    """
+    from .losses import FAMILIES
+
+    family = None
+    if isinstance(loss, str):
+        family = next((f for f in FAMILIES if f.name == loss), None)
+    else:
+        module = getattr(loss, "__module__", "")
+        family = next((f for f in FAMILIES if module == f"fusedloss.losses.{f.name}"), None)
+    if family is None:
+        names = ", ".join(f.name for f in FAMILIES)
+        raise ValueError(f"loss must be a fusedloss loss function, module or config, or a family name ({names}), "
+                         f"got {loss!r}.")
+    path, why, error = _choose(backend, family.kernel or family.name, tensors)
+    if error is not None:
+        raise error(why)
+    return f"{path.value}: {why}"

@@ -9,23 +9,10 @@ and exits 1 on any failure.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
-from collections.abc import Callable
 
 import torch
-
-
-@dataclasses.dataclass
-class Case:
-    family: str
-    options: str
-    shape: str
-    make: Callable  # (dtype, device) -> tuple of args
-    call: Callable  # (args, backend) -> loss tensor
-    dtypes: tuple = (torch.float32, torch.bfloat16)
-    kernel_family: str | None = None
 
 
 def _to64(obj):
@@ -50,147 +37,79 @@ def _leaves(obj):
     return []
 
 
-def _run(case: Case, args, backend: str, upstream: float):
+def _run(case, args, backend: str, upstream: float):
     loss = case.call(args, backend)
     leaves = _leaves(args)
     grads = torch.autograd.grad(loss * upstream, leaves) if leaves else ()
     return loss.detach(), [g.detach() for g in grads]
 
 
-def _cases(small: bool) -> list[Case]:
-    import fusedloss as fl
-    from fusedloss import testing as T
+def _cases(small: bool, families=None) -> list[tuple]:
+    """``(row name, family, case)`` for every verify case of the family table, in table order."""
+    from fusedloss.losses import FAMILIES
 
-    B, S, A = (4, 9, 19) if small else (64, 64, 18)
-    N, V = (12, 300) if small else (4096, 1000)
-    D = 6 if small else 16
-    cases: list[Case] = []
+    return [(case.name or fam.name, fam, case) for fam in FAMILIES
+            if fam.verify_cases is not None and (families is None or fam.name in families)
+            for case in fam.verify_cases(small)]
 
-    for opts in ({}, {"cql_weight": 0.3}, {"normalize_reward_mean": True, "normalize_reward_std": True,
-                                           "reward_scale": 0.5, "reward_shift": 0.1},
-                 {"double_dqn": True, "td_loss": "huber", "weight_key": "weight", "mask_key": "mask"},
-                 {"n_step": 5, "double_dqn": True, "value_rescaling": True, "mask_key": "mask"},
-                 {"td_lambda": 0.95, "double_dqn": True, "value_rescaling": True, "cql_weight": 0.1}):
-        def make(dtype, device, _opts=opts):
-            return T.make_dqn_inputs(B, S, A, dtype, device, seed=1, weight=True, mask=True)
 
-        def call(args, backend, _opts=opts):
-            return fl.dqn_loss(args[0], args[1], fl.DqnLossConfig(backend=backend, **_opts))[0]
-
-        cases.append(Case("dqn", ",".join(f"{k}={v}" for k, v in opts.items()) or "default",
-                          f"B={B} S={S} A={A}", make, call, kernel_family="dqn"))
-
-    def make_vec(dtype, device):
-        return T.make_vec_dqn_inputs(B, S, A, D, dtype, device, seed=2, argmax_margin=1e-3)
-
-    def call_vec(args, backend):
-        return fl.vec_dqn_loss(args[0], args[1], args[2], fl.VecDqnLossConfig(backend=backend))[0]
-
-    cases.append(Case("vec_dqn", "default", f"B={B} S={S} A={A} D={D}", make_vec, call_vec, kernel_family="vec_dqn"))
-
-    for loss_type in ("ce", "ce-soft-fwd", "ce-soft-bwd", "kl-fwd", "kl-bwd", "js"):
-        def make_sp(dtype, device):
-            q, logits = T.make_sp_inputs(N, V, dtype, device, seed=3, pad_frac=0.1)
-            return ({"q_star": q}, logits)
-
-        def call_sp(args, backend, _lt=loss_type):
-            cfg = fl.SpLossConfig(loss_type=_lt, temperature=1.7, label_smoothing=0.1, backend=backend)
-            return fl.sp_loss(args[0], args[1], cfg)[0]
-
-        cases.append(Case("sp", f"{loss_type},T=1.7,ls=0.1,pad", f"N={N} A={V}", make_sp, call_sp, kernel_family="sp"))
-
-    def call_js_beta(args, backend):
-        return fl.sp_js_loss(args[0]["q_star"], args[1], 1.3, 0.0, beta=0.2, backend=backend)
-
-    cases.append(Case("sp", "js,beta=0.2,T=1.3,pad", f"N={N} A={V}", make_sp, call_js_beta, kernel_family="sp"))
-
-    k = 16 if small else 64
-
-    def make_topk(dtype, device):
-        return T.make_topk_inputs(N, V, k, dtype, device, seed=7, unused=0.3)
-
-    for lt in ("kl-fwd", "ce-soft-fwd"):
-        def call_topk(args, backend, _lt=lt):
-            return fl.sp_topk_loss(args[0], args[1], args[2], _lt, 1.4, backend=backend)
-
-        cases.append(Case("sp_topk", f"{lt},k={k},T=1.4", f"N={N} V={V}", make_topk, call_topk, kernel_family="sp"))
-
-    H = 8 if small else 64
-
-    def make_linear(dtype, device):
-        hidden, weight, _, teacher, _ = T.make_sp_linear_inputs(N, H, V, "dense", dtype, device, seed=9, pad=0.1)
-        return teacher, hidden, weight
-
-    def call_linear(args, backend):
-        return fl.sp_linear_loss(args[1], args[2], args[0], "js", 1.2, 0.05, 0.3, chunk_size=max(1, N // 5),
-                                 backend=backend)
-
-    cases.append(Case("sp_linear", "js,beta=0.3,T=1.2,ls=0.05,pad", f"N={N} H={H} V={V}", make_linear, call_linear,
-                      kernel_family="sp"))
-
-    for lt in ("mse", "mae"):
-        def make_sv(dtype, device):
-            q, logits = T.make_sp_inputs(N, A, dtype, device, seed=4, pad_frac=0.2)
-            return ({"q_star": q}, logits)
-
-        def call_sv(args, backend, _lt=lt):
-            return fl.sv_loss(args[0], args[1], fl.SvLossConfig(loss_type=_lt, backend=backend))[0]
-
-        cases.append(Case("sv", lt, f"N={N} A={A}", make_sv, call_sv))
-
-    def make_router(dtype, device):
-        return (T.make_router_logits(B * S, 8, dtype, device, seed=5),)
-
-    cases.append(Case("router_z", "default", f"T={B * S} E=8", make_router,
-                      lambda args, backend: fl.router_z_loss(args[0])))
-    cases.append(Case("switch_load_balancing", "top_k=2", f"T={B * S} E=8", make_router,
-                      lambda args, backend: fl.switch_load_balancing_loss(args[0], top_k=2)))
-
-    n_pts = 60 if small else 2000
-    for sk_backend in ("tensorized", "online"):
-        def make_sk(dtype, device):
-            return T.make_sinkhorn_inputs(n_pts, n_pts + 7, 2, 3, dtype, device, seed=6)
-
-        def call_sk(args, backend, _b=sk_backend):
-            return fl.sinkhorn_loss(*args, p=2, lam_state=0.5, blur=0.5, scaling=0.9, backend=_b)
-
-        cases.append(Case("sinkhorn", f"{sk_backend},p=2", f"N={n_pts} M={n_pts + 7}", make_sk, call_sk,
-                          dtypes=(torch.float32,)))
-    return cases
+def _row(name, case, path, dtype, f_err, g_err, result, tail="") -> str:
+    fe = f"{f_err:9.2e}" if f_err is not None else f"{'-':>9}"
+    ge = f"{g_err:9.2e}" if g_err is not None else f"{'-':>9}"
+    return (f"{name:<22} {case.options[:44]:<44} {case.shape:<18} {path:<7} {str(dtype)[6:]:<9} {fe} {ge} "
+            f"{result:<6} {tail}").rstrip()
 
 
 def verify(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fusedloss verify", description=__doc__.splitlines()[0])
+    """Check every family's losses (or those named by ``--family``) against float64; exit 1 on any
+    failure. The last line names every path that could not be checked, and why."""
+    from fusedloss.losses import FAMILIES
+
+    names = sorted({f.name for f in FAMILIES} | {name for name, _, _ in _cases(True)})
+    parser = argparse.ArgumentParser(
+        prog="python -m fusedloss verify",
+        description="Run every loss on random inputs and check it, forward and gradient, against a float64 "
+                    "evaluation; exit 1 on any failure. Kernels run on CUDA when present, else on CPU under the "
+                    "Triton interpreter at small shapes.")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--family", action="append", help="only these families (repeatable)")
+    parser.add_argument("--family", action="append", metavar="NAME",
+                        help=f"only this family (repeatable); one of {', '.join(names)}")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.family or ()) - set(names))
+    if unknown:
+        parser.error(f"unknown family {', '.join(map(repr, unknown))}; known: {', '.join(names)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from fusedloss import _dispatch
 
     # Kernels run on CPU tensors only under the interpreter, on before the first kernel is imported.
     _dispatch.use_interpreter_without_cuda(device)
-    from fusedloss.testing import max_abs_error, tolerance
+    from fusedloss.testing import check_close_to_float64
 
     small = device.type == "cpu"
     print(f"fusedloss verify on {device} (torch {torch.__version__}"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
-          + (", Triton interpreter, small shapes" if small else "") + ")")
-    header = f"{'family':<22} {'options':<44} {'shape':<18} {'path':<7} {'dtype':<9} {'fwd err':>9} {'grad err':>9} {'result':<6} {'ms':>8}"
+          + (", small shapes" if small else "") + ")")
+    header = (f"{'family':<22} {'options':<44} {'shape':<18} {'path':<7} {'dtype':<9} {'fwd err':>9} "
+              f"{'grad err':>9} {'result':<6} {'ms':>8}")
     print(header)
     print("-" * len(header))
-    failures = 0
-    for case in _cases(small):
-        if args.family and case.family not in args.family:
+    failures, checks, skipped = 0, 0, {}
+    for name, fam, case in _cases(small):
+        if args.family and name not in args.family and fam.name not in args.family:
             continue
-        kernel = case.kernel_family in _dispatch.KERNEL_FAMILIES and _dispatch.triton_available()
+        why_not = None
+        if fam.kernel is not None:
+            probe = torch.empty(1, device=device)
+            why_not = _dispatch.why_not_kernel(fam.kernel, [probe])
+            if why_not is not None:
+                skipped.setdefault(why_not, []).append(name)
         for dtype in case.dtypes:
             inputs = case.make(dtype, device)
-            inputs64 = _to64(inputs)
             upstream = float(torch.empty(()).uniform_(0.5, 2.0))
-            ref64_loss, ref64_grads = _run(case, inputs64, "torch", upstream)
+            ref64_loss, ref64_grads = _run(case, _to64(inputs), "torch", upstream)
             ref_loss, ref_grads = _run(case, inputs, "torch", upstream)
-            paths = [("torch", ref_loss, ref_grads, 0.0)]
-            if kernel:
+            paths = [("torch", ref_loss, ref_grads, None)]
+            if fam.kernel is not None and why_not is None:
                 start = time.perf_counter()
                 try:
                     k_loss, k_grads = _run(case, inputs, "triton", upstream)
@@ -199,29 +118,38 @@ def verify(argv: list[str] | None = None) -> int:
                     paths.append(("triton", k_loss, k_grads, time.perf_counter() - start))
                 except Exception as exc:  # report, count, keep going
                     failures += 1
-                    print(f"{case.family:<22} {case.options[:44]:<44} {case.shape:<18} {'triton':<7} "
-                          f"{str(dtype)[6:]:<9} {'-':>9} {'-':>9} {'FAIL':<6} {type(exc).__name__}: {exc}")
+                    print(_row(name, case, "triton", dtype, None, None, "FAIL", f"{type(exc).__name__}: {exc}"))
             for path, loss, grads, elapsed in paths:
-                f_err = max_abs_error(loss, ref64_loss)
-                g_err = max((max_abs_error(g, r) for g, r in zip(grads, ref64_grads)), default=0.0)
-                if path == "torch":
-                    ok = f_err <= tolerance(0.0, ref64_loss, dtype) and all(
-                        max_abs_error(g, r) <= tolerance(0.0, r, dtype) for g, r in zip(grads, ref64_grads))
-                else:
-                    ok = f_err <= tolerance(max_abs_error(ref_loss, ref64_loss), ref64_loss, dtype) and all(
-                        max_abs_error(g, r) <= tolerance(max_abs_error(rg, r), r, dtype)
-                        for g, rg, r in zip(grads, ref_grads, ref64_grads))
+                own = None if path == "torch" else ref_loss
+                ok, f_err, _, _ = check_close_to_float64(loss, own, ref64_loss, dtype)
+                g_err = 0.0
+                for g, rg, r in zip(grads, ref_grads, ref64_grads):
+                    g_ok, e, _, _ = check_close_to_float64(g, None if path == "torch" else rg, r, dtype)
+                    ok, g_err = ok and g_ok, max(g_err, e)
+                checks += 1
                 failures += not ok
-                ms = f"{elapsed * 1e3:8.1f}" if path != "torch" else f"{'':>8}"
-                print(f"{case.family:<22} {case.options[:44]:<44} {case.shape:<18} {path:<7} {str(dtype)[6:]:<9} "
-                      f"{f_err:9.2e} {g_err:9.2e} {'pass' if ok else 'FAIL':<6} {ms}")
-    print(f"\n{'all checks passed' if failures == 0 else f'{failures} check(s) FAILED'}")
-    return 1 if failures else 0
+                print(_row(name, case, path, dtype, f_err, g_err, "pass" if ok else "FAIL",
+                           f"{elapsed * 1e3:8.1f}" if elapsed is not None else ""))
+    if failures:
+        summary = f"{failures} check(s) FAILED"
+    elif checks == 0:
+        summary = "no check ran"
+    else:
+        summary = f"all {checks} checks passed"
+    for reason, rows in skipped.items():
+        summary += f"\nnot checked: the triton path of {', '.join(dict.fromkeys(rows))} ({reason})"
+    print(f"\n{summary}")
+    return 1 if failures or checks == 0 else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("verify",):
-        print("usage: python -m fusedloss verify [--device cuda|cpu] [--family NAME ...]", file=sys.stderr)
+    """``python -m fusedloss verify [--device cuda|cpu] [--family NAME ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m fusedloss", description="fusedloss command line.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("verify", help="check every loss against float64 on random inputs", add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] != "verify":
+        parser.parse_args(argv)  # --help exits 0 with the usage; anything else: the usage and exit 2
+        parser.print_usage(sys.stderr)
         return 2
     return verify(argv[1:])

@@ -21,7 +21,10 @@ __all__ = [
     "max_abs_error",
     "tolerance",
     "assert_close_to_float64",
+    "check_close_to_float64",
     "nan_like",
+    "assert_canaries_intact",
+    "CANARY",
     "FLOORS",
 ]
 
@@ -175,9 +178,32 @@ def make_sinkhorn_inputs(N=30, M=40, Da=2, Ds=3, dtype=torch.float32, device="cp
     return pa, ta, ps, ts
 
 
+CANARY = -7777.0  # what the margins around a nan_like buffer hold; a kernel never computes it exactly
+
+
 def nan_like(shape, dtype, device) -> torch.Tensor:
-    """An output buffer poisoned with NaN, so anything a kernel never writes shows up."""
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    """An output buffer poisoned with NaN, so anything a kernel never writes shows up, inside a
+    larger allocation whose margins before and after hold :data:`CANARY`, so a write past either end
+    shows up too (:func:`assert_canaries_intact`). The buffer is contiguous."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    margin = max(256, shape[-1] if shape else 1)
+    whole = torch.full((n + 2 * margin,), CANARY, dtype=dtype, device=device)
+    whole[margin:margin + n] = float("nan")
+    return whole[margin:margin + n].view(shape)
+
+
+def assert_canaries_intact(*buffers: torch.Tensor) -> None:
+    """Raise ``AssertionError`` if a kernel wrote outside any of these :func:`nan_like` buffers."""
+    for i, t in enumerate(buffers):
+        whole = t._base
+        if whole is None or whole.dim() != 1:
+            raise TypeError(f"buffer {i} was not made by nan_like")
+        start = t.storage_offset() - whole.storage_offset()
+        outside = torch.cat((whole[:start], whole[start + t.numel():]))
+        bad = outside != CANARY
+        if bool(bad.any()):
+            raise AssertionError(f"buffer {i} {tuple(t.shape)}: {int(bad.sum())} element(s) written outside it")
 
 
 def max_abs_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -195,13 +221,22 @@ def tolerance(ref_err: float, ref64: torch.Tensor, dtype: torch.dtype) -> float:
     return 2.0 * ref_err + FLOORS[dtype] * scale
 
 
+def check_close_to_float64(out: torch.Tensor, ref_same_dtype: torch.Tensor | None, ref64: torch.Tensor,
+                           dtype: torch.dtype) -> tuple[bool, float, float, float]:
+    """The one tolerance rule: ``(passed, error, reference error, tolerance)`` of ``out`` against
+    ``ref64``, allowed twice the error of ``ref_same_dtype`` (the reference path in ``dtype``; None
+    when ``out`` is that reference itself) plus a floor."""
+    err = max_abs_error(out, ref64)
+    ref_err = 0.0 if ref_same_dtype is None else max_abs_error(ref_same_dtype, ref64)
+    tol = tolerance(ref_err, ref64, dtype)
+    return err <= tol, err, ref_err, tol
+
+
 def assert_close_to_float64(out: torch.Tensor, ref_same_dtype: torch.Tensor, ref64: torch.Tensor,
                             dtype: torch.dtype, what: str = "output") -> None:
     """``out`` must be within 2x the reference's own error in ``dtype``, plus a floor."""
-    err = max_abs_error(out, ref64)
-    ref_err = max_abs_error(ref_same_dtype, ref64)
-    tol = tolerance(ref_err, ref64, dtype)
-    if not err <= tol:
+    ok, err, ref_err, tol = check_close_to_float64(out, ref_same_dtype, ref64, dtype)
+    if not ok:
         raise AssertionError(
             f"{what}: error {err:.3e} against float64 exceeds {tol:.3e} "
             f"(2 x reference error {ref_err:.3e} + floor, dtype {dtype})"

@@ -27,14 +27,18 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fusedloss.kernels import dqn, rope, sp, vec_dqn  # noqa: E402
+import importlib  # noqa: E402
 
-FAMILIES = (sp, dqn, vec_dqn, rope)
+from fusedloss.losses import FAMILIES  # noqa: E402
+
+# The kernel modules of the family table, each once, in table order.
+KERNEL_MODULES = tuple(importlib.import_module(f"fusedloss.kernels.{name}")
+                       for name in dict.fromkeys(f.kernel for f in FAMILIES if f.kernel is not None))
 
 
 def variants():
     """Each kernel module's own list (its ``compile_variants()``)."""
-    for module in FAMILIES:
+    for module in KERNEL_MODULES:
         yield from module.compile_variants()
 
 

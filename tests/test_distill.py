@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss.testing import (assert_close_to_float64, make_sp_inputs, make_sp_linear_inputs, make_topk_inputs,
-                               nan_like)
+from fusedloss.testing import (assert_canaries_intact, assert_close_to_float64, make_sp_inputs, make_sp_linear_inputs,
+                               make_topk_inputs, nan_like)
 
 BETAS = [0.1, 0.5, 0.9]
 
@@ -82,6 +82,7 @@ def test_js_beta_kernel_matches_reference(beta, dtype, shape, device):
     T, eps = 1.4, 0.05
     loss_buf, grad_buf = nan_like((N,), torch.float32, device), nan_like((N, A), dtype, device)
     rows, grad = K.sp_fwd(q, z.detach(), "js", T, eps, max_block, loss_out=loss_buf, grad_out=grad_buf, js_beta=beta)
+    assert_canaries_intact(loss_buf, grad_buf)
     z64 = z.detach().double().requires_grad_(True)
     ref64 = fl.sp_reference(q.double(), z64, "js", T, eps, beta)
     (g64,) = torch.autograd.grad(ref64.sum(), z64)
@@ -167,6 +168,7 @@ def test_topk_kernel_matches_reference(loss_type, dtype, shape, device):
     T = 1.3
     loss_buf, grad_buf = nan_like((N,), torch.float32, device), nan_like((N, V), dtype, device)
     rows, grad = K.sp_topk_fwd(idx, lp, z.detach(), loss_type, T, max_block, loss_out=loss_buf, grad_out=grad_buf)
+    assert_canaries_intact(loss_buf, grad_buf)
     z64 = z.detach().double().requires_grad_(True)
     ref64 = fl.sp_topk_reference(idx, lp.double(), z64, loss_type, T)
     (g64,) = torch.autograd.grad(ref64.sum(), z64)
@@ -373,7 +375,7 @@ def test_linear_default_chunk_and_module():
     (lambda a: {**a, "js_beta": 1.0}, ValueError, "js_beta"),
     (lambda a: {**a, "reduction": "avg"}, ValueError, "reduction"),
     (lambda a: {**a, "teacher": fl.TopKTeacher(torch.zeros(6, 2, dtype=torch.long), torch.zeros(6, 2)),
-                "loss_type": "js"}, ValueError, "TopKTeacher supports"),
+                "loss_type": "js"}, ValueError, "loss_type with a TopKTeacher must be one of"),
     (lambda a: {**a, "teacher": fl.LinearTeacher(torch.zeros(6, 3), torch.zeros(10, 3))}, ValueError,
      r"teacher.weight must have shape \[V, H_t\]"),
 ])

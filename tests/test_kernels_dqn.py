@@ -5,7 +5,7 @@ import torch
 
 import fusedloss as fl
 from fusedloss.losses.dqn import _KERNEL_METRICS, _kernel_scalars
-from fusedloss.testing import assert_close_to_float64, make_dqn_inputs, nan_like
+from fusedloss.testing import assert_canaries_intact, assert_close_to_float64, make_dqn_inputs, nan_like
 
 pytest.importorskip("triton")
 from fusedloss.kernels import dqn as K  # noqa: E402
@@ -47,6 +47,7 @@ def check_kernel_against_reference(step, out, cfg, dtype, max_block, device):
     reward = step["xformed_reward" if cfg.use_xformed_reward else "reward"]
     loss, metrics, grad, td = K.dqn_fwd(q.detach(), qt, step["action"], reward, step["done"], weight, mask,
                                         **_kernel_scalars(cfg), max_block_a=max_block, grad_out=grad_buf, td_out=td_buf)
+    assert_canaries_intact(grad_buf, td_buf)
     # The kernel's gradient is unscaled: d(sum of per-transition losses)/dq; the mean divides by count.
     grad = grad.float() * metrics[K.DqnMetric.INV_COUNT]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss.testing import assert_close_to_float64, make_sp_inputs, nan_like
+from fusedloss.testing import assert_canaries_intact, assert_close_to_float64, make_sp_inputs, nan_like
 
 pytest.importorskip("triton")
 from fusedloss.kernels import sp as K  # noqa: E402  (after conftest set TRITON_INTERPRET)
@@ -39,6 +39,7 @@ def test_kernel_matches_reference(loss_type, dtype, shape, opts, device):
     # Poisoned outputs: any element the kernel fails to write stays NaN and fails the comparison.
     loss_buf, grad_buf = nan_like((N,), torch.float32, device), nan_like((N, A), dtype, device)
     rows, grad = K.sp_fwd(q, z.detach(), loss_type, T, eps, max_block, loss_out=loss_buf, grad_out=grad_buf)
+    assert_canaries_intact(loss_buf, grad_buf)  # and nothing written past either end
     z64 = z.detach().double().requires_grad_(True)
     ref64, g64 = _rows_and_grad(q.double(), z64, loss_type, T, eps, lambda a, b: fl.sp_reference(a, b, loss_type, T, eps))
     ref, g_ref = _rows_and_grad(q, z, loss_type, T, eps, lambda a, b: fl.sp_reference(a, b, loss_type, T, eps))
@@ -162,3 +163,17 @@ def test_kernel_full_sizes_cuda(loss_type, dtype, shape):
     (g64,) = torch.autograd.grad(ref64.sum(), z64)
     assert_close_to_float64(rows, ref.detach(), ref64.detach(), dtype, "row loss")
     assert_close_to_float64(grad, g_ref.to(dtype), g64, dtype, "gradient")
+
+
+def test_canaries_catch_writes_past_either_end():
+    from fusedloss.testing import assert_canaries_intact
+
+    buf = nan_like((3, 5), torch.float32, "cpu")
+    assert buf.is_contiguous() and torch.isnan(buf).all()
+    buf.fill_(1.0)
+    assert_canaries_intact(buf)
+    for offset in (-1, buf.numel()):
+        b = nan_like((3, 5), torch.float32, "cpu")
+        b._base[b.storage_offset() + offset] = 0.0  # one element just before, or just after
+        with pytest.raises(AssertionError, match="1 element"):
+            assert_canaries_intact(b)

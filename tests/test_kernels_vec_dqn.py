@@ -7,7 +7,7 @@ import torch
 
 import fusedloss as fl
 from fusedloss.losses._common import transform_rewards
-from fusedloss.testing import assert_close_to_float64, make_vec_dqn_inputs, nan_like
+from fusedloss.testing import assert_canaries_intact, assert_close_to_float64, make_vec_dqn_inputs, nan_like
 
 pytest.importorskip("triton")
 from fusedloss.kernels import vec_dqn as K  # noqa: E402
@@ -21,6 +21,7 @@ def test_scores_match_reference(A, D, device):
     v = torch.randn(3, A, D, device=device)
     out = nan_like((3, A), torch.float32, device)
     got = K.vec_dqn_scores_fwd(v, out=out)
+    assert_canaries_intact(out)
     ref = fl.vec_dqn_scores_reference(v)
     ref64 = fl.vec_dqn_scores_reference(v.double())
     assert_close_to_float64(got, ref, ref64, torch.float32, "scores")
@@ -69,9 +70,9 @@ def test_loss_and_gradient_match_reference(dtype, shape, norm, device):
     step, online, target = make_vec_dqn_inputs(B, S, A, D, dtype, device, argmax_margin=1e-3)
     # The kernel's own outputs, poisoned first.
     theta = transform_rewards(step["reward"][:, 1:].float(), fl.VecDqnLossConfig(**cfg)).reshape(-1)
-    rows, g = K.vec_dqn_fwd(online.detach(), target, step["action"], theta,
-                            loss_out=nan_like((B * (S - 1),), torch.float32, device),
-                            g_out=nan_like((B * (S - 1), D), torch.float32, device))
+    loss_buf, g_buf = nan_like((B * (S - 1),), torch.float32, device), nan_like((B * (S - 1), D), torch.float32, device)
+    rows, g = K.vec_dqn_fwd(online.detach(), target, step["action"], theta, loss_out=loss_buf, g_out=g_buf)
+    assert_canaries_intact(loss_buf, g_buf)
     assert torch.isfinite(rows).all() and torch.isfinite(g).all()
 
     up = float(torch.empty(()).uniform_(0.5, 2.0))

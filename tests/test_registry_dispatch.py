@@ -126,7 +126,7 @@ def test_dispatch_rule(monkeypatch):
         _dispatch.resolve_backend("triton", "sv", x)
     with pytest.raises(ValueError, match="backend must be one of"):
         _dispatch.resolve_backend("cuda", "sp", x)
-    monkeypatch.setattr(_dispatch, "KERNEL_FAMILIES", _dispatch.KERNEL_FAMILIES | {"fake"})
+    monkeypatch.setattr(_dispatch, "_KERNEL_FAMILIES", _dispatch.kernel_families() | {"fake"})
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         _dispatch.resolve_backend("triton", "fake", x)
@@ -155,8 +155,27 @@ def test_cli_verify_runs_and_passes():
     res = subprocess.run([sys.executable, "-m", "fusedloss", "verify", "--family", "router_z", "--family", "sv"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "all checks passed" in res.stdout and "router_z" in res.stdout
+    assert "all 6 checks passed" in res.stdout and "router_z" in res.stdout and "not checked" not in res.stdout
     assert subprocess.run([sys.executable, "-m", "fusedloss"], capture_output=True).returncode == 2
+    assert subprocess.run([sys.executable, "-m", "fusedloss", "--help"], capture_output=True).returncode == 0
+
+
+def test_cli_verify_names_an_unknown_family():
+    res = subprocess.run([sys.executable, "-m", "fusedloss", "verify", "--family", "nosuch"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "unknown family 'nosuch'" in res.stderr and "dqn" in res.stderr
+
+
+def test_cli_verify_says_which_paths_it_did_not_check():
+    """A kernel family whose kernel cannot run here (CPU tensors, interpreter off) is not reported as
+    checked: the summary names the path and the reason."""
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-m", "fusedloss", "verify", "--device", "cpu", "--family", "rope"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "all 2 checks passed" in res.stdout
+    assert "not checked: the triton path of rope" in res.stdout and "TRITON_INTERPRET=1" in res.stdout
 
 
 def test_import_leaves_triton_language_unloaded():
@@ -175,3 +194,66 @@ def test_interpreter_switched_on_too_late_is_named():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
     assert "set after triton.language had been imported" in res.stdout, res.stdout + res.stderr
+
+
+def test_explain_backend_says_what_auto_chose(monkeypatch, caplog):
+    import logging
+
+    x = torch.randn(3, 4)
+    assert fl.explain_backend(fl.dqn_loss, x).startswith("torch: backend='auto': the PyTorch reference (the tensors "
+                                                         "are on cpu")
+    assert "has no fused kernel" in fl.explain_backend(fl.SvLoss, x)
+    assert fl.explain_backend("sp", x, backend="torch") == "torch: backend='torch': the PyTorch reference"
+    with pytest.raises(NotImplementedError, match="no fused kernel"):
+        fl.explain_backend(fl.sv_loss, x, backend="triton")
+    with pytest.raises(ValueError, match="family name"):
+        fl.explain_backend(len, x)
+    monkeypatch.setenv("FUSEDLOSS_BACKEND", "torch")
+    assert fl.explain_backend(fl.sp_linear_loss, x).startswith("torch: FUSEDLOSS_BACKEND='torch'")
+    monkeypatch.delenv("FUSEDLOSS_BACKEND")
+    with caplog.at_level(logging.DEBUG, logger="fusedloss"):
+        fl.sp_kl_loss(x, torch.randn(3, 4), 1.0)
+    assert any(r.name == "fusedloss" and r.getMessage().startswith("sp: backend='auto': the PyTorch reference")
+               for r in caplog.records)
+
+
+def test_configs_are_checked_where_a_value_changes():
+    import dataclasses
+    from typing import Literal, Optional
+
+    from fusedloss.losses._common import LossConfig
+
+    cfg = fl.DqnLossConfig()
+    with pytest.raises(TypeError, match=r"DqnLossConfig.double_dqn must be a bool"):
+        cfg.double_dqn = "false"
+    with pytest.raises(TypeError, match="YAML reads a number"):
+        cfg.gamma = "1e-3"
+    with pytest.raises(ValueError, match="td_loss"):
+        cfg.td_loss = "l3"
+    assert cfg == fl.DqnLossConfig()  # every failed assignment left the config as it was
+    cfg.mask_key = "mask"
+    cfg.mask_key = None  # Optional[str]
+    assert dataclasses.replace(cfg, gamma=0.5).gamma == 0.5
+    with pytest.raises(TypeError, match="n_step must be an integer"):
+        dataclasses.replace(cfg, n_step=2.0)
+
+    @dataclasses.dataclass
+    class Toy(LossConfig):
+        """Every kind of annotation the checks read."""
+
+        mode: Literal["a", "b"] = "a"
+        limit: Optional[float] = None
+        count: "int | None" = 3
+
+        def check_values(self):
+            if self.count is not None and self.count < 0:
+                raise ValueError("count must be >= 0")
+
+    t = Toy(mode="b", limit=2, count=None)
+    with pytest.raises(TypeError, match=r"Toy.mode must be one of 'a', 'b'"):
+        t.mode = "c"
+    with pytest.raises(TypeError, match="Toy.limit must be a number or None"):
+        Toy(limit="x")
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        t.count = -1
+    assert (t.mode, t.limit, t.count) == ("b", 2, None)

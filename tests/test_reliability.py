@@ -310,15 +310,16 @@ def test_config_types():
     with pytest.raises(TypeError, match="normalize_reward_mean must be a bool"):
         fl.build_loss({"type": "vec_dqn", "params": {"normalize_reward_mean": 1}})
     assert fl.DqnLossConfig(gamma=1, cql_weight=0).gamma == 1  # ints are numbers
+    # A config mutated after construction is checked at the assignment, before any loss uses it.
     cfg = fl.DqnLossConfig()
-    cfg.double_dqn = "no"
-    step, out = make_dqn_inputs(2, 4, 3)
     with pytest.raises(TypeError, match="double_dqn"):
-        fl.dqn_loss(step, out, cfg)
+        cfg.double_dqn = "no"
     module = fl.build_loss({"type": "sp", "params": {}})
-    module.cfg.temperature = -1.0
     with pytest.raises(ValueError, match="temperature"):
-        module({"q_star": torch.randn(2, 3)}, torch.randn(2, 3))
+        module.cfg.temperature = -1.0
+    assert module.cfg.temperature == 1.0
+    with pytest.raises(TypeError, match="cfg must be a DqnLossConfig"):
+        fl.dqn_loss(*make_dqn_inputs(2, 4, 3), {"gamma": 0.9})
 
 
 # 11. vec-DQN: a NaN or inf target vector gives a NaN transition on both paths, and never crashes.

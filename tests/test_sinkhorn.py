@@ -185,3 +185,22 @@ def test_gather_distributed_needs_process_group():
     pa, ta, ps, ts = make_sinkhorn_inputs(4, 4, 2, 2)
     with pytest.raises(RuntimeError, match="process group"):
         fl.sinkhorn_loss(pa, ta, ps, ts, backend="tensorized", gather_distributed=True)
+
+
+def test_sinkhorn_dependencies_are_optional():
+    """Without geomloss and pykeops (the ``sinkhorn`` extra) every other loss works, and
+    sinkhorn_loss raises an ImportError that names the extra."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['geomloss'] = None; sys.modules['pykeops'] = None\n"
+            "import torch, fusedloss as fl\n"
+            "from fusedloss.testing import make_dqn_inputs, make_sinkhorn_inputs\n"
+            "step, out = make_dqn_inputs(2, 5, 3, seed=0)\n"
+            "assert torch.isfinite(fl.dqn_loss(step, out, fl.DqnLossConfig(backend='torch'))[0])\n"
+            "assert isinstance(fl.build_loss({'type': 'sinkhorn_knopp'}), fl.KOTSinkhornLoss)\n"
+            "try:\n    fl.sinkhorn_loss(*make_sinkhorn_inputs(5, 6, seed=0), backend='tensorized')\n"
+            "except ImportError as e:\n    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "pip install 'fusedloss[sinkhorn]'" in res.stdout

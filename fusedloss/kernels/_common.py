@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import os
 import threading
 import types
 from typing import NamedTuple
@@ -13,6 +12,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from .._dispatch import interpreter_enabled
 
 __all__ = ["constexpr_namespace", "AotVariant", "signature", "last_dim_contiguous", "as_loadable", "stored_grad_dtype",
            "no_double_backward", "reject_grad_transforms", "launcher", "nanmax", "nanmin", "online_lse_update"]
@@ -57,7 +58,7 @@ def launcher(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if not interpreter_enabled():
             return fn(*args, **kwargs)
         with _INTERPRETER_LOCK:
             return fn(*args, **kwargs)

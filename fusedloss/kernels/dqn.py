@@ -748,14 +748,14 @@ def dqn_bwd(g: torch.Tensor, grad_output: torch.Tensor, inv_count: torch.Tensor,
 @torch.library.custom_op("fusedloss::dqn_fwd", mutates_args=())
 def _dqn_fwd_op(q: torch.Tensor, q_target: torch.Tensor, action: torch.Tensor, reward: torch.Tensor,
                 done: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor | None, params: list[float],
-                flags: list[bool], n_step: int, td_lambda: float | None,
-                max_block_a: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                flags: list[bool], n_step: int,
+                td_lambda: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return dqn_fwd(q, q_target, action, reward, done, weight, mask, **dict(zip(PARAMS, params)),
-                   **dict(zip(FLAGS, flags)), n_step=n_step, td_lambda=td_lambda, max_block_a=max_block_a)
+                   **dict(zip(FLAGS, flags)), n_step=n_step, td_lambda=td_lambda)
 
 
 @_dqn_fwd_op.register_fake
-def _(q, q_target, action, reward, done, weight, mask, params, flags, n_step, td_lambda, max_block_a):
+def _(q, q_target, action, reward, done, weight, mask, params, flags, n_step, td_lambda):
     B, S, _ = q.shape
     f32 = dict(dtype=torch.float32, device=q.device)
     return (torch.empty((), **f32), torch.empty(len(DqnMetric), **f32),
@@ -783,15 +783,14 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_metrics, grad_grad, grad_td):
     grad, metrics = ctx.saved_tensors
     inv_count = metrics[DqnMetric.INV_COUNT:DqnMetric.INV_COUNT + 1]
-    return (_dqn_bwd_op(grad, grad_loss, inv_count, ctx.dtype),) + (None,) * 11
+    return (_dqn_bwd_op(grad, grad_loss, inv_count, ctx.dtype),) + (None,) * 10
 
 
 _dqn_fwd_op.register_autograd(_backward, setup_context=_setup)
 no_double_backward(_dqn_bwd_op, "dqn")
 
 
-def dqn_fused(q, q_target, action, reward, done, weight=None, mask=None, *, max_block_a: int = MAX_BLOCK_A,
-              **scalars):
+def dqn_fused(q, q_target, action, reward, done, weight=None, mask=None, **scalars):
     """The fused path behind :func:`fusedloss.dqn_loss`; ``scalars`` are :func:`dqn_fwd`'s keyword
     scalars. Returns ``(loss, metrics, td_abs)``: ``metrics`` is the ``[len(DqnMetric)]`` device
     buffer, metric values and input-check flags alike (no extra launch)."""
@@ -801,8 +800,7 @@ def dqn_fused(q, q_target, action, reward, done, weight=None, mask=None, *, max_
     td_lambda = scalars["td_lambda"]
     loss, metrics, _, td = _dqn_fwd_op(q, q_target.detach(), action, reward, done, weight, mask, params, flags,
                                        min(int(scalars["n_step"]), 2**31 - 1),  # any longer window is the whole sequence
-                                       None if td_lambda is None else float(td_lambda),
-                                       max_block_a)
+                                       None if td_lambda is None else float(td_lambda))
     return loss, metrics, td
 
 

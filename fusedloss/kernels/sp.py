@@ -415,7 +415,7 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
 
 
 TOPK_MAX_BLOCK = 8192
-TOPK_LOSS_TYPES = ("kl-fwd", "ce-soft-fwd")
+_TOPK_CODES = (SpLossType.KL_FWD, SpLossType.CE_SOFT_FWD)  # the codes the top-k kernel implements
 
 
 def _topk_constexprs(loss_type: str, K: int, V: int, max_block: int = TOPK_MAX_BLOCK):
@@ -434,8 +434,9 @@ def sp_topk_fwd(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, los
     in ``z.dtype`` (fp32 for fp16). Byte model: read ``z`` once and write the gradient once when a
     row fits one tile (``V <= max_block``), read ``z`` twice otherwise, plus ``O(k)`` per row; the
     teacher is never densified."""
-    if loss_type not in TOPK_LOSS_TYPES:
-        raise ValueError(f"the top-k teacher supports loss_type in {TOPK_LOSS_TYPES}, got {loss_type!r}.")
+    if loss_type not in [c.loss_type for c in _TOPK_CODES]:
+        raise ValueError(f"the top-k kernel implements loss_type in {[c.loss_type for c in _TOPK_CODES]}, "
+                         f"got {loss_type!r}.")
     index, logprob, z = last_dim_contiguous(index), last_dim_contiguous(logprob), last_dim_contiguous(z)
     N, V = z.shape
     K = index.shape[1]
@@ -462,15 +463,17 @@ def sp_bwd(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return out
 
 
-# torch.library custom ops, so that torch.compile(fullgraph=True) traces calls without graph breaks.
+# torch.library custom ops, so that torch.compile(fullgraph=True) traces calls without graph breaks. Their
+# schemas hold what a call needs; the tile limits (max_block) are arguments of the launchers alone,
+# where the tests set them.
 @torch.library.custom_op("fusedloss::sp_fwd", mutates_args=())
 def _sp_fwd_op(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
-               max_block: int, js_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return sp_fwd(q, z, loss_type, temperature, label_smoothing, max_block, js_beta=js_beta)
+               js_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return sp_fwd(q, z, loss_type, temperature, label_smoothing, js_beta=js_beta)
 
 
 @_sp_fwd_op.register_fake
-def _(q, z, loss_type, temperature, label_smoothing, max_block, js_beta):
+def _(q, z, loss_type, temperature, label_smoothing, js_beta):
     return (z.new_empty(z.shape[0], dtype=torch.float32),
             torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device))
 
@@ -492,7 +495,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_rows, grad_grad):
     (g,) = ctx.saved_tensors
-    return None, _sp_bwd_op(g, grad_rows, ctx.dtype), None, None, None, None, None
+    return None, _sp_bwd_op(g, grad_rows, ctx.dtype), None, None, None, None
 
 
 _sp_fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -501,12 +504,12 @@ no_double_backward(_sp_bwd_op, "sp")
 
 @torch.library.custom_op("fusedloss::sp_topk_fwd", mutates_args=())
 def _sp_topk_fwd_op(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss_type: str,
-                    temperature: float, max_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return sp_topk_fwd(index, logprob, z, loss_type, temperature, max_block)
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return sp_topk_fwd(index, logprob, z, loss_type, temperature)
 
 
 @_sp_topk_fwd_op.register_fake
-def _(index, logprob, z, loss_type, temperature, max_block):
+def _(index, logprob, z, loss_type, temperature):
     return (z.new_empty(z.shape[0], dtype=torch.float32),
             torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device))
 
@@ -518,19 +521,18 @@ def _topk_setup(ctx, inputs, output):
 
 def _topk_backward(ctx, grad_rows, grad_grad):
     (g,) = ctx.saved_tensors
-    return None, None, _sp_bwd_op(g, grad_rows, ctx.dtype), None, None, None
+    return None, None, _sp_bwd_op(g, grad_rows, ctx.dtype), None, None
 
 
 _sp_topk_fwd_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
 def sp_fused(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
-             max_block: int = MAX_BLOCK, js_beta: float = 0.5) -> torch.Tensor:
+             js_beta: float = 0.5) -> torch.Tensor:
     """Per-row losses ``[N]`` (fp32) of ``[N, A]`` teacher values ``q`` and student logits ``z``
     through the kernel; the teacher gets no gradient."""
     reject_grad_transforms("sp", z)
-    rows, _ = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing), max_block,
-                         float(js_beta))
+    rows, _ = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing), float(js_beta))
     return rows
 
 
@@ -538,20 +540,20 @@ def sp_op(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, 
           js_beta: float = 0.5):
     """``(row_loss fp32 [N], grad [N, A])`` of :func:`sp_fwd` through its custom op, for callers
     that use the gradient themselves (``sp_linear_loss``), so ``torch.compile`` traces the call."""
-    return _sp_fwd_op(q, z, loss_type, float(temperature), float(label_smoothing), MAX_BLOCK, float(js_beta))
+    return _sp_fwd_op(q, z, loss_type, float(temperature), float(label_smoothing), float(js_beta))
 
 
 def sp_topk_op(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float):
     """``(row_loss fp32 [N], grad [N, V])`` of :func:`sp_topk_fwd` through its custom op."""
-    return _sp_topk_fwd_op(index, logprob, z, loss_type, float(temperature), TOPK_MAX_BLOCK)
+    return _sp_topk_fwd_op(index, logprob, z, loss_type, float(temperature))
 
 
-def sp_topk_fused(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
-                  max_block: int = TOPK_MAX_BLOCK) -> torch.Tensor:
+def sp_topk_fused(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss_type: str,
+                  temperature: float) -> torch.Tensor:
     """Per-row losses ``[N]`` (fp32) of a top-k teacher against student logits ``z`` ``[N, V]``
     through the kernel; the teacher gets no gradient."""
     reject_grad_transforms("sp", z)
-    rows, _ = _sp_topk_fwd_op(index, logprob.detach(), z, loss_type, float(temperature), max_block)
+    rows, _ = _sp_topk_fwd_op(index, logprob.detach(), z, loss_type, float(temperature))
     return rows
 
 

@@ -1,33 +1,36 @@
-"""Loss families: each module holds its config, its PyTorch reference, the public function and
-the ``nn.Module``. Kernels are imported lazily through :mod:`fusedloss._dispatch`."""
+"""Loss families: each module holds its config, its PyTorch reference, the public function, the
+``nn.Module`` and, last, its :class:`fusedloss._families.Family` declaration. Kernels are imported
+lazily through :mod:`fusedloss._dispatch`.
 
-from .dqn import DqnLoss, DqnLossConfig, dqn_loss, dqn_reference, sequence_priority
-from .moe import RouterZLoss, SwitchLoadBalancingLoss, router_z_loss, switch_load_balancing_loss
-from .sinkhorn import KOTSinkhornLoss, sinkhorn_loss
-from .sp import (SpLoss, SpLossConfig, SpTopKLoss, SpTopKLossConfig, sp_js_loss, sp_kl_loss, sp_loss, sp_reference,
-                 sp_soft_ce_loss, sp_topk_loss, sp_topk_reference)
-from .sp_linear import LinearTeacher, SpLinearLoss, SpLinearLossConfig, TopKTeacher, sp_linear_loss
-from .sv import SvLoss, SvLossConfig, sv_loss, sv_reference
-from .vec_dqn import (
-    VecDqnLoss,
-    VecDqnLossConfig,
-    rope_rotate,
-    rope_rotate_reference,
-    vec_dqn_loss,
-    vec_dqn_reference,
-    vec_dqn_scores,
-    vec_dqn_scores_reference,
-)
+``FAMILY_MODULES`` is the family table: adding a family means writing ``losses/<fam>.py`` (and its
+kernel, tests and bench) and adding its module here. The public names, the registry entries, the
+dispatch families, the verify cases, the compile check and the API page all come from it.
+"""
 
-__all__ = [
-    "DqnLoss", "DqnLossConfig", "dqn_loss", "dqn_reference", "sequence_priority",
-    "RouterZLoss", "SwitchLoadBalancingLoss", "router_z_loss", "switch_load_balancing_loss",
-    "KOTSinkhornLoss", "sinkhorn_loss",
-    "SpLoss", "SpLossConfig", "sp_js_loss", "sp_kl_loss", "sp_loss", "sp_reference", "sp_soft_ce_loss",
-    "sp_topk_loss", "sp_topk_reference",
-    "LinearTeacher", "SpLinearLoss", "SpLinearLossConfig", "SpTopKLoss", "SpTopKLossConfig", "TopKTeacher",
-    "sp_linear_loss",
-    "SvLoss", "SvLossConfig", "sv_loss", "sv_reference",
-    "VecDqnLoss", "VecDqnLossConfig", "rope_rotate", "rope_rotate_reference", "vec_dqn_loss",
-    "vec_dqn_reference", "vec_dqn_scores", "vec_dqn_scores_reference",
-]
+from __future__ import annotations
+
+import importlib
+
+from .._families import Family
+
+FAMILY_MODULES = ("dqn", "vec_dqn", "rope", "sp", "sp_linear", "sv", "sinkhorn", "moe")
+
+FAMILIES: tuple[Family, ...] = tuple(importlib.import_module(f"{__name__}.{m}").FAMILY for m in FAMILY_MODULES)
+
+
+def _exports() -> dict[str, object]:
+    names: dict[str, object] = {}
+    for module_name, family in zip(FAMILY_MODULES, FAMILIES):
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        if family.name != module_name:
+            raise RuntimeError(f"fusedloss.losses.{module_name}.FAMILY is named {family.name!r}, not {module_name!r}.")
+        for name in family.exports:
+            if name in names:
+                raise RuntimeError(f"{name!r} is exported by two families (fusedloss.losses.{module_name}).")
+            names[name] = getattr(module, name)
+    return names
+
+
+globals().update(_exports())
+
+__all__ = [name for family in FAMILIES for name in family.exports]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,53 +23,77 @@ from .._dispatch import Backend
 from ..metrics import check_metrics_mode
 
 
-# kind: (exact types accepted at once, full check for the rest, the form an error names)
-_TYPE_CHECKS = {
-    "bool": ({bool}, lambda v: isinstance(v, bool), "a bool (True or False)"),
-    "float": ({float, int}, lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
-    "int": ({int}, lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
-    "str": ({str}, lambda v: isinstance(v, str), "a string"),
-    "None": ({type(None)}, lambda v: v is None, "None"),
-}
+def _hint_accepts(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotation ``hint``: ``bool``, ``int``, ``float`` (any real
+    number but a bool), ``str``, ``None``, a class, ``Optional``/``Union``/``X | Y`` and ``Literal``.
+    Other annotations (generic containers) are left to the config's ``check_values``."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_hint_accepts(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
 
 
-def _typed_fields(cfg: Any) -> tuple:
-    """``(name, kinds, exact types, checks)`` of each field of the dataclass ``cfg`` whose
-    annotation is made of the kinds in ``_TYPE_CHECKS``."""
-    out = []
-    for f in dataclasses.fields(cfg):
-        kinds = tuple(k.strip() for k in str(f.type).split("|"))
-        if all(k in _TYPE_CHECKS for k in kinds):
-            exact = frozenset().union(*(_TYPE_CHECKS[k][0] for k in kinds))
-            out.append((f.name, kinds, exact, tuple(_TYPE_CHECKS[k][1] for k in kinds)))
-    return tuple(out)
+def _hint_form(hint: Any) -> str:
+    """The annotation ``hint`` in words, for an error message."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_hint_form(h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    names = {bool: "a bool (True or False)", float: "a number", int: "an integer", str: "a string",
+             type(None): "None"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-_TYPED_FIELDS: dict[type, tuple] = {}  # parsed once per config class: every loss call checks
+_FIELD_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def field_hints(cls: type) -> dict[str, Any]:
+    """``{field name: resolved annotation}`` of the dataclass ``cls`` (``typing.get_type_hints``,
+    so string annotations and ``from __future__ import annotations`` resolve), once per class."""
+    hints = _FIELD_HINTS.get(cls)
+    if hints is None:
+        resolved = typing.get_type_hints(cls)
+        hints = {f.name: resolved[f.name] for f in dataclasses.fields(cls)}
+        if not torch.compiler.is_compiling():  # a traced call does not write module state
+            _FIELD_HINTS[cls] = hints
+    return hints
+
+
+def check_field(cfg: Any, name: str, value: Any) -> None:
+    """Raise ``TypeError`` naming ``type(cfg).name`` when ``value`` is not of the field's
+    annotation: a bool must be a bool (``"false"`` is not), a float takes any real number but not a
+    string or a bool."""
+    hint = field_hints(type(cfg))[name]
+    if _hint_accepts(value, hint):
+        return
+    hint_text = ""
+    if isinstance(value, str) and _hint_accepts(1.0, hint) and _parses_as_float(value):
+        hint_text = (" (YAML reads a number without a decimal point, such as 1e-3, as a string: write 1.0e-3, "
+                     "or convert it)")
+    kind = type(value)
+    kind_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise TypeError(f"{type(cfg).__name__}.{name} must be {_hint_form(hint)}, got {value!r} ({kind_name}){hint_text}.")
 
 
 def check_field_types(cfg: Any) -> None:
-    """Check every field of the dataclass ``cfg`` against its annotation (``bool``, ``float``,
-    ``int``, ``str``, optionally ``| None``): a bool must be a bool (``"false"`` is not), a float
-    takes any real number but not a string or a bool. Raises ``TypeError`` naming the field."""
-    if torch.compiler.is_compiling():  # traced: parse in the graph's own terms, no module cache
-        specs = _typed_fields(cfg)
-    else:
-        specs = _TYPED_FIELDS.get(type(cfg))
-        if specs is None:
-            specs = _TYPED_FIELDS[type(cfg)] = _typed_fields(cfg)
-    for name, kinds, exact, accepts in specs:
-        value = getattr(cfg, name)
-        if type(value) in exact or any(ok(value) for ok in accepts):
-            continue
-        form = " or ".join(_TYPE_CHECKS[k][2] for k in kinds)
-        hint = ""
-        if isinstance(value, str) and "float" in kinds and _parses_as_float(value):
-            hint = (" (YAML reads a number without a decimal point, such as 1e-3, as a string: write 1.0e-3, "
-                    "or convert it)")
-        kind = type(value)
-        kind_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        raise TypeError(f"{type(cfg).__name__}.{name} must be {form}, got {value!r} ({kind_name}){hint}.")
+    """Check every field of the dataclass ``cfg`` against its annotation (:func:`check_field`)."""
+    for name in field_hints(type(cfg)):
+        check_field(cfg, name, getattr(cfg, name))
 
 
 def _parses_as_float(text: str) -> bool:
@@ -80,19 +106,54 @@ def _parses_as_float(text: str) -> bool:
 
 @dataclasses.dataclass
 class LossConfig:
-    """Base of the loss configs. Field types are checked on construction, and :meth:`validate`
-    runs again each time a loss uses the config, so one mutated after construction is caught
-    before it runs. Subclasses check their values in :meth:`check_values`."""
+    """Base of the loss configs, checked once, where a value changes: each field against its
+    annotation as it is set (in ``__init__`` and on every later assignment), then the values
+    together (:meth:`check_values`) after ``__init__`` and after each assignment. An assignment that
+    fails leaves the config as it was. A loss call does not check its config again.
+
+    A config is also its registry factory: :meth:`build` returns its loss module."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        hints = field_hints(type(self))
+        if name not in hints:
+            object.__setattr__(self, name, value)
+            return
+        check_field(self, name, value)
+        if name not in self.__dict__:  # its first assignment, in __init__: __post_init__ checks the values
+            object.__setattr__(self, name, value)
+            return
+        old = self.__dict__[name]
+        object.__setattr__(self, name, value)
+        try:
+            self.check_values()
+        except Exception:
+            object.__setattr__(self, name, old)
+            raise
 
     def __post_init__(self) -> None:
-        self.validate()
+        self.check_values()
 
     def validate(self) -> None:
+        """Check every field and the values again (after ``object.__setattr__``, for instance)."""
         check_field_types(self)
         self.check_values()
 
     def check_values(self) -> None:
         """Raise ``ValueError`` for a value out of its range."""
+
+    def build(self) -> nn.Module:
+        """The loss module of this config: the registry's factory interface (``LossFactory``)."""
+        raise NotImplementedError(f"{type(self).__name__} builds no loss module.")
+
+
+def check_loss_config(cfg: Any, cls: type, fn: str):
+    """``cfg``, or a default ``cls()`` when None; a ``TypeError`` naming ``fn`` for anything that
+    is not a ``cls``."""
+    if cfg is None:
+        return cls()
+    if not isinstance(cfg, cls):
+        raise TypeError(f"{fn}: cfg must be a {cls.__name__} (or None), got {type(cfg).__name__}.")
+    return cfg
 
 
 class ConfigLoss(nn.Module):
@@ -103,7 +164,7 @@ class ConfigLoss(nn.Module):
 
     def __init__(self, cfg=None):
         super().__init__()
-        self.cfg = self.config_cls() if cfg is None else cfg
+        self.cfg = check_loss_config(cfg, self.config_cls, type(self).__name__)
 
     def extra_repr(self) -> str:
         return repr(self.cfg)
@@ -150,7 +211,8 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def check_config_common(backend: str, metrics_mode: str | None = None) -> None:
-    Backend.parse(backend)
+    """Raise ``ValueError`` for a ``backend`` or ``metrics_mode`` outside its choices."""
+    Backend.parse(backend)  # raises for an unknown name; the parsed value is resolved per call
     if metrics_mode is not None:
         check_metrics_mode(metrics_mode)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dispatch import Backend, resolve_backend
+from .._families import Family, VerifyCase
 from ..metrics import finalize_buffer_metrics, finalize_metrics
 from ._common import (
     ConfigLoss,
@@ -19,6 +20,7 @@ from ._common import (
     check_done,
     check_finite_number,
     check_index,
+    check_loss_config,
     check_positive,
     check_reward_config,
     clamp_index,
@@ -142,6 +144,10 @@ class DqnLossConfig(LossConfig):
             raise ValueError(f"td_loss must be one of {TD_LOSSES}, got {self.td_loss!r}.")
         check_positive(self.huber_delta, "huber_delta")
         check_config_common(self.backend, self.metrics_mode)
+
+    def build(self) -> DqnLoss:
+        """The :class:`DqnLoss` of this config (the registry's factory interface)."""
+        return DqnLoss(self)
 
 
 def _td_target(rewards, discount, next_v, running, m, cfg: DqnLossConfig) -> torch.Tensor:
@@ -347,8 +353,7 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
 
     Returns ``(loss, metrics)`` (and ``|TD error|`` ``[B, S-1]`` when ``cfg.return_td_error``).
     """
-    cfg = DqnLossConfig() if cfg is None else cfg
-    cfg.validate()
+    cfg = check_loss_config(cfg, DqnLossConfig, "dqn_loss")
     q = stream_get(out, "dqn", "out")
     q_target = stream_get(out, "dqn_target", "out")
     require_float(q, "out['dqn']")
@@ -458,3 +463,34 @@ class DqnLoss(ConfigLoss):
 
     def forward(self, step_stream: Any, out: Any):
         return dqn_loss(step_stream, out, self.cfg)
+
+
+def _verify_cases(small: bool) -> list[VerifyCase]:
+    from .. import testing as T
+
+    B, S, A = (4, 9, 19) if small else (64, 64, 18)
+    cases = []
+    for opts in ({}, {"cql_weight": 0.3}, {"normalize_reward_mean": True, "normalize_reward_std": True,
+                                           "reward_scale": 0.5, "reward_shift": 0.1},
+                 {"double_dqn": True, "td_loss": "huber", "weight_key": "weight", "mask_key": "mask"},
+                 {"n_step": 5, "double_dqn": True, "value_rescaling": True, "mask_key": "mask"},
+                 {"td_lambda": 0.95, "double_dqn": True, "value_rescaling": True, "cql_weight": 0.1}):
+        def make(dtype, device):
+            return T.make_dqn_inputs(B, S, A, dtype, device, seed=1, weight=True, mask=True)
+
+        def call(args, backend, _opts=opts):
+            return dqn_loss(args[0], args[1], DqnLossConfig(backend=backend, **_opts))[0]
+
+        cases.append(VerifyCase(",".join(f"{k}={v}" for k, v in opts.items()) or "default", f"B={B} S={S} A={A}",
+                                make, call))
+    return cases
+
+
+FAMILY = Family(
+    name="dqn",
+    section="DQN",
+    exports=("dqn_loss", "DqnLossConfig", "DqnLoss", "dqn_reference", "sequence_priority"),
+    kernel="dqn",
+    factories={"dqn": DqnLossConfig},
+    verify_cases=_verify_cases,
+)

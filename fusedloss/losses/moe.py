@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from ._common import compute_dtype, require_float, require_same_device
+from .._families import Family, VerifyCase
+from ._common import check_field_types, compute_dtype, require_float, require_same_device
 
 __all__ = ["router_z_loss", "switch_load_balancing_loss", "RouterZLoss", "SwitchLoadBalancingLoss"]
 
@@ -75,3 +78,50 @@ class SwitchLoadBalancingLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}"
+
+
+@dataclasses.dataclass
+class RouterZLossFactory:
+    """The ``router_z`` registry entry: :class:`RouterZLoss` (no params)."""
+
+    def build(self) -> nn.Module:
+        return RouterZLoss()
+
+
+@dataclasses.dataclass
+class SwitchLoadBalancingLossFactory:
+    """The ``switch_load_balancing`` registry entry: :class:`SwitchLoadBalancingLoss`."""
+
+    top_k: int = 1
+    """Experts each token is routed to (>= 1)."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.top_k < 1:
+            raise ValueError(f"switch_load_balancing top_k must be an integer >= 1, got {self.top_k!r}.")
+
+    def build(self) -> nn.Module:
+        return SwitchLoadBalancingLoss(self.top_k)
+
+
+def _verify_cases(small: bool) -> list[VerifyCase]:
+    from .. import testing as T
+
+    tokens = 36 if small else 4096
+
+    def make(dtype, device):
+        return (T.make_router_logits(tokens, 8, dtype, device, seed=5),)
+
+    return [VerifyCase("default", f"T={tokens} E=8", make, lambda args, backend: router_z_loss(args[0]),
+                       name="router_z"),
+            VerifyCase("top_k=2", f"T={tokens} E=8", make,
+                       lambda args, backend: switch_load_balancing_loss(args[0], top_k=2), name="switch_load_balancing")]
+
+
+FAMILY = Family(
+    name="moe",
+    section="MoE router losses",
+    exports=("router_z_loss", "RouterZLoss", "switch_load_balancing_loss", "SwitchLoadBalancingLoss"),
+    factories={"router_z": RouterZLossFactory, "switch_load_balancing": SwitchLoadBalancingLossFactory},
+    verify_cases=_verify_cases,
+)

@@ -39,6 +39,7 @@ import numbers
 import torch
 from torch import nn
 
+from .._families import Family, VerifyCase
 from ._common import LossConfig, check_positive, compute_dtype, require_float, require_same_device
 
 __all__ = ["SINKHORN_BACKENDS", "SinkhornOptions", "sinkhorn_loss", "KOTSinkhornLoss", "sinkhorn_points"]
@@ -94,6 +95,10 @@ class SinkhornOptions(LossConfig):
         if self.reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {self.reduction!r}.")
 
+    def build(self) -> KOTSinkhornLoss:
+        """The :class:`KOTSinkhornLoss` of these options (the ``sinkhorn_knopp`` registry entry)."""
+        return KOTSinkhornLoss(**dataclasses.asdict(self))
+
 
 def sinkhorn_points(action: torch.Tensor, state: torch.Tensor, lam_state: float, p: int, batched: bool = False,
                     dtype: torch.dtype | None = None):
@@ -114,7 +119,7 @@ def sinkhorn_points(action: torch.Tensor, state: torch.Tensor, lam_state: float,
 def _keops_problem(device_type: str) -> str | None:
     """Why KeOps cannot run on ``device_type``, or None once a tiny formula compiled and ran."""
     if importlib.util.find_spec("pykeops") is None:
-        return "pykeops is not installed (pip install pykeops)"
+        return "pykeops is not installed (pip install 'fusedloss[sinkhorn]')"
     try:
         from pykeops.torch import LazyTensor
 
@@ -187,8 +192,18 @@ def _solve_outside_graph(*args):
     return _EAGER_SOLVE(*args)
 
 
+def _require_geomloss():
+    """geomloss's ``SamplesLoss``, or an ``ImportError`` that names the extra to install."""
+    try:
+        from geomloss import SamplesLoss
+    except ImportError as exc:
+        raise ImportError("sinkhorn_loss needs geomloss (and pykeops for backend='online'), which are optional: "
+                          "pip install 'fusedloss[sinkhorn]'.") from exc
+    return SamplesLoss
+
+
 def _solve(x, y, a, b, p, blur, reach, debias, scaling, backend):
-    from geomloss import SamplesLoss
+    SamplesLoss = _require_geomloss()
 
     batched = x.dim() == 3
     # geomloss takes log(diameter) for its ε schedule: a cloud of identical points (diameter 0)
@@ -293,6 +308,7 @@ def sinkhorn_loss(
     float and double only) and their gradients come back in the input dtype.
     """
     opts = SinkhornOptions(**options)
+    _require_geomloss()
     x, y = _clouds(pred_action, target_action, state_pred, state_target, opts)
     lead = 2 if opts.batched else 1
     a = _validate_weights(weights_pred, pred_action.shape[:lead], "weights_pred")
@@ -328,3 +344,29 @@ class KOTSinkhornLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def _verify_cases(small: bool) -> list[VerifyCase]:
+    from .. import testing as T
+
+    n_pts = 60 if small else 2000
+    cases = []
+    for sk_backend in ("tensorized", "online"):
+        def make(dtype, device):
+            return T.make_sinkhorn_inputs(n_pts, n_pts + 7, 2, 3, dtype, device, seed=6)
+
+        def call(args, backend, _b=sk_backend):
+            return sinkhorn_loss(*args, p=2, lam_state=0.5, blur=0.5, scaling=0.9, backend=_b)
+
+        cases.append(VerifyCase(f"{sk_backend},p=2", f"N={n_pts} M={n_pts + 7}", make, call, dtypes=(torch.float32,)))
+    return cases
+
+
+FAMILY = Family(
+    name="sinkhorn",
+    section="Sinkhorn",
+    exports=("sinkhorn_loss", "KOTSinkhornLoss"),
+    factories={"sinkhorn_knopp": SinkhornOptions},
+    verify_cases=_verify_cases,
+    extra="sinkhorn",
+)

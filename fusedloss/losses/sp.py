@@ -23,11 +23,13 @@ from typing import Any
 import torch
 
 from .._dispatch import Backend, resolve_backend
+from .._families import Family, VerifyCase
 from ..metrics import finalize_metrics
 from ._common import (
     ConfigLoss,
     LossConfig,
     check_config_common,
+    check_loss_config,
     check_positive,
     compute_dtype,
     require_float,
@@ -37,6 +39,7 @@ from ._common import (
 
 __all__ = [
     "SP_LOSS_TYPES",
+    "TOPK_LOSS_TYPES",
     "SpLossConfig",
     "sp_loss",
     "sp_reference",
@@ -75,8 +78,12 @@ class SpLossConfig(LossConfig):
     """The β of ``"js"``, strictly inside ``(0, 1)``; 0.5 is the symmetric JS."""
 
     def check_values(self) -> None:
-        _check_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
+        check_sp_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
         check_config_common(self.backend, self.metrics_mode)
+
+    def build(self) -> SpLoss:
+        """The :class:`SpLoss` of this config (the registry's factory interface)."""
+        return SpLoss(self)
 
 
 def check_js_beta(beta: float, name: str = "js_beta") -> None:
@@ -100,7 +107,7 @@ def check_row_weight(weight, rows: torch.Tensor, name: str = "weight", rows_name
     require_same_device({rows_name: rows, name: weight})
 
 
-def _check_options(loss_type: str, temperature: float, label_smoothing: float, js_beta: float = 0.5) -> None:
+def check_sp_options(loss_type: str, temperature: float, label_smoothing: float, js_beta: float = 0.5) -> None:
     check_js_beta(js_beta)
     if loss_type not in SP_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {SP_LOSS_TYPES}, got {loss_type!r}.")
@@ -192,7 +199,7 @@ def _kl_to_mix(a: torch.Tensor, log_a: torch.Tensor, b: torch.Tensor, log_m: tor
     return torch.where(small, a * _phi_series(u), _wmul(a, log_a - log_m) + diff)
 
 
-def _q_star_checks(q: torch.Tensor, name: str):
+def q_star_checks(q: torch.Tensor, name: str):
     """The teacher's input checks from one pass over it: a row's max is NaN when the row holds a
     NaN (amax propagates NaN), +inf when it holds +inf, and -inf when every entry is padding."""
     row_max = q.detach().amax(dim=-1)
@@ -229,7 +236,7 @@ def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, redu
         )
     if logits.shape[0] == 0:
         raise ValueError("logits is empty: the batch has no rows (N = 0).")
-    _check_options(loss_type, temperature, label_smoothing, js_beta)
+    check_sp_options(loss_type, temperature, label_smoothing, js_beta)
     check_reduction(reduction)
     require_same_device({"q_targets": q_targets, "logits": logits})
     check_row_weight(weight, logits)
@@ -244,13 +251,14 @@ def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend
     return sp_reference(q_targets, logits, loss_type, temperature, label_smoothing, js_beta)
 
 
-def _helper(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend, check_inputs,
-            js_beta=0.5):
+def _dense_loss(q_targets, logits, *, loss_type, temperature, label_smoothing, reduction, weight, backend,
+                check_inputs, js_beta=0.5):
+    """The reduced loss of the functional forms (``sp_soft_ce_loss``, ``sp_kl_loss``, ``sp_js_loss``)."""
     _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, js_beta)
     rows = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta)
     loss = _reduce(rows, reduction, weight)
     if check_inputs:
-        finalize_metrics({}, _q_star_checks(q_targets, "q_targets"), "float")
+        finalize_metrics({}, q_star_checks(q_targets, "q_targets"), "float")
     return loss
 
 
@@ -271,7 +279,8 @@ def sp_soft_ce_loss(q_targets, logits, temperature: float, label_smoothing: floa
     ``False`` for a sync-free call.
     """
     loss_type = "ce-soft-" + _direction(direction, "sp_soft_ce_loss")
-    return _helper(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend, check_inputs)
+    return _dense_loss(q_targets, logits, loss_type=loss_type, temperature=temperature, label_smoothing=label_smoothing,
+                       reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs)
 
 
 def sp_kl_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, direction: str = "fwd",
@@ -279,7 +288,8 @@ def sp_kl_loss(q_targets, logits, temperature: float, label_smoothing: float = 0
     """KL divergence: ``"fwd"`` is ``KL(P_teacher ‖ Q_student)``, ``"bwd"`` is ``KL(Q ‖ P)``.
     Temperature on the teacher only, no ``T²``. Other arguments as :func:`sp_soft_ce_loss`."""
     loss_type = "kl-" + _direction(direction, "sp_kl_loss")
-    return _helper(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, backend, check_inputs)
+    return _dense_loss(q_targets, logits, loss_type=loss_type, temperature=temperature, label_smoothing=label_smoothing,
+                       reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs)
 
 
 def sp_js_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, beta: float = 0.5,
@@ -289,16 +299,15 @@ def sp_js_loss(q_targets, logits, temperature: float, label_smoothing: float = 0
     0.5 is the symmetric JS, in ``[0, log 2]``. Temperature on the teacher only, no ``T²``. Other
     arguments as :func:`sp_soft_ce_loss`."""
     check_js_beta(beta, "beta")
-    return _helper(q_targets, logits, "js", temperature, label_smoothing, reduction, weight, backend, check_inputs,
-                   beta)
+    return _dense_loss(q_targets, logits, loss_type="js", temperature=temperature, label_smoothing=label_smoothing,
+                       reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs, js_beta=beta)
 
 
 def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = None):
     """Supervised policy loss over all ``[B, S]`` positions: ``logits`` ``[..., A]`` against
     ``step_stream["q_star"]`` of the same shape, mean over rows. Returns ``(loss, metrics)``
     with the metric ``sp_loss``."""
-    cfg = SpLossConfig() if cfg is None else cfg
-    cfg.validate()
+    cfg = check_loss_config(cfg, SpLossConfig, "sp_loss")
     require_float(logits, "logits")
     q_star = stream_get(step_stream, "q_star")
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -316,7 +325,7 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
     q_rows, l_rows = q_star.reshape(-1, A), logits.reshape(-1, A)
     loss = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, cfg.backend,
                     cfg.js_beta).mean()
-    checks = _q_star_checks(q_rows, "step_stream['q_star']")
+    checks = q_star_checks(q_rows, "step_stream['q_star']")
     return loss, finalize_metrics({"sp_loss": loss}, checks, cfg.metrics_mode)
 
 
@@ -351,7 +360,13 @@ def sp_topk_reference(teacher_index: torch.Tensor, teacher_logprob: torch.Tensor
     return per.sum(dim=-1)
 
 
-def _topk_checks(index: torch.Tensor, logprob: torch.Tensor, V: int, name: str = "teacher"):
+def check_topk_loss_type(loss_type: str, what: str = "loss_type for a top-k teacher") -> None:
+    """Raise ``ValueError`` unless ``loss_type`` is one a sparse teacher defines (:data:`TOPK_LOSS_TYPES`)."""
+    if loss_type not in TOPK_LOSS_TYPES:
+        raise ValueError(f"{what} must be one of {TOPK_LOSS_TYPES}, got {loss_type!r}.")
+
+
+def topk_checks(index: torch.Tensor, logprob: torch.Tensor, V: int, name: str = "teacher"):
     """Data checks of a top-k teacher as device flags: an index outside ``[-1, V)``, a used index
     twice in a row, NaN or +inf log-probabilities at used slots."""
     used = index >= 0
@@ -394,8 +409,7 @@ def _topk_rows(index, logprob, logits, loss_type, temperature, backend) -> torch
 
 
 def _check_topk_options(loss_type: str, temperature: float, reduction: str) -> None:
-    if loss_type not in TOPK_LOSS_TYPES:
-        raise ValueError(f"loss_type for a top-k teacher must be one of {TOPK_LOSS_TYPES}, got {loss_type!r}.")
+    check_topk_loss_type(loss_type)
     check_positive(temperature, "temperature")
     check_reduction(reduction)
 
@@ -428,7 +442,7 @@ def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fw
     rows = _topk_rows(teacher_index, teacher_logprob, logits, loss_type, temperature, backend)
     loss = _reduce(rows, reduction, weight)
     if check_inputs:
-        finalize_metrics({}, _topk_checks(teacher_index, teacher_logprob, V), "float")
+        finalize_metrics({}, topk_checks(teacher_index, teacher_logprob, V), "float")
     return loss
 
 
@@ -451,6 +465,10 @@ class SpTopKLossConfig(LossConfig):
         _check_topk_options(self.loss_type, self.temperature, self.reduction)
         check_config_common(self.backend)
 
+    def build(self) -> SpTopKLoss:
+        """The :class:`SpTopKLoss` of this config (the registry's factory interface)."""
+        return SpTopKLoss(self)
+
 
 class SpTopKLoss(ConfigLoss):
     """``nn.Module`` form of :func:`fusedloss.sp_topk_loss`: ``forward(teacher_index,
@@ -460,7 +478,6 @@ class SpTopKLoss(ConfigLoss):
 
     def forward(self, teacher_index, teacher_logprob, logits, weight=None):
         c = self.cfg
-        c.validate()
         return sp_topk_loss(teacher_index, teacher_logprob, logits, c.loss_type, c.temperature, reduction=c.reduction,
                             weight=weight, backend=c.backend, check_inputs=c.check_inputs)
 
@@ -472,3 +489,48 @@ class SpLoss(ConfigLoss):
 
     def forward(self, step_stream: Any, logits: torch.Tensor):
         return sp_loss(step_stream, logits, self.cfg)
+
+
+def _verify_cases(small: bool) -> list[VerifyCase]:
+    from .. import testing as T
+
+    N, V = (12, 300) if small else (4096, 1000)
+    k = 16 if small else 64
+
+    def make(dtype, device):
+        q, logits = T.make_sp_inputs(N, V, dtype, device, seed=3, pad_frac=0.1)
+        return ({"q_star": q}, logits)
+
+    cases = []
+    for loss_type in SP_LOSS_TYPES:
+        def call(args, backend, _lt=loss_type):
+            cfg = SpLossConfig(loss_type=_lt, temperature=1.7, label_smoothing=0.1, backend=backend)
+            return sp_loss(args[0], args[1], cfg)[0]
+
+        cases.append(VerifyCase(f"{loss_type},T=1.7,ls=0.1,pad", f"N={N} A={V}", make, call))
+
+    def call_js_beta(args, backend):
+        return sp_js_loss(args[0]["q_star"], args[1], 1.3, 0.0, beta=0.2, backend=backend)
+
+    cases.append(VerifyCase("js,beta=0.2,T=1.3,pad", f"N={N} A={V}", make, call_js_beta))
+
+    def make_topk(dtype, device):
+        return T.make_topk_inputs(N, V, k, dtype, device, seed=7, unused=0.3)
+
+    for loss_type in TOPK_LOSS_TYPES:
+        def call_topk(args, backend, _lt=loss_type):
+            return sp_topk_loss(args[0], args[1], args[2], _lt, 1.4, backend=backend)
+
+        cases.append(VerifyCase(f"{loss_type},k={k},T=1.4", f"N={N} V={V}", make_topk, call_topk, name="sp_topk"))
+    return cases
+
+
+FAMILY = Family(
+    name="sp",
+    section="Policy distillation",
+    exports=("sp_loss", "SpLossConfig", "SpLoss", "sp_soft_ce_loss", "sp_kl_loss", "sp_js_loss", "sp_reference",
+             "sp_topk_loss", "sp_topk_reference", "SpTopKLossConfig", "SpTopKLoss"),
+    kernel="sp",
+    factories={"sp": SpLossConfig, "sp_topk": SpTopKLossConfig},
+    verify_cases=_verify_cases,
+)

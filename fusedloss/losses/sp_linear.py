@@ -23,19 +23,19 @@ import math
 import torch
 
 from .._dispatch import Backend, resolve_backend
+from .._families import Family, VerifyCase
 from ..metrics import finalize_metrics
 from ._common import ConfigLoss, LossConfig, check_config_common, require_float, require_same_device
 from .sp import (
-    SP_LOSS_TYPES,
-    TOPK_LOSS_TYPES,
-    _check_options,
-    _q_star_checks,
-    _topk_checks,
     check_reduction,
     check_row_weight,
+    check_sp_options,
+    check_topk_loss_type,
     check_topk_teacher,
+    q_star_checks,
     sp_reference,
     sp_topk_reference,
+    topk_checks,
 )
 
 __all__ = ["TopKTeacher", "LinearTeacher", "sp_linear_loss", "default_chunk_size", "SpLinearLossConfig",
@@ -81,8 +81,7 @@ def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str, label_
     against the student's ``hidden`` ``[N, H]`` and ``V`` actions."""
     N = hidden.shape[0]
     if isinstance(teacher, TopKTeacher):
-        if loss_type not in TOPK_LOSS_TYPES:
-            raise ValueError(f"a TopKTeacher supports loss_type in {TOPK_LOSS_TYPES}, got {loss_type!r}.")
+        check_topk_loss_type(loss_type, "loss_type with a TopKTeacher")
         check_topk_teacher(teacher.index, teacher.logprob, V, hidden, "hidden")
         if label_smoothing != 0.0:
             raise ValueError(f"label_smoothing must be 0 with a TopKTeacher, got {label_smoothing!r}: a teacher "
@@ -293,9 +292,7 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
         require_float(bias, "bias")
         if tuple(bias.shape) != (V,):
             raise ValueError(f"bias must have shape [V] = ({V},), got {tuple(bias.shape)}.")
-    if loss_type not in SP_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {SP_LOSS_TYPES}, got {loss_type!r}.")
-    _check_options(loss_type, temperature, label_smoothing, js_beta)
+    check_sp_options(loss_type, temperature, label_smoothing, js_beta)
     check_reduction(reduction)
     check_row_weight(row_weight, hidden, "row_weight", "hidden")
     if row_weight is not None:
@@ -312,9 +309,9 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     loss = _SpLinearFunction.apply(hidden, weight, bias, row_weight, *_teacher_tensors(kind, teacher), kind, opts,
                                    reduction, chunk_size, triton_path, torch.is_grad_enabled())
     if check_inputs and kind == "dense":
-        finalize_metrics({}, _q_star_checks(teacher, "teacher"), "float")
+        finalize_metrics({}, q_star_checks(teacher, "teacher"), "float")
     elif check_inputs and kind == "topk":
-        finalize_metrics({}, _topk_checks(teacher.index, teacher.logprob, V), "float")
+        finalize_metrics({}, topk_checks(teacher.index, teacher.logprob, V), "float")
     return loss
 
 
@@ -340,11 +337,15 @@ class SpLinearLossConfig(LossConfig):
     """Check the teacher's values with one host sync (False: no sync)."""
 
     def check_values(self) -> None:
-        _check_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
+        check_sp_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
         check_reduction(self.reduction)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be None or an integer >= 1, got {self.chunk_size!r}.")
         check_config_common(self.backend)
+
+    def build(self) -> SpLinearLoss:
+        """The :class:`SpLinearLoss` of this config (the registry's factory interface)."""
+        return SpLinearLoss(self)
 
 
 class SpLinearLoss(ConfigLoss):
@@ -355,7 +356,32 @@ class SpLinearLoss(ConfigLoss):
 
     def forward(self, hidden, weight, teacher, bias=None, row_weight=None):
         c = self.cfg
-        c.validate()
         return sp_linear_loss(hidden, weight, teacher, c.loss_type, c.temperature, c.label_smoothing, c.js_beta,
                               bias=bias, reduction=c.reduction, row_weight=row_weight, chunk_size=c.chunk_size,
                               backend=c.backend, check_inputs=c.check_inputs)
+
+
+def _verify_cases(small: bool) -> list[VerifyCase]:
+    from .. import testing as T
+
+    N, H, V = (12, 8, 300) if small else (4096, 64, 1000)
+
+    def make(dtype, device):
+        hidden, weight, _, teacher, _ = T.make_sp_linear_inputs(N, H, V, "dense", dtype, device, seed=9, pad=0.1)
+        return teacher, hidden, weight
+
+    def call(args, backend):
+        return sp_linear_loss(args[1], args[2], args[0], "js", 1.2, 0.05, 0.3, chunk_size=max(1, N // 5),
+                              backend=backend)
+
+    return [VerifyCase("js,beta=0.3,T=1.2,ls=0.05,pad", f"N={N} H={H} V={V}", make, call)]
+
+
+FAMILY = Family(
+    name="sp_linear",
+    section="Policy distillation",
+    exports=("sp_linear_loss", "TopKTeacher", "LinearTeacher", "SpLinearLossConfig", "SpLinearLoss"),
+    kernel="sp",
+    factories={"sp_linear": SpLinearLossConfig},
+    verify_cases=_verify_cases,
+)

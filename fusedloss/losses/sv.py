@@ -6,11 +6,13 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..metrics import finalize_metrics
 from .._dispatch import resolve_backend
-from ._common import (ConfigLoss, LossConfig, check_config_common, compute_dtype, require_float, require_same_device,
-                      stream_get)
+from .._families import Family, VerifyCase
+from ._common import (ConfigLoss, LossConfig, check_config_common, check_field_types, check_loss_config, compute_dtype, require_float,
+                      require_same_device, stream_get)
 
 __all__ = ["SV_LOSS_TYPES", "SvLossConfig", "sv_loss", "sv_reference", "SvLoss"]
 
@@ -36,6 +38,10 @@ class SvLossConfig(LossConfig):
             raise ValueError(f"loss_type must be one of {SV_LOSS_TYPES}, got {self.loss_type!r}.")
         check_config_common(self.backend, self.metrics_mode)
 
+    def build(self) -> SvLoss:
+        """The :class:`SvLoss` of this config (the registry's factory interface)."""
+        return SvLoss(self)
+
 
 def sv_reference(q_targets: torch.Tensor, logits: torch.Tensor, loss_type: str) -> torch.Tensor:
     """Mean error over the finite entries of ``q_targets``, without boolean indexing (no sync).
@@ -52,8 +58,7 @@ def sv_reference(q_targets: torch.Tensor, logits: torch.Tensor, loss_type: str) 
 def sv_loss(step_stream: Any, logits: torch.Tensor, cfg: SvLossConfig | None = None):
     """Regress ``logits`` ``[..., A]`` on ``step_stream["q_star"]`` of the same shape, over its finite
     entries (``-inf`` marks padding). Returns ``(loss, metrics)`` with the metric ``sv_loss``."""
-    cfg = SvLossConfig() if cfg is None else cfg
-    cfg.validate()
+    cfg = check_loss_config(cfg, SvLossConfig, "sv_loss")
     require_float(logits, "logits")
     q_star = stream_get(step_stream, "q_star")
     require_float(q_star, "step_stream['q_star']")
@@ -77,3 +82,45 @@ class SvLoss(ConfigLoss):
 
     def forward(self, step_stream: Any, logits: torch.Tensor):
         return sv_loss(step_stream, logits, self.cfg)
+
+
+@dataclasses.dataclass
+class L2LossFactory:
+    """The ``l2_loss`` registry entry: ``torch.nn.MSELoss`` with a configurable reduction."""
+
+    reduction: str = "mean"
+    """``"mean"``, ``"sum"`` or ``"none"``, as ``torch.nn.MSELoss`` takes it."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"l2_loss reduction must be 'mean', 'sum' or 'none', got {self.reduction!r}.")
+
+    def build(self) -> nn.Module:
+        return nn.MSELoss(reduction=self.reduction)
+
+
+def _verify_cases(small: bool) -> list[VerifyCase]:
+    from .. import testing as T
+
+    N, A = (12, 19) if small else (4096, 18)
+    cases = []
+    for loss_type in SV_LOSS_TYPES:
+        def make(dtype, device):
+            q, logits = T.make_sp_inputs(N, A, dtype, device, seed=4, pad_frac=0.2)
+            return ({"q_star": q}, logits)
+
+        def call(args, backend, _lt=loss_type):
+            return sv_loss(args[0], args[1], SvLossConfig(loss_type=_lt, backend=backend))[0]
+
+        cases.append(VerifyCase(loss_type, f"N={N} A={A}", make, call))
+    return cases
+
+
+FAMILY = Family(
+    name="sv",
+    section="Value regression",
+    exports=("sv_loss", "SvLossConfig", "SvLoss", "sv_reference"),
+    factories={"sv": SvLossConfig, "l2_loss": L2LossFactory},
+    verify_cases=_verify_cases,
+)

@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from .._dispatch import Backend, resolve_backend
+from .._families import Family, VerifyCase
 from ..metrics import finalize_metrics
 from ._common import (
     ConfigLoss,
     LossConfig,
     check_config_common,
+    check_loss_config,
     check_reward_config,
     compute_dtype,
     index_tensor,
@@ -24,6 +26,7 @@ from ._common import (
     stream_get,
     transform_rewards,
 )
+from .rope import check_even_d, rope_rotate_reference
 
 __all__ = [
     "VecDqnLossConfig",
@@ -31,8 +34,6 @@ __all__ = [
     "vec_dqn_reference",
     "vec_dqn_scores",
     "vec_dqn_scores_reference",
-    "rope_rotate",
-    "rope_rotate_reference",
     "VecDqnLoss",
 ]
 
@@ -67,50 +68,9 @@ class VecDqnLossConfig(LossConfig):
     def check_values(self) -> None:
         check_config_common(self.backend, self.metrics_mode)
 
-
-def _check_even_d(x: torch.Tensor, name: str) -> None:
-    if x.dim() < 1 or x.shape[-1] % 2 != 0 or x.shape[-1] == 0:
-        raise ValueError(
-            f"{name} must have an even, non-zero last dimension D (pairs (x[2i], x[2i+1]) are "
-            f"rotated), got shape {tuple(x.shape)}."
-        )
-
-
-def rope_rotate_reference(x: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
-    """Rotate every pair ``(x[..., 2i], x[..., 2i+1])`` by the one angle ``theta[...]``."""
-    cd = compute_dtype(x)
-    xp = x.to(cd).unflatten(-1, (-1, 2))
-    theta = torch.as_tensor(theta, dtype=cd, device=x.device)
-    c = torch.cos(theta).unsqueeze(-1)
-    s = torch.sin(theta).unsqueeze(-1)
-    x0, x1 = xp[..., 0], xp[..., 1]
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
-
-
-def rope_rotate(x: torch.Tensor, theta: torch.Tensor | float, *, backend: str = "auto") -> torch.Tensor:
-    """Rotate each consecutive pair ``(x[2i], x[2i+1])`` of the last dimension by ``theta``.
-
-    ``x``: ``[..., D]`` with ``D`` even; ``theta``: a float or a tensor broadcastable to
-    ``x.shape[:-1]``. Returns a tensor of ``x``'s shape and dtype.
-    """
-    require_float(x, "x")
-    _check_even_d(x, "x")
-    if isinstance(theta, torch.Tensor):
-        require_float(theta, "theta")
-        require_same_device({"x": x, "theta": theta})
-        try:
-            fits = torch.broadcast_shapes(theta.shape, x.shape[:-1]) == x.shape[:-1]
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(
-                f"theta must broadcast to x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(theta.shape)}."
-            )
-    if resolve_backend(backend, "rope", x) is Backend.TRITON:
-        from ..kernels import rope as kernels
-
-        return kernels.rope_fused(x, theta)
-    return rope_rotate_reference(x, theta)
+    def build(self) -> VecDqnLoss:
+        """The :class:`VecDqnLoss` of this config (the registry's factory interface)."""
+        return VecDqnLoss(self)
 
 
 def vec_dqn_scores_reference(vecs: torch.Tensor) -> torch.Tensor:
@@ -132,7 +92,7 @@ def vec_dqn_scores(vecs: torch.Tensor, *, backend: str = "auto") -> torch.Tensor
     require_float(vecs, "vecs")
     if vecs.dim() < 2:
         raise ValueError(f"vecs must have shape [..., A, D], got {tuple(vecs.shape)}.")
-    _check_even_d(vecs, "vecs")
+    check_even_d(vecs, "vecs")
     if resolve_backend(backend, "vec_dqn", vecs) is Backend.TRITON:
         from ..kernels import vec_dqn as kernels
 
@@ -182,8 +142,7 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
     ``["reward"]``: ``[B, S]``, the transition out of ``t`` stored at ``t+1``.
     Returns ``(loss, metrics)``.
     """
-    cfg = VecDqnLossConfig() if cfg is None else cfg
-    cfg.validate()
+    cfg = check_loss_config(cfg, VecDqnLossConfig, "vec_dqn_loss")
     require_float(online_vecs, "online_vecs")
     require_float(target_vecs, "target_vecs")
     if online_vecs.dim() != 4:
@@ -198,7 +157,7 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
         raise ValueError(f"online_vecs is empty: got shape [B, S, A, D] = {tuple(online_vecs.shape)}.")
     if S < 2:
         raise ValueError(f"vec_dqn_loss needs S >= 2 steps per sequence, got S = {S}.")
-    _check_even_d(online_vecs, "online_vecs")
+    check_even_d(online_vecs, "online_vecs")
     check_reward_config(cfg, S)
     action, bad_action = index_tensor(stream_get(step_stream, "action"), "step_stream['action']", (B, S), "[B, S]", A,
                                       used=slice(1, None))
@@ -224,3 +183,28 @@ class VecDqnLoss(ConfigLoss):
 
     def forward(self, step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch.Tensor):
         return vec_dqn_loss(step_stream, online_vecs, target_vecs, self.cfg)
+
+
+def _verify_cases(small: bool) -> list[VerifyCase]:
+    from .. import testing as T
+
+    B, S, A, D = (4, 9, 19, 6) if small else (64, 64, 18, 16)
+
+    def make(dtype, device):
+        return T.make_vec_dqn_inputs(B, S, A, D, dtype, device, seed=2, argmax_margin=1e-3)
+
+    def call(args, backend):
+        return vec_dqn_loss(args[0], args[1], args[2], VecDqnLossConfig(backend=backend))[0]
+
+    return [VerifyCase("default", f"B={B} S={S} A={A} D={D}", make, call)]
+
+
+FAMILY = Family(
+    name="vec_dqn",
+    section="Vector DQN",
+    exports=("vec_dqn_loss", "VecDqnLossConfig", "VecDqnLoss", "vec_dqn_reference", "vec_dqn_scores",
+             "vec_dqn_scores_reference"),
+    kernel="vec_dqn",
+    factories={"vec_dqn": VecDqnLossConfig},
+    verify_cases=_verify_cases,
+)
