@@ -138,26 +138,21 @@ def _choose(backend: "str | Backend", family: str, tensors) -> tuple[Backend, st
             source = f"{ENV_VAR}={override!r} (over backend='auto')"
     if choice is Backend.TORCH:
         return Backend.TORCH, f"{source}: the PyTorch reference", None
-    has_kernel = family in kernel_families()
-    if choice is Backend.TRITON:
-        if not has_kernel:
+    if family not in kernel_families():
+        if choice is Backend.TRITON:
             return (Backend.TORCH, f"backend='triton': the {family!r} loss has no fused kernel yet; "
                     "use backend='torch' or 'auto'.", NotImplementedError)
-        reason = why_not_kernel(family, tensors)
-        if reason is not None:
-            return Backend.TORCH, f"backend='triton' cannot run the {family!r} kernel: {reason}.", RuntimeError
-        return Backend.TRITON, f"{source}: the fused {family!r} kernel", None
-    # auto: the kernel on CUDA only; CPU tensors always take the reference.
-    if not has_kernel:
         return Backend.TORCH, f"{source}: the PyTorch reference (the {family!r} loss has no fused kernel)", None
-    if not tensors or not all(t.device.type == "cuda" for t in tensors):
-        where = sorted({str(t.device) for t in tensors}) or ["no tensors"]
-        return (Backend.TORCH, f"{source}: the PyTorch reference (the tensors are on {', '.join(where)}; auto runs "
-                "the kernel on CUDA tensors only)", None)
-    reason = why_not_kernel(family, tensors)
-    if reason is not None:
-        return Backend.TORCH, f"{source}: the PyTorch reference ({reason})", None
-    return Backend.TRITON, f"{source}: the fused {family!r} kernel (CUDA tensors, Triton present)", None
+    reason = None
+    if choice is Backend.AUTO and not (tensors and all(t.device.type == "cuda" for t in tensors)):
+        where = ", ".join(sorted({str(t.device) for t in tensors})) or "no tensors"
+        reason = f"the tensors are on {where}; auto runs the kernel on CUDA tensors only"
+    reason = reason or why_not_kernel(family, tensors)
+    if reason is None:
+        return Backend.TRITON, f"{source}: the fused {family!r} kernel", None
+    if choice is Backend.TRITON:  # never a silent fallback
+        return Backend.TORCH, f"backend='triton' cannot run the {family!r} kernel: {reason}.", RuntimeError
+    return Backend.TORCH, f"{source}: the PyTorch reference ({reason})", None
 
 
 def resolve_backend(backend: "str | Backend", family: str, *tensors: torch.Tensor) -> Backend:
