@@ -2,7 +2,7 @@
 # The whole GPU run in one command (`make gpu`): correctness on CUDA, then the benchmark suite,
 # everything written under $OUT. Meant for one `device` call of at most 10 minutes on an H100/H200
 # with the GPU image (Python 3.12, torch, triton, pytest, pytest-benchmark, hypothesis); the other
-# packages come from the wheelhouse that ../shared/gpu/wheels.sh builds in .whl/ (carry it).
+# packages come from the wheelhouse that bench/wheels.sh builds in .whl/ (carry it).
 #
 #   make gpu                      # check, then bench (STAGES="check bench")
 #   make gpu-check                # verify --device cuda, pytest -m cuda, reliability + fuzz on CUDA

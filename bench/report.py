@@ -36,6 +36,9 @@ BANDWIDTH_TARGETS = [
     ("dqn", "fused", 70.0, lambda c: "A=32768" in c),
 ]
 MAX_LAUNCHES = {("dqn", "fused"): 2}
+# Providers that run a Triton kernel: on a CPU they ran under the interpreter.
+INTERPRETED_PROVIDERS = {"fused", "fused-cudagraph", "fused-linear", "liger"}
+REPO_BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def load(paths):
@@ -179,10 +182,30 @@ def main(argv=None):
     ap.add_argument("--plots", default="bench/plots")
     ap.add_argument("--title", default="fusedloss benchmarks")
     ap.add_argument("--preface", default="", help="text placed above the figures")
+    ap.add_argument("--allow-cpu", action="store_true",
+                    help="accept CPU rows (labelled as such); interpreter timings of the kernels never go into "
+                         "the repository's BENCHMARKS.md")
     args = ap.parse_args(argv)
     rows, meta = load(args.json)
     out = Path(args.out)
-    out.write_text(render(rows, meta, Path(args.plots), out.resolve().parent, args.title, args.preface))
+    cpu = [r for r in rows if str(r["info"].get("device", "")).startswith("cpu")]
+    interpreted = [r for r in cpu if r["provider"] in INTERPRETED_PROVIDERS]
+    if cpu and not args.allow_cpu:
+        raise SystemExit(f"report.py: {len(cpu)} of the {len(rows)} benchmarks ran on the CPU"
+                         + (f", {len(interpreted)} of them kernels under the Triton interpreter, whose timings mean "
+                            "nothing" if interpreted else "")
+                         + f"; refusing to write {out}. Use the JSON of a GPU run (make gpu), or pass --allow-cpu "
+                           "and an --out of its own for a labelled CPU report.")
+    if interpreted and out.resolve() == REPO_BENCHMARKS.resolve():
+        raise SystemExit(f"report.py: {len(interpreted)} benchmarks are kernels timed under the Triton interpreter; "
+                         f"they never go into {REPO_BENCHMARKS.name}. Pass another --out for a labelled CPU report.")
+    preface = args.preface
+    if cpu:
+        label = ("**CPU run.** These figures come from the CPU"
+                 + (" (the kernels under the Triton interpreter: their times say nothing about GPU speed)"
+                    if interpreted else "") + ", not from a GPU.")
+        preface = f"{label}\n\n{preface}" if preface else label
+    out.write_text(render(rows, meta, Path(args.plots), out.resolve().parent, args.title, preface))
     print(f"wrote {out} ({len(rows)} benchmarks)")
 
 

@@ -42,3 +42,19 @@ def test_report_relative_plot_dir(tmp_path, monkeypatch):
     Path("r.json").write_text(json.dumps({"benchmarks": [_bench("dqn B=1 S=2 A=3", "eager", 1e-5)]}))
     report.main(["r.json", "--out", "BENCHMARKS.md", "--plots", "bench/plots"])
     assert "![dqn](bench/plots/dqn.png)" in Path("BENCHMARKS.md").read_text()
+
+
+def test_report_refuses_cpu_and_interpreter_timings(tmp_path, monkeypatch):
+    """A CPU run never overwrites BENCHMARKS.md silently: CPU rows need --allow-cpu and are
+    labelled; kernels timed under the interpreter never go into the repository's BENCHMARKS.md."""
+    monkeypatch.chdir(tmp_path)
+    rows = [_bench("dqn B=1 S=2 A=3", "eager", 1e-3, device="cpu (x86_64)"),
+            _bench("dqn B=1 S=2 A=3", "fused", 9e-2, device="cpu (x86_64)")]
+    Path("r.json").write_text(json.dumps({"benchmarks": rows}))
+    with pytest.raises(SystemExit, match="ran on the CPU, 1 of them kernels under the Triton interpreter"):
+        report.main(["r.json", "--out", "cpu.md", "--plots", "plots"])
+    assert not Path("cpu.md").exists()
+    with pytest.raises(SystemExit, match="never go into BENCHMARKS.md"):
+        report.main(["r.json", "--allow-cpu", "--out", str(report.REPO_BENCHMARKS), "--plots", "plots"])
+    report.main(["r.json", "--allow-cpu", "--out", "cpu.md", "--plots", "plots"])
+    assert Path("cpu.md").read_text().splitlines()[2].startswith("**CPU run.**")
