@@ -23,6 +23,9 @@ fused-linear against 100.6 MiB materialised.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
 import time
 
 import torch
@@ -74,6 +77,22 @@ def batches(corpus: torch.Tensor, batch: int, g: torch.Generator, device):
         yield ctx.to(device), corpus[i].to(device)
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null: the profiler's C++ side (Kineto) prints a line to stderr at
+    each start and stop, which no logging setting turns off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
 def peak_bytes(fn, device) -> int:
     """Peak extra memory of ``fn()``: CUDA's allocator peak, or torch's CPU allocations as the
     profiler sees them."""
@@ -86,7 +105,7 @@ def peak_bytes(fn, device) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     running = peak = 0
     for _, delta in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()):
@@ -187,13 +206,17 @@ def _plot(curves, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--plot", default="distill_lm.png")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--vocab", type=int, default=4096, help="vocabulary size V of both LM heads")
+    ap.add_argument("--steps", type=int, default=300, help="student training steps")
+    ap.add_argument("--batch", type=int, default=512, help="tokens per step (N)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
+    ap.add_argument("--plot", default="distill_lm.png", help="where the loss curves go")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     r = run(args.vocab, args.steps, args.batch, args.device, plot=args.plot)
     print(f"done in {r['seconds']:.0f} s on {r['device']}")
     return r

@@ -12,7 +12,6 @@ runs it, so ``import fusedloss`` never imports Triton.
 from __future__ import annotations
 
 import enum
-import functools
 import importlib.util
 import logging
 import os
@@ -62,12 +61,22 @@ class Backend(str, enum.Enum):
             raise ValueError(f"{argname} must be one of {valid}, got {value!r}.") from None
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_AVAILABLE: bool | None = None
+
+
 def triton_available() -> bool:
-    try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):  # a blocked or broken install
-        return False
+    """Whether Triton can be imported (looked up once; a plain module flag rather than an
+    ``lru_cache``, which ``torch.compile`` would trace through with a warning)."""
+    global _TRITON_AVAILABLE
+    if _TRITON_AVAILABLE is None:
+        try:
+            found = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):  # a blocked or broken install
+            found = False
+        if torch.compiler.is_compiling():
+            return found
+        _TRITON_AVAILABLE = found
+    return _TRITON_AVAILABLE
 
 
 def interpreter_enabled() -> bool:

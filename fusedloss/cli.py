@@ -9,8 +9,10 @@ and exits 1 on any failure.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -53,6 +55,15 @@ def _cases(small: bool, families=None) -> list[tuple]:
             for case in fam.verify_cases(small)]
 
 
+def _quiet() -> None:
+    """What verify itself runs prints no noise: the interpreter's numpy warnings on the edge cases it
+    feeds, and KeOps's compile messages (the table says what ran)."""
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
+    os.environ.setdefault("PYKEOPS_VERBOSE", "0")  # read when pykeops is first imported
+    if "pykeops" in sys.modules:
+        sys.modules["pykeops"].set_verbose(False)
+
+
 def _row(name, case, path, dtype, f_err, g_err, result, tail="") -> str:
     fe = f"{f_err:9.2e}" if f_err is not None else f"{'-':>9}"
     ge = f"{g_err:9.2e}" if g_err is not None else f"{'-':>9}"
@@ -83,6 +94,7 @@ def verify(argv: list[str] | None = None) -> int:
 
     # Kernels run on CPU tensors only under the interpreter, on before the first kernel is imported.
     _dispatch.use_interpreter_without_cuda(device)
+    _quiet()
     from fusedloss.testing import check_close_to_float64
 
     small = device.type == "cpu"

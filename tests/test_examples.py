@@ -43,3 +43,14 @@ def test_sinkhorn_clouds_cost_drops(tmp_path):
     r = ex.flow(points=120, steps=6, quiet=True, plot=str(tmp_path / "clouds.png"))
     assert r["costs"][-1] < 0.5 * r["costs"][0], r["costs"]
     assert (tmp_path / "clouds.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["dqn_cartpole", "distill_lm", "sinkhorn_clouds"])
+def test_example_help_shows_every_option_with_its_default(name):
+    import subprocess
+
+    res = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--help"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    options = [line for line in res.stdout.splitlines() if line.strip().startswith("--")]
+    assert options and "--threads" in res.stdout
+    assert res.stdout.count("(default:") == len(options), res.stdout

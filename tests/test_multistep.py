@@ -370,7 +370,7 @@ def test_readme_r2d2_example_builds_and_runs():
     valid = step["mask"][:, :-1] & step["mask"][:, 1:]
     prio = fl.sequence_priority(td, valid, eta=0.9)
     assert prio.shape == (3,) and torch.isfinite(prio).all()
-    assert float(metrics["dqn_loss"]) == pytest.approx(float(loss))
+    assert float(metrics["dqn_loss"]) == pytest.approx(float(loss.detach()))
 
 
 # ---------------------------------------------------------------- sequence_priority

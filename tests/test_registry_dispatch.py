@@ -257,3 +257,13 @@ def test_configs_are_checked_where_a_value_changes():
     with pytest.raises(ValueError, match="count must be >= 0"):
         t.count = -1
     assert (t.mode, t.limit, t.count) == ("b", 2, None)
+
+
+def test_cli_verify_without_triton_says_so():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "from fusedloss.cli import main\n"
+            "sys.exit(main(['verify', '--device', 'cpu', '--family', 'rope']))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "interpreter" not in res.stdout.splitlines()[0]
+    assert "not checked: the triton path of rope (Triton is not installed" in res.stdout

@@ -31,7 +31,6 @@ returns NaN when traced.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import math
 import numbers
@@ -115,9 +114,18 @@ def sinkhorn_points(action: torch.Tensor, state: torch.Tensor, lam_state: float,
     return z * math.sqrt(2.0) if p == 2 else z
 
 
-@functools.lru_cache(maxsize=None)
+_KEOPS_PROBLEMS: dict[str, str | None] = {}
+
+
 def _keops_problem(device_type: str) -> str | None:
-    """Why KeOps cannot run on ``device_type``, or None once a tiny formula compiled and ran."""
+    """Why KeOps cannot run on ``device_type``, or None once a tiny formula compiled and ran
+    (found once per device type)."""
+    if device_type not in _KEOPS_PROBLEMS:
+        _KEOPS_PROBLEMS[device_type] = _find_keops_problem(device_type)
+    return _KEOPS_PROBLEMS[device_type]
+
+
+def _find_keops_problem(device_type: str) -> str | None:
     if importlib.util.find_spec("pykeops") is None:
         return "pykeops is not installed (pip install 'fusedloss[sinkhorn]')"
     try:
