@@ -30,3 +30,17 @@ def test_all_kernels_compile_for_sm90_without_spills():
     assert res.returncode == 0
     kernels = {r["kernel"].split()[0] for r in records}
     assert kernels == {"sp", "dqn", "vec_dqn", "rope"}
+
+
+def test_compile_check_specialises_as_the_runtime_does():
+    """Pointers and the integer arguments that are multiples of 16 at the variant's shape get
+    ``tt.divisibility`` 16, as the JIT gives a real launch, so the check compiles the code that runs."""
+    code = ("import sys; sys.path.insert(0, 'tests'); import compile_check as c\n"
+            "v = next(v for v in c.variants() if v.name == 'sp A=32768 bf16 ce-soft-fwd')\n"
+            "attrs = c.runtime_attrs(v); names = v.kernel.arg_names\n"
+            "print(sorted(names[i] for (i,) in attrs))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == str(sorted(["q_ptr", "z_ptr", "loss_ptr", "grad_ptr", "N", "A", "stride_q",
+                                             "stride_z", "stride_g"]))

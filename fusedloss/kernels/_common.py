@@ -123,13 +123,16 @@ def as_loadable(t: torch.Tensor) -> torch.Tensor:
 
 class AotVariant(NamedTuple):
     """One compile of a kernel for the ahead-of-time check: ``signature`` maps every argument of
-    ``kernel`` to a Triton type or ``"constexpr"``."""
+    ``kernel`` to a Triton type or ``"constexpr"``; ``ints`` holds the integer arguments' values at
+    the shape the variant stands for, so the check can specialise them as the runtime does (a
+    multiple of 16 is marked divisible by 16)."""
 
     name: str
     kernel: object
     signature: dict
     constexprs: dict
     num_warps: int
+    ints: dict = {}
 
 
 def signature(kernel, types_: dict[str, str], constexprs: dict) -> dict:

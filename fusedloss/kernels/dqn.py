@@ -642,9 +642,12 @@ def _tiles(A: int, S: int, max_block_a: int = MAX_BLOCK_A, n_step: int = 1):
     """(BLOCK_A, T_BLOCK, num_warps): a [T_BLOCK, BLOCK_A] tile of TILE_ELEMS elements over enough
     warps that the kernel's dozen live tiles stay in registers (checked by tests/compile_check.py).
     The unrolled n-step window takes at most 32 transitions a chunk (Triton 3.6 spilled 8 bytes at
-    A = 4 with 64)."""
+    A = 4 with 64). An n-step window over rows of 1024 or more actions runs on 4 warps: with the
+    runtime's divisibility specialisation, 8 warps spilled 20 bytes on sm_90 (Triton 3.9)."""
     block_a = min(triton.next_power_of_2(A), max_block_a)
     t_block = max(1, min(64 if n_step == 1 else 32, TILE_ELEMS // block_a, triton.next_power_of_2(S)))
+    if n_step > 1 and block_a >= 1024:
+        return block_a, t_block, 4
     return block_a, t_block, TILE_WARPS if t_block * block_a > 256 else 4
 
 
@@ -776,12 +779,15 @@ def _(g, grad_output, inv_count, dtype):
 def _setup(ctx, inputs, output):
     _, metrics, grad, td = output
     ctx.mark_non_differentiable(metrics, td)  # metrics and |td| carry no gradient (and keep no graph alive)
+    ctx.set_materialize_grads(False)  # nor the stored gradient: no zero-filled B·S·A (or metrics, td) tensor
     ctx.dtype = inputs[0].dtype
     ctx.save_for_backward(grad, metrics)
 
 
 def _backward(ctx, grad_loss, grad_metrics, grad_grad, grad_td):
     grad, metrics = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 11
     inv_count = metrics[DqnMetric.INV_COUNT:DqnMetric.INV_COUNT + 1]
     return (_dqn_bwd_op(grad, grad_loss, inv_count, ctx.dtype),) + (None,) * 10
 
@@ -822,8 +828,10 @@ def compile_variants():
             c = {"HAS_WEIGHT": every, "HAS_MASK": every, "NORM_MEAN": every, "NORM_STD": every, "CQL": True,
                  "HUBER": every, "DOUBLE": every, "N_STEP": 5 if multi == "N_STEP" else 1, "LAMBDA": multi == "LAMBDA",
                  "RESCALE": multi is not None, "T_BLOCK": t_block, "BLOCK_A": block_a, "B_BLOCK": 256}
+            ints = {"B": 256, "S": S, "A": A, "n_window": 5, "stride_qb": S * A, "stride_qs": A, "stride_tb": S * A,
+                    "stride_ts": A, "stride_gb": S * A, "stride_gs": A}
             yield AotVariant(f"dqn A={A} S={S} {kind}", _dqn_fwd_kernel, signature(_dqn_fwd_kernel, types, c), c,
-                             warps)
+                             warps, ints)
     c = {"BLOCK": _BWD_BLOCK}
     t = {"g_ptr": "*bf16", "out_ptr": "*bf16", "gout_ptr": "*fp32", "inv_ptr": "*fp32"}
     yield AotVariant("dqn backward", _dqn_bwd_kernel, signature(_dqn_bwd_kernel, t, c), c, 4)

@@ -97,4 +97,5 @@ def compile_variants():
         bm, bh = _tiles(D)
         c = {"BM": bm, "BH": bh}
         t = {"x_ptr": "*bf16", "th_ptr": "*fp32", "out_ptr": "*bf16", "sign": "fp32"}
-        yield AotVariant(f"rope D={D}", _rope_fwd_kernel, signature(_rope_fwd_kernel, t, c), c, 4)
+        yield AotVariant(f"rope D={D}", _rope_fwd_kernel, signature(_rope_fwd_kernel, t, c), c, 4,
+                         {"M": 8192, "HALF": D // 2})

@@ -283,11 +283,14 @@ def _setup(ctx, inputs, output):
     online, _, action, _ = inputs
     ctx.shape = tuple(online.shape)
     ctx.dtype = online.dtype
+    ctx.set_materialize_grads(False)  # the compact gradient output gets none: no zero-fill for it
     ctx.save_for_backward(output[1], action)
 
 
 def _backward(ctx, grad_rows, grad_g):
     g, action = ctx.saved_tensors
+    if grad_rows is None:
+        return None, None, None, None
     B, S, A, _ = ctx.shape
     return _vec_dqn_bwd_op(g, action, grad_rows, B, S, A, ctx.dtype), None, None, None
 
@@ -318,14 +321,16 @@ def compile_variants():
         c = {"BA": ba, "BI": bi, "BD": bd}
         t = {"v_ptr": "*fp32", "out_ptr": "*fp32"}
         yield AotVariant(f"vec_dqn scores A={A} D={D}", _vec_dqn_scores_kernel,
-                         signature(_vec_dqn_scores_kernel, t, c), c, warps)
+                         signature(_vec_dqn_scores_kernel, t, c), c, warps,
+                         {"A": A, "HALF": D // 2, "stride_m": A * D, "stride_a": D})
         c = {"BA": ba, "BI": bi, "BD": bd, "BH": triton.next_power_of_2(D // 2)}
         t = {"on_ptr": "*bf16", "tg_ptr": "*bf16", "act_ptr": "*i64", "theta_ptr": "*fp32", "loss_ptr": "*fp32",
              "g_ptr": "*fp32", "cos_eps": "fp32"}
         yield AotVariant(f"vec_dqn loss A={A} D={D}", _vec_dqn_fwd_kernel, signature(_vec_dqn_fwd_kernel, t, c), c,
-                         warps)
+                         warps, {"S": 64, "A": A, "HALF": D // 2, "stride_ob": 64 * A * D, "stride_os": A * D,
+                                 "stride_oa": D, "stride_tb": 64 * A * D, "stride_ts": A * D, "stride_ta": D})
         ba, bh = _bwd_tiles(A, D)
         c = {"BA": ba, "BH": bh}
         t = {"g_ptr": "*fp32", "act_ptr": "*i64", "grad_rows_ptr": "*fp32", "out_ptr": "*bf16"}
         yield AotVariant(f"vec_dqn backward A={A} D={D}", _vec_dqn_bwd_kernel, signature(_vec_dqn_bwd_kernel, t, c),
-                         c, 4)
+                         c, 4, {"S": 64, "A": A, "HALF": D // 2, "stride_gr": D})
