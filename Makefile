@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: verify test bench clean gpu gpu-check gpu-bench gpu-report docs docs-serve examples
+.PHONY: verify test bench model clean gpu gpu-check gpu-bench gpu-report docs docs-serve examples
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ verify: $(BIN)/.installed
 # The benchmark suite runs once as a smoke test (--benchmark-disable), with tiny shapes on CPU.
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest tests bench --benchmark-disable -q
+
+# The performance model without a GPU: launches, bytes and host µs, with every Triton launch stubbed.
+model: $(BIN)/.installed
+	$(BIN)/python bench/model.py --repeat 1000
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-json=bench/results.json

@@ -175,6 +175,28 @@ def render(rows, meta, plots_dir: Path, root: Path, title: str, preface: str = "
     return "\n".join(out) + "\n"
 
 
+MODEL_HEADING = "## Model (counted without a GPU; not a measurement)"
+
+
+def render_model(model: dict) -> str:
+    """The section for ``bench/model.py --json``: launches, bytes against the byte model, and host µs
+    with the launches stubbed, under a heading that says it is a model."""
+    out = [MODEL_HEADING, "",
+           f"From `bench/model.py` (torch {model.get('torch', '?')}, Python {model.get('python', '?')}): the public "
+           "loss on the kernel path with every Triton launch stubbed, on the CPU. Launches are Triton launches plus "
+           "aten ops that would launch a device kernel; bytes are the sum of each Triton launch's tensor "
+           "arguments, against the family's minimal byte model; host µs is the median of eager fwd+bwd calls "
+           "on one CPU thread (RL shapes only), noisy by ±30% between runs on a shared machine.", "",
+           "| case | launches fwd | launches fwd+bwd | aten ops besides the kernels | GB fwd+bwd | × byte model | "
+           "host µs |", "|---|---:|---:|---|---:|---:|---:|"]
+    for r in model["rows"]:
+        aten = ", ".join(f"{k}×{v}" for k, v in sorted(r["fwd+bwd aten launches"].items()))
+        host = f"{r['host us fwd+bwd']:.0f}" if "host us fwd+bwd" in r else "–"
+        out.append(f"| {r['case']} | {r['fwd launches']} | {r['fwd+bwd launches']} | {aten} | "
+                   f"{r['fwd+bwd bytes'] / 1e9:.3f} | {r['bytes / model']:.2f} | {host} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="+")
@@ -182,6 +204,7 @@ def main(argv=None):
     ap.add_argument("--plots", default="bench/plots")
     ap.add_argument("--title", default="fusedloss benchmarks")
     ap.add_argument("--preface", default="", help="text placed above the figures")
+    ap.add_argument("--model", help="the JSON of bench/model.py, rendered as a section of its own")
     ap.add_argument("--allow-cpu", action="store_true",
                     help="accept CPU rows (labelled as such); interpreter timings of the kernels never go into "
                          "the repository's BENCHMARKS.md")
@@ -205,7 +228,10 @@ def main(argv=None):
                  + (" (the kernels under the Triton interpreter: their times say nothing about GPU speed)"
                     if interpreted else "") + ", not from a GPU.")
         preface = f"{label}\n\n{preface}" if preface else label
-    out.write_text(render(rows, meta, Path(args.plots), out.resolve().parent, args.title, preface))
+    text = render(rows, meta, Path(args.plots), out.resolve().parent, args.title, preface)
+    if args.model:
+        text += "\n" + render_model(json.loads(Path(args.model).read_text()))
+    out.write_text(text)
     print(f"wrote {out} ({len(rows)} benchmarks)")
 
 

@@ -58,3 +58,16 @@ def test_report_refuses_cpu_and_interpreter_timings(tmp_path, monkeypatch):
         report.main(["r.json", "--allow-cpu", "--out", str(report.REPO_BENCHMARKS), "--plots", "plots"])
     report.main(["r.json", "--allow-cpu", "--out", "cpu.md", "--plots", "plots"])
     assert Path("cpu.md").read_text().splitlines()[2].startswith("**CPU run.**")
+
+
+def test_report_renders_the_model_as_a_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("r.json").write_text(json.dumps({"benchmarks": [_bench("dqn B=1 S=2 A=3", "eager", 1e-5)]}))
+    model = {"torch": "9.9", "python": "3.x", "rows": [
+        {"case": "dqn B=1 S=2 A=3", "fwd launches": 1, "fwd+bwd launches": 3, "fwd+bwd bytes": 2e9,
+         "bytes / model": 1.5, "fwd+bwd aten launches": {"ones_like": 1}, "host us fwd+bwd": 512.3}]}
+    Path("m.json").write_text(json.dumps(model))
+    report.main(["r.json", "--model", "m.json", "--out", "B.md", "--plots", "plots"])
+    text = Path("B.md").read_text()
+    assert report.MODEL_HEADING in text and "not a measurement" in text
+    assert "| dqn B=1 S=2 A=3 | 1 | 3 | ones_like×1 | 2.000 | 1.50 | 512 |" in text
