@@ -13,7 +13,7 @@ import importlib
 
 from .._families import Family
 
-FAMILY_MODULES = ("dqn", "vec_dqn", "rope", "sp", "sp_linear", "sv", "sinkhorn", "moe")
+FAMILY_MODULES = ("dqn", "vec_dqn", "rope", "sp", "sp_linear", "sv", "sinkhorn", "moe", "policy")
 
 FAMILIES: tuple[Family, ...] = tuple(importlib.import_module(f"{__name__}.{m}").FAMILY for m in FAMILY_MODULES)
 
