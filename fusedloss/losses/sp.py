@@ -69,16 +69,19 @@ class SpLossConfig(LossConfig):
     loss_type: str = "ce"
     """One of ``"ce"``, ``"ce-soft-fwd"``, ``"ce-soft-bwd"``, ``"kl-fwd"``, ``"kl-bwd"``, ``"js"``."""
     temperature: float = 1.0
-    """Divides the teacher's values only (> 0); no ``T²`` factor."""
+    """Divides the teacher's values (> 0), and with ``temperature_mode`` the student's too."""
     backend: str = "auto"
     """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
     metrics_mode: str = "float"
     """``"float"``: metrics as a ``dict[str, float]`` with one host transfer (and the input checks raised then); ``"lazy"``: a :class:`fusedloss.LazyMetrics`, no host sync."""
     js_beta: float = 0.5
     """The β of ``"js"``, strictly inside ``(0, 1)``; 0.5 is the symmetric JS."""
+    temperature_mode: str = "teacher"
+    """``"teacher"`` (``temperature`` divides the teacher only, the reference semantics), ``"both"`` (the student too, as TRL's GKD and Liger) or ``"both_t2"`` (both, times ``T²``)."""
 
     def check_values(self) -> None:
         check_sp_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
+        check_temperature_mode(self.temperature_mode)
         check_config_common(self.backend, self.metrics_mode)
 
     def build(self) -> SpLoss:
@@ -121,6 +124,29 @@ def _over_temperature(x: torch.Tensor, temperature: float) -> torch.Tensor:
     smallest subnormal would round to 0 and give ``0/0 = NaN`` at the row max, where the limit
     ``T -> 0`` is the one-hot teacher."""
     return x * min(1.0 / float(temperature), torch.finfo(x.dtype).max)
+
+
+TEMPERATURE_MODES = ("teacher", "both", "both_t2")
+
+
+def check_temperature_mode(mode: str) -> None:
+    if mode not in TEMPERATURE_MODES:
+        raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {mode!r}.")
+
+
+def student_at_temperature(logits: torch.Tensor, temperature: float, mode: str) -> torch.Tensor:
+    """The student's logits as the loss sees them: unchanged with ``mode="teacher"``, else divided
+    by ``T`` as well (in fp32 for bf16/fp16 logits, so the division adds no rounding of its own;
+    autograd carries the ``1/T`` into their gradient)."""
+    if mode == "teacher":
+        return logits
+    z = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+    return _over_temperature(z, temperature)
+
+
+def rows_at_temperature(rows: torch.Tensor, temperature: float, mode: str) -> torch.Tensor:
+    """Per-row losses times ``T²`` with ``mode="both_t2"`` (Hinton's scaling), else unchanged."""
+    return rows * (float(temperature) ** 2) if mode == "both_t2" else rows
 
 
 def _wmul(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -242,20 +268,25 @@ def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, redu
     check_row_weight(weight, logits)
 
 
-def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta=0.5) -> torch.Tensor:
+def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta=0.5,
+             temperature_mode="teacher") -> torch.Tensor:
     """Per-row losses of validated ``[N, A]`` inputs on the chosen backend."""
+    z = student_at_temperature(logits, temperature, temperature_mode)
     if resolve_backend(backend, "sp", logits, q_targets) is Backend.TRITON:
         from ..kernels import sp as kernels
 
-        return kernels.sp_fused(q_targets, logits, loss_type, temperature, label_smoothing, js_beta=js_beta)
-    return sp_reference(q_targets, logits, loss_type, temperature, label_smoothing, js_beta)
+        rows = kernels.sp_fused(q_targets, z, loss_type, temperature, label_smoothing, js_beta=js_beta)
+    else:
+        rows = sp_reference(q_targets, z, loss_type, temperature, label_smoothing, js_beta)
+    return rows_at_temperature(rows, temperature, temperature_mode)
 
 
 def _dense_loss(q_targets, logits, *, loss_type, temperature, label_smoothing, reduction, weight, backend,
-                check_inputs, js_beta=0.5):
+                check_inputs, js_beta=0.5, temperature_mode="teacher"):
     """The reduced loss of the functional forms (``sp_soft_ce_loss``, ``sp_kl_loss``, ``sp_js_loss``)."""
     _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, js_beta)
-    rows = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta)
+    check_temperature_mode(temperature_mode)
+    rows = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta, temperature_mode)
     loss = _reduce(rows, reduction, weight)
     if check_inputs:
         finalize_metrics({}, q_star_checks(q_targets, "q_targets"), "float")
@@ -269,38 +300,46 @@ def _direction(direction: str, fn: str) -> str:
 
 
 def sp_soft_ce_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, direction: str = "fwd",
-                    *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True):
+                    *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
+                    temperature_mode: str = "teacher"):
     """Soft cross-entropy between teacher ``P = softmax(q_targets / T)`` (smoothed) and student
     ``Q = softmax(logits)``: ``"fwd"`` is ``H(P, Q) = -Σ P log Q``, ``"bwd"`` is ``H(Q, P) = -Σ Q log P``.
 
     ``q_targets``, ``logits``: ``[N, A]``; ``weight``: optional per-row ``[N]`` factor; ``reduction``
     ``"mean"`` (over rows, as in the seed), ``"sum"`` or ``"none"`` (``[N]``).
     ``check_inputs`` checks ``q_targets`` for NaN/+inf/all-padded rows with one host sync; pass
-    ``False`` for a sync-free call.
+    ``False`` for a sync-free call. ``temperature_mode``: ``"teacher"`` (the default: ``T`` divides
+    the teacher only, no ``T²``), ``"both"`` (the student's logits are divided by ``T`` too, as TRL's
+    GKD and Liger do) or ``"both_t2"`` (``"both"`` times ``T²``, Hinton et al.'s scaling).
     """
     loss_type = "ce-soft-" + _direction(direction, "sp_soft_ce_loss")
     return _dense_loss(q_targets, logits, loss_type=loss_type, temperature=temperature, label_smoothing=label_smoothing,
-                       reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs)
+                       reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs,
+                       temperature_mode=temperature_mode)
 
 
 def sp_kl_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, direction: str = "fwd",
-               *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True):
+               *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
+               temperature_mode: str = "teacher"):
     """KL divergence: ``"fwd"`` is ``KL(P_teacher ‖ Q_student)``, ``"bwd"`` is ``KL(Q ‖ P)``.
     Temperature on the teacher only, no ``T²``. Other arguments as :func:`sp_soft_ce_loss`."""
     loss_type = "kl-" + _direction(direction, "sp_kl_loss")
     return _dense_loss(q_targets, logits, loss_type=loss_type, temperature=temperature, label_smoothing=label_smoothing,
-                       reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs)
+                       reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs,
+                       temperature_mode=temperature_mode)
 
 
 def sp_js_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, beta: float = 0.5,
-               *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True):
+               *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
+               temperature_mode: str = "teacher"):
     """Generalized Jensen–Shannon divergence ``β KL(P ‖ M) + (1 − β) KL(Q ‖ M)``, ``M = βP + (1 − β)Q``
     (GKD's JSD_β), ``P`` the teacher and ``Q`` the student. ``beta`` is strictly inside ``(0, 1)``;
     0.5 is the symmetric JS, in ``[0, log 2]``. Temperature on the teacher only, no ``T²``. Other
     arguments as :func:`sp_soft_ce_loss`."""
     check_js_beta(beta, "beta")
     return _dense_loss(q_targets, logits, loss_type="js", temperature=temperature, label_smoothing=label_smoothing,
-                       reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs, js_beta=beta)
+                       reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs, js_beta=beta,
+                       temperature_mode=temperature_mode)
 
 
 def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = None):
@@ -324,7 +363,7 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
         raise ValueError("sp_loss: the batch is empty (no tokens).")
     q_rows, l_rows = q_star.reshape(-1, A), logits.reshape(-1, A)
     loss = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, cfg.backend,
-                    cfg.js_beta).mean()
+                    cfg.js_beta, cfg.temperature_mode).mean()
     checks = q_star_checks(q_rows, "step_stream['q_star']")
     return loss, finalize_metrics({"sp_loss": loss}, checks, cfg.metrics_mode)
 
@@ -400,12 +439,15 @@ def check_topk_teacher(index, logprob, V: int, like: torch.Tensor, like_name: st
     require_same_device({f"{name}_index": index, f"{name}_logprob": logprob, like_name: like})
 
 
-def _topk_rows(index, logprob, logits, loss_type, temperature, backend) -> torch.Tensor:
+def _topk_rows(index, logprob, logits, loss_type, temperature, backend, temperature_mode="teacher") -> torch.Tensor:
+    z = student_at_temperature(logits, temperature, temperature_mode)
     if resolve_backend(backend, "sp", logits, logprob) is Backend.TRITON:
         from ..kernels import sp as kernels
 
-        return kernels.sp_topk_fused(index, logprob, logits, loss_type, temperature)
-    return sp_topk_reference(index, logprob, logits, loss_type, temperature)
+        rows = kernels.sp_topk_fused(index, logprob, z, loss_type, temperature)
+    else:
+        rows = sp_topk_reference(index, logprob, z, loss_type, temperature)
+    return rows_at_temperature(rows, temperature, temperature_mode)
 
 
 def _check_topk_options(loss_type: str, temperature: float, reduction: str) -> None:
@@ -415,7 +457,8 @@ def _check_topk_options(loss_type: str, temperature: float, reduction: str) -> N
 
 
 def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fwd", temperature: float = 1.0, *,
-                 reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True):
+                 reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
+                 temperature_mode: str = "teacher"):
     """Distillation from a teacher that stored only its top-k log-probabilities per token.
 
     ``teacher_index``: int ``[N, k]``, the teacher's actions, ``-1`` for an unused slot;
@@ -431,6 +474,7 @@ def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fw
     (never read), a repeated index is not an error (each slot is its own term of the loss, and
     the gradient at that action sums them, on both paths), and a NaN or ``+inf`` log-probability
     at a used slot makes the row's loss and gradient NaN, as in the dense losses.
+    ``temperature_mode`` as in :func:`sp_soft_ce_loss`.
     """
     require_float(logits, "logits")
     if logits.dim() != 2 or logits.shape[1] < 1 or logits.shape[0] == 0:
@@ -438,8 +482,9 @@ def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fw
     V = logits.shape[1]
     check_topk_teacher(teacher_index, teacher_logprob, V, logits, "logits")
     _check_topk_options(loss_type, temperature, reduction)
+    check_temperature_mode(temperature_mode)
     check_row_weight(weight, logits)
-    rows = _topk_rows(teacher_index, teacher_logprob, logits, loss_type, temperature, backend)
+    rows = _topk_rows(teacher_index, teacher_logprob, logits, loss_type, temperature, backend, temperature_mode)
     loss = _reduce(rows, reduction, weight)
     if check_inputs:
         finalize_metrics({}, topk_checks(teacher_index, teacher_logprob, V), "float")
@@ -453,16 +498,19 @@ class SpTopKLossConfig(LossConfig):
     loss_type: str = "kl-fwd"
     """The sp loss type (see :func:`sp_linear_loss` and :func:`fusedloss.sp_topk_loss`)."""
     temperature: float = 1.0
-    """Divides the teacher's values only (> 0)."""
+    """Divides the teacher's values (> 0), and with ``temperature_mode`` the student's too."""
     reduction: str = "mean"
     """``"mean"`` (over rows), ``"sum"`` or ``"none"``."""
     backend: str = "auto"
     """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
     check_inputs: bool = True
     """Check the teacher's values with one host sync (False: no sync)."""
+    temperature_mode: str = "teacher"
+    """``"teacher"``, ``"both"`` or ``"both_t2"``, as :attr:`SpLossConfig.temperature_mode`."""
 
     def check_values(self) -> None:
         _check_topk_options(self.loss_type, self.temperature, self.reduction)
+        check_temperature_mode(self.temperature_mode)
         check_config_common(self.backend)
 
     def build(self) -> SpTopKLoss:
@@ -479,7 +527,8 @@ class SpTopKLoss(ConfigLoss):
     def forward(self, teacher_index, teacher_logprob, logits, weight=None):
         c = self.cfg
         return sp_topk_loss(teacher_index, teacher_logprob, logits, c.loss_type, c.temperature, reduction=c.reduction,
-                            weight=weight, backend=c.backend, check_inputs=c.check_inputs)
+                            weight=weight, backend=c.backend, check_inputs=c.check_inputs,
+                            temperature_mode=c.temperature_mode)
 
 
 class SpLoss(ConfigLoss):

@@ -31,10 +31,13 @@ from .sp import (
     check_row_weight,
     check_sp_options,
     check_topk_loss_type,
+    check_temperature_mode,
     check_topk_teacher,
     q_star_checks,
+    rows_at_temperature,
     sp_reference,
     sp_topk_reference,
+    student_at_temperature,
     topk_checks,
 )
 
@@ -144,13 +147,20 @@ def _chunk_loss_grad(kind, t_chunk, z, opts, triton_path: bool, need_grad: bool 
     """Per-row losses (fp32) of one chunk of student logits ``z`` and their gradient ``d(Σ rows)/dz``
     (None on the reference path when ``need_grad`` is False; the kernel writes it in its one pass).
     The kernel runs through its custom ops, so ``torch.compile`` traces it."""
-    loss_type, temperature, eps, beta = opts
+    loss_type, temperature, eps, beta, mode = opts
+    if mode != "teacher":  # the student at temperature too: L(z/T) (·T²), so d/dz = (1/T)(·T²)·L'(z/T)
+        z = student_at_temperature(z, temperature, mode)
+        rows, g = _chunk_loss_grad(kind, t_chunk, z, (loss_type, temperature, eps, beta, "teacher"), triton_path,
+                                   need_grad)
+        factor = min(1.0 / temperature, torch.finfo(z.dtype).max) * (temperature ** 2 if mode == "both_t2" else 1.0)
+        return rows_at_temperature(rows, temperature, mode), None if g is None else g * factor
     if triton_path:
         from ..kernels import sp as kernels
 
         if kind == "topk":
             return kernels.sp_topk_op(t_chunk[0], t_chunk[1], z, loss_type, temperature)
         return kernels.sp_op(t_chunk, z, loss_type, temperature, eps, beta)
+
     def rows_of(zz):
         if kind == "topk":
             return sp_topk_reference(t_chunk[0], t_chunk[1], zz, loss_type, temperature)
@@ -261,7 +271,8 @@ class _SpLinearFunction(torch.autograd.Function):
 
 def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float = 1.0, label_smoothing: float = 0.0,
                    js_beta: float = 0.5, *, bias=None, reduction: str = "mean", row_weight=None,
-                   chunk_size: int | None = None, backend: str = "auto", check_inputs: bool = True):
+                   chunk_size: int | None = None, backend: str = "auto", check_inputs: bool = True,
+                   temperature_mode: str = "teacher"):
     """Distillation loss of the student head ``logits = hidden @ weight.T + bias`` against
     ``teacher``, without ever holding the ``[N, V]`` logits or their gradient.
 
@@ -276,7 +287,8 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     Gradients flow to ``hidden``, ``weight`` and ``bias``; the teacher gets none. The loss is fp32
     (fp64 for fp64 inputs); gradients come back in their inputs' dtypes. ``check_inputs`` checks a
     dense or top-k teacher's values with one host sync, as the sp helpers do; pass ``False`` for a
-    sync-free call.
+    sync-free call. ``temperature_mode`` as in :func:`fusedloss.sp_soft_ce_loss` (``"both"``
+    divides each chunk's student logits by ``T`` too, in fp32).
     """
     require_float(hidden, "hidden")
     require_float(weight, "weight")
@@ -305,7 +317,8 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     kind = _check_teacher(teacher, hidden, V, loss_type, label_smoothing)
     floats = [hidden, weight] + ([teacher] if kind == "dense" else [teacher.logprob] if kind == "topk" else [])
     triton_path = resolve_backend(backend, "sp", *floats) is Backend.TRITON
-    opts = (loss_type, float(temperature), float(label_smoothing), float(js_beta))
+    check_temperature_mode(temperature_mode)
+    opts = (loss_type, float(temperature), float(label_smoothing), float(js_beta), temperature_mode)
     loss = _SpLinearFunction.apply(hidden, weight, bias, row_weight, *_teacher_tensors(kind, teacher), kind, opts,
                                    reduction, chunk_size, triton_path, torch.is_grad_enabled())
     if check_inputs and kind == "dense":
@@ -335,8 +348,11 @@ class SpLinearLossConfig(LossConfig):
     """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
     check_inputs: bool = True
     """Check the teacher's values with one host sync (False: no sync)."""
+    temperature_mode: str = "teacher"
+    """``"teacher"``, ``"both"`` or ``"both_t2"``, as :attr:`fusedloss.SpLossConfig.temperature_mode`."""
 
     def check_values(self) -> None:
+        check_temperature_mode(self.temperature_mode)
         check_sp_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
         check_reduction(self.reduction)
         if self.chunk_size is not None and self.chunk_size < 1:
@@ -358,7 +374,7 @@ class SpLinearLoss(ConfigLoss):
         c = self.cfg
         return sp_linear_loss(hidden, weight, teacher, c.loss_type, c.temperature, c.label_smoothing, c.js_beta,
                               bias=bias, reduction=c.reduction, row_weight=row_weight, chunk_size=c.chunk_size,
-                              backend=c.backend, check_inputs=c.check_inputs)
+                              backend=c.backend, check_inputs=c.check_inputs, temperature_mode=c.temperature_mode)
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:
