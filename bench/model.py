@@ -18,7 +18,9 @@ the aten ops) runs as it would. It reports:
   runs (the aten ops still run, on the CPU).
 
 Everything here is a count or a CPU time, not a GPU figure; ``tests/test_model.py`` asserts the
-counts (launch budgets), never the times.
+counts (launch budgets), never the times. A limit: the dispatch mode does not see the aten ops run
+inside fusedloss's own custom ops (a copy of a non-contiguous input, the DQN ticket counter's
+first-call fill), so those are not counted; the bench inputs are contiguous.
 """
 
 from __future__ import annotations
@@ -67,8 +69,11 @@ def stubbed_launches(log: list):
     from triton.runtime.jit import JITFunction
 
     def run(self, *args, grid, warmup, **kwargs):
-        nbytes = sum(a.numel() * a.element_size() for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-        log.append((self.fn.__name__, nbytes))
+        seen = {}  # one argument passed twice (a placeholder pointer) is one buffer
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                seen[(a.data_ptr(), a.numel() * a.element_size())] = a.numel() * a.element_size()
+        log.append((self.fn.__name__, sum(seen.values())))
 
     from fusedloss import _dispatch
 
@@ -92,8 +97,8 @@ def _dqn_case(B, S, A, rl=False):
     cfg = fl.DqnLossConfig(backend="triton", metrics_mode="lazy")
     b = 2
     return {"call": lambda: fl.dqn_loss(step, out, cfg)[0], "leaf": out["dqn"], "rl": rl,
-            "model": 2 * B * S * A * b + 2 * B * S * A * b,  # read q, q_target[t+1]; write dq; bwd read + write dq
-            "model_text": "read q and q_target, write dq; backward reads and writes dq: 4·B·S·A·b"}
+            "model": 5 * B * S * A * b,  # read q, q_target; write the stored gradient; backward reads it, writes dq
+            "model_text": "read q and q_target, write the gradient; backward reads it and writes dq: 5·B·S·A·b"}
 
 
 def _sp_case(N, V, loss_type, rl=False):
@@ -110,8 +115,8 @@ def _topk_case(N, V, k):
     lp, z = _zeros((N, k), torch.bfloat16), _zeros((N, V), torch.bfloat16, True)
     b = 2
     return {"call": lambda: fl.sp_topk_loss(idx, lp, z, backend="triton", check_inputs=False), "leaf": z,
-            "model": 3 * N * V * b + N * k * (8 + b), "model_text": "read z, write dz, backward read+write dz "
-                                                                     "(3·N·V·b... with the teacher's N·k)"}
+            "model": 4 * N * V * b + N * k * (8 + b),
+            "model_text": "read z, write the gradient; backward reads it and writes dz: 4·N·V·b, plus the teacher's N·k"}
 
 
 def _vec_dqn_case(B, S, A, D):

@@ -181,3 +181,16 @@ def test_group_advantages_match_a_loop():
         fl.group_advantages(rewards, 5)
     with pytest.raises(ValueError, match="a group of one has no std"):
         fl.group_advantages(rewards, 1)
+
+
+def test_a_huge_log_ratio_is_clamped_not_nan():
+    """verl clamps the log-ratio to [-20, 20]: exp(100) would overflow and 0·inf make the gradient NaN."""
+    lp = torch.tensor([[100.0, 0.0]], requires_grad=True)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    for adv, dual in ((1.0, None), (-1.0, 3.0), (-1.0, None)):
+        loss, _ = fl.policy_loss(lp, torch.zeros(1, 2), torch.tensor([adv]), mask, dual_clip=dual)
+        (g,) = torch.autograd.grad(loss, lp)
+        assert torch.isfinite(loss) and torch.isfinite(g).all(), (adv, dual, loss, g)
+    loss, _ = fl.policy_loss(torch.zeros(2, 0), torch.zeros(2, 0), torch.zeros(2), torch.zeros(2, 0, dtype=torch.bool),
+                             loss_agg="seq-mean-token-sum-norm")
+    assert float(loss) == 0.0  # T = 0: a mean over nothing

@@ -267,3 +267,54 @@ def test_cli_verify_without_triton_says_so():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "interpreter" not in res.stdout.splitlines()[0]
     assert "not checked: the triton path of rope (Triton is not installed" in res.stdout
+
+
+def test_config_checks_edge_cases():
+    import dataclasses
+    import typing
+
+    from fusedloss.losses._common import LossConfig
+
+    @dataclasses.dataclass(slots=True)
+    class Slotted(LossConfig):
+        """Fields in slots: assignments are still checked."""
+
+        a: float = 0.0
+
+        def check_values(self):
+            if self.a < 0:
+                raise ValueError("a must be >= 0")
+
+    s = Slotted()
+    with pytest.raises(ValueError, match="a must be >= 0"):
+        s.a = -1.0
+    assert s.a == 0.0
+    cfg = fl.DqnLossConfig(n_step=3)
+    del cfg.td_lambda
+    with pytest.raises(ValueError, match="two kinds of multi-step target"):
+        cfg.td_lambda = 0.5  # a field set again after del is checked too
+
+    if typing.TYPE_CHECKING:  # a name the annotations use but Python never imports
+        from collections import OrderedDict  # noqa: F401
+
+    @dataclasses.dataclass
+    class Hinted(LossConfig):
+        """An unresolvable annotation and a container: neither blocks construction."""
+
+        mapping: "OrderedDict | None" = None
+        sizes: list[int] = dataclasses.field(default_factory=list)
+        rate: float = 1.0
+
+    h = Hinted(mapping={"a": 1}, sizes=[1, 2])
+    with pytest.raises(TypeError, match="Hinted.rate must be a number"):
+        h.rate = "fast"
+
+    @dataclasses.dataclass
+    class FreshCfg(LossConfig):
+        """A config class first built inside a compiled function."""
+
+        scale: float = 2.0
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x * FreshCfg(scale=3.0).scale, fullgraph=True)
+    assert float(f(torch.ones(()))) == 3.0

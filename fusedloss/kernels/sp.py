@@ -492,7 +492,9 @@ def _(g, scale, dtype):
 
 def _setup(ctx, inputs, output):
     ctx.dtype = inputs[1].dtype
-    ctx.set_materialize_grads(False)  # the stored-gradient output gets no gradient: no zero-filled [N, A] for it
+    # The stored gradient stays differentiable, so a double backward reaches no_double_backward's clear error;
+    # it gets no gradient of its own, and no zero-filled [N, A] for it in backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 

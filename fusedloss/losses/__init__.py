@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 
 from .._families import Family
+from ._common import resolve_field_hints
 
 FAMILY_MODULES = ("dqn", "vec_dqn", "rope", "sp", "sp_linear", "sv", "sinkhorn", "moe", "policy")
 
@@ -32,5 +33,7 @@ def _exports() -> dict[str, object]:
 
 
 globals().update(_exports())
+# Resolve every config's annotations now: a config first built inside torch.compile is then checked too.
+resolve_field_hints(*(f for family in FAMILIES for f in family.factories.values()))
 
 __all__ = [name for family in FAMILIES for name in family.exports]

@@ -42,7 +42,7 @@ def _hint_accepts(value: Any, hint: Any) -> bool:
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if isinstance(hint, type):
+    if isinstance(hint, type) and typing.get_origin(hint) is None:  # list[int] is a type on Python 3.10
         return isinstance(value, hint)
     return True
 
@@ -64,14 +64,52 @@ _FIELD_HINTS: dict[type, dict[str, Any]] = {}
 
 def field_hints(cls: type) -> dict[str, Any]:
     """``{field name: resolved annotation}`` of the dataclass ``cls`` (``typing.get_type_hints``,
-    so string annotations and ``from __future__ import annotations`` resolve), once per class."""
+    so string annotations and ``from __future__ import annotations`` resolve), once per class. An
+    annotation that cannot be resolved (a name imported only for type checkers) stays a string, which
+    the checks accept anything for. The package's own configs are resolved at import
+    (:func:`resolve_field_hints`); a config class first built while ``torch.compile`` traces, where
+    ``get_type_hints`` cannot run, has its fields' types left unchecked in that call."""
     hints = _FIELD_HINTS.get(cls)
-    if hints is None:
+    if hints is not None:
+        return hints
+    if torch.compiler.is_compiling():  # traced: no get_type_hints, and no dataclasses.fields of a class
+        return {name: Any for name in cls.__dataclass_fields__}
+    fields = dataclasses.fields(cls)
+    try:
         resolved = typing.get_type_hints(cls)
-        hints = {f.name: resolved[f.name] for f in dataclasses.fields(cls)}
-        if not torch.compiler.is_compiling():  # a traced call does not write module state
-            _FIELD_HINTS[cls] = hints
+    except Exception:  # an unresolvable name: resolve field by field, and leave the rest unchecked
+        resolved = {}
+        for f in fields:
+            try:
+                resolved[f.name] = typing.get_type_hints(type("_One", (), {"__annotations__": {f.name: f.type},
+                                                                           "__module__": cls.__module__}))[f.name]
+            except Exception:
+                resolved[f.name] = Any
+    hints = _FIELD_HINTS[cls] = {f.name: resolved.get(f.name, Any) for f in fields}
     return hints
+
+
+def resolve_field_hints(*classes: type) -> None:
+    """Resolve the annotations of these config classes now (at import), so that building one while
+    ``torch.compile`` traces checks its fields as an eager call does."""
+    for cls in classes:
+        if dataclasses.is_dataclass(cls):
+            field_hints(cls)
+
+
+def _is_set(obj: Any, name: str) -> bool:
+    """Whether the field ``name`` of ``obj`` holds a value (in ``__dict__`` or in a slot)."""
+    if name in getattr(obj, "__dict__", {}):
+        return True
+    for klass in type(obj).__mro__:
+        slot = klass.__dict__.get(name)
+        if isinstance(slot, types.MemberDescriptorType):
+            try:
+                slot.__get__(obj, type(obj))
+            except AttributeError:
+                return False
+            return True
+    return False
 
 
 def check_field(cfg: Any, name: str, value: Any) -> None:
@@ -119,15 +157,18 @@ class LossConfig:
             object.__setattr__(self, name, value)
             return
         check_field(self, name, value)
-        if name not in self.__dict__:  # its first assignment, in __init__: __post_init__ checks the values
-            object.__setattr__(self, name, value)
-            return
-        old = self.__dict__[name]
+        had = _is_set(self, name)
+        old = getattr(self, name) if had else None
         object.__setattr__(self, name, value)
+        if not all(_is_set(self, f) for f in hints):  # in __init__, before the last field: __post_init__ checks
+            return
         try:
             self.check_values()
         except Exception:
-            object.__setattr__(self, name, old)
+            if had:
+                object.__setattr__(self, name, old)
+            else:
+                object.__delattr__(self, name)
             raise
 
     def __post_init__(self) -> None:

@@ -6,7 +6,8 @@ the tokens that count. Everything runs in PyTorch, sync-free with ``metrics_mode
 traces under ``torch.compile(fullgraph=True)``. Tokens outside the mask may hold anything, NaN and
 inf included: they never reach the loss, its gradient or the metrics.
 
-The surrogate, with ``r = exp(logprob - old_logprob)`` and advantages ``A`` (Schulman et al. 2017,
+The surrogate, with ``r = exp(logprob - old_logprob)`` (the log-ratio clamped to ``[-20, 20]`` first,
+as verl does, so its gradient is 0 beyond) and advantages ``A`` (Schulman et al. 2017,
 PPO; the clip-higher bound of DAPO, Yu et al. 2025; the dual clip of Ye et al. 2020, as verl's
 ``compute_policy_loss``)::
 
@@ -46,6 +47,7 @@ from ._common import ConfigLoss, LossConfig, check_loss_config, compute_dtype, r
 __all__ = ["LOSS_AGG_MODES", "KL_ESTIMATORS", "PolicyLossConfig", "policy_loss", "PolicyLoss", "group_advantages",
            "aggregate"]
 
+LOG_RATIO_CLAMP = 20.0
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -99,7 +101,7 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> 
     if mode == "token-mean":
         return x.sum() / m.sum().clamp(min=1)
     if mode == "seq-mean-token-sum-norm":
-        return x.sum() / mask.shape[-1]
+        return x.sum() / max(mask.shape[-1], 1)
     tokens = m.sum(dim=-1)
     per_row = x.sum(dim=-1)
     if mode == "seq-mean-token-mean":
@@ -146,7 +148,7 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
 
     Metrics: ``policy_loss`` (the total), ``pg_loss``, ``pg_clipfrac`` (the fraction of valid tokens
     where the clipped term wins strictly, verl's), ``ppo_kl`` (the token mean of ``old_logprob -
-    logprob``), and ``kl`` and ``entropy`` (aggregated as the loss) when given. No host sync with
+    logprob``, clamped as the ratio's log), and ``kl`` and ``entropy`` (aggregated as the loss) when given. No host sync with
     ``metrics_mode="lazy"``. Computed in fp32 (fp64 for fp64 inputs).
     """
     if cfg is None:
@@ -183,7 +185,8 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
         return torch.where(mask, t.to(cd), zero)
 
     lp, old, adv = valid(logprob), valid(old_logprob).detach(), valid(advantages).detach()
-    log_ratio = lp - old
+    # clamped to [-20, 20] before exp, as verl does: exp would overflow past 88 and 0·inf make the gradient NaN
+    log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     high = cfg.clip_low if cfg.clip_high is None else cfg.clip_high
     pg1 = -adv * ratio

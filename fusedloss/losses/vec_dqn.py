@@ -26,7 +26,7 @@ from ._common import (
     stream_get,
     transform_rewards,
 )
-from .rope import check_even_d, rope_rotate_reference
+from .rope import check_even_d, rope_rotate, rope_rotate_reference  # noqa: F401  (rope_rotate: its old home)
 
 __all__ = [
     "VecDqnLossConfig",
