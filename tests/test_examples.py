@@ -45,7 +45,16 @@ def test_sinkhorn_clouds_cost_drops(tmp_path):
     assert (tmp_path / "clouds.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("name", ["dqn_cartpole", "distill_lm", "sinkhorn_clouds"])
+def test_grpo_digits_reward_rises(tmp_path):
+    pytest.importorskip("tqdm")
+    ex = load("grpo_digits")
+    r = ex.train(steps=120, length=3, progress=False, plot=str(tmp_path / "grpo.png"))
+    first, last = sum(r["curve"][:10]) / 10, sum(r["curve"][-20:]) / 20
+    assert last > first + 0.1, (first, last)
+    assert (tmp_path / "grpo.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["dqn_cartpole", "distill_lm", "sinkhorn_clouds", "grpo_digits"])
 def test_example_help_shows_every_option_with_its_default(name):
     import subprocess
 
