@@ -195,7 +195,7 @@ def test_dqn_zero_discount_ignores_infinite_bootstrap(opts, backend, device):
     loss_inf, m_inf = _dqn(step, q, inf_t, backend, **opts)
     loss_fin, m_fin = _dqn(step, q, finite_t, backend, **opts)
     assert torch.isfinite(loss_inf)
-    assert float(loss_inf) == pytest.approx(float(loss_fin), rel=1e-6)
+    assert float(loss_inf.detach()) == pytest.approx(float(loss_fin.detach()), rel=1e-6)
     assert torch.equal(_grad(loss_inf, q), _grad(loss_fin, q))
     assert m_inf == pytest.approx(m_fin, rel=1e-6)
 
@@ -211,7 +211,7 @@ def test_dqn_reward_std_of_huge_rewards(backend, device):
     masked = _dqn(step, out["dqn"], out["dqn_target"], backend, mask_key="mask", **opts)[0]
     plain = _dqn(step, out["dqn"], out["dqn_target"], backend, **opts)[0]
     for got in (masked, plain):
-        assert float(got) == pytest.approx(float(want), rel=1e-5)
+        assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -299,7 +299,7 @@ def test_dqn_huge_n_step_on_the_kernel_path(device):
     step, out = _dqn_case(device, S=6)
     got = _dqn(step, out["dqn"], out["dqn_target"], "triton", n_step=10**20)
     want = _dqn(step, out["dqn"], out["dqn_target"], "torch", n_step=10**20)
-    assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-5)
+    assert float(got[0].detach()) == pytest.approx(float(want[0].detach()), rel=1e-5)
 
 
 def test_dqn_config_errors():
@@ -335,7 +335,7 @@ def test_dqn_long_window_matches_reference(n_step, device):
     opts = dict(n_step=n_step, mask_key="mask", gamma=0.95, double_dqn=True)
     got = _dqn(step, out["dqn"], out["dqn_target"], "triton", **opts)[0]
     want = _dqn(step, out["dqn"], out["dqn_target"], "torch", **opts)[0]
-    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     assert torch.allclose(_grad(got, out["dqn"]), _grad(want, out["dqn"]), rtol=1e-4, atol=1e-6)
 
 
