@@ -25,7 +25,6 @@ ENV_VAR = "FUSEDLOSS_BACKEND"
 _LOG = logging.getLogger("fusedloss")
 
 
-
 def kernel_families() -> frozenset[str]:
     """The dispatch families with a fused kernel (``fusedloss/kernels/<family>.py``), from the family
     table (``fusedloss.losses.FAMILIES``). A family absent here has no kernel, and
@@ -135,33 +134,50 @@ def why_not_kernel(family: str, tensors) -> str | None:
     return None
 
 
-def _choose(backend: "str | Backend", family: str, tensors) -> tuple[Backend, str, type[Exception] | None]:
-    """``(path, why, error)``: the path the rule picks and the reason in words; ``error`` is the
-    exception class to raise (with ``why``) when ``backend="triton"`` cannot run, else None."""
+def _choose(backend: "str | Backend", family: str, tensors):
+    """``(path, error, case)``: the path the rule picks, the exception class to raise when
+    ``backend="triton"`` cannot run (else None), and what :func:`_why` needs to say why. The rule
+    runs on every loss call, so no message is formatted here."""
     choice = Backend.parse(backend)
-    source = f"backend={choice.value!r}"
+    override = ""
     if choice is Backend.AUTO:
         override = os.environ.get(ENV_VAR, "").strip().lower()
         if override:
             choice = Backend.parse(override, argname=f"the environment variable {ENV_VAR}")
-            source = f"{ENV_VAR}={override!r} (over backend='auto')"
     if choice is Backend.TORCH:
-        return Backend.TORCH, f"{source}: the PyTorch reference", None
+        return Backend.TORCH, None, ("torch", choice, override, family, None)
     if family not in kernel_families():
         if choice is Backend.TRITON:
-            return (Backend.TORCH, f"backend='triton': the {family!r} loss has no fused kernel yet; "
-                    "use backend='torch' or 'auto'.", NotImplementedError)
-        return Backend.TORCH, f"{source}: the PyTorch reference (the {family!r} loss has no fused kernel)", None
-    reason = None
+            return Backend.TORCH, NotImplementedError, ("no kernel, triton", choice, override, family, None)
+        return Backend.TORCH, None, ("no kernel", choice, override, family, None)
     if choice is Backend.AUTO and not (tensors and all(t.device.type == "cuda" for t in tensors)):
-        where = ", ".join(sorted({str(t.device) for t in tensors})) or "no tensors"
-        reason = f"the tensors are on {where}; auto runs the kernel on CUDA tensors only"
-    reason = reason or why_not_kernel(family, tensors)
+        return Backend.TORCH, None, ("off cuda", choice, override, family, tensors)
+    reason = why_not_kernel(family, tensors)
     if reason is None:
-        return Backend.TRITON, f"{source}: the fused {family!r} kernel", None
+        return Backend.TRITON, None, ("kernel", choice, override, family, None)
     if choice is Backend.TRITON:  # never a silent fallback
-        return Backend.TORCH, f"backend='triton' cannot run the {family!r} kernel: {reason}.", RuntimeError
-    return Backend.TORCH, f"{source}: the PyTorch reference ({reason})", None
+        return Backend.TORCH, RuntimeError, ("cannot, triton", choice, override, family, reason)
+    return Backend.TORCH, None, ("cannot", choice, override, family, reason)
+
+
+def _why(case) -> str:
+    """The reason in words of a :func:`_choose` decision."""
+    kind, choice, override, family, detail = case
+    source = f"{ENV_VAR}={override!r} (over backend='auto')" if override else f"backend={choice.value!r}"
+    if kind == "torch":
+        return f"{source}: the PyTorch reference"
+    if kind == "no kernel, triton":
+        return f"backend='triton': the {family!r} loss has no fused kernel yet; use backend='torch' or 'auto'."
+    if kind == "no kernel":
+        return f"{source}: the PyTorch reference (the {family!r} loss has no fused kernel)"
+    if kind == "off cuda":
+        where = ", ".join(sorted({str(t.device) for t in detail})) or "no tensors"
+        return f"{source}: the PyTorch reference (the tensors are on {where}; auto runs the kernel on CUDA tensors only)"
+    if kind == "kernel":
+        return f"{source}: the fused {family!r} kernel"
+    if kind == "cannot, triton":
+        return f"backend='triton' cannot run the {family!r} kernel: {detail}."
+    return f"{source}: the PyTorch reference ({detail})"
 
 
 def resolve_backend(backend: "str | Backend", family: str, *tensors: torch.Tensor) -> Backend:
@@ -171,11 +187,11 @@ def resolve_backend(backend: "str | Backend", family: str, *tensors: torch.Tenso
     logged at DEBUG level on the ``fusedloss`` logger (not while ``torch.compile`` traces), and
     :func:`fusedloss.explain_backend` returns them.
     """
-    path, why, error = _choose(backend, family, tensors)
+    path, error, case = _choose(backend, family, tensors)
     if error is not None:
-        raise error(why)
+        raise error(_why(case))
     if not torch.compiler.is_compiling() and _LOG.isEnabledFor(logging.DEBUG):
-        _LOG.debug("%s: %s", family, why)
+        _LOG.debug("%s: %s", family, _why(case))
     return path
 
 
@@ -205,7 +221,7 @@ def explain_backend(loss: "str | object", *tensors: torch.Tensor, backend: "str 
         names = ", ".join(f.name for f in FAMILIES)
         raise ValueError(f"loss must be a fusedloss loss function, module or config, or a family name ({names}), "
                          f"got {loss!r}.")
-    path, why, error = _choose(backend, family.kernel or family.name, tensors)
+    path, error, case = _choose(backend, family.kernel or family.name, tensors)
     if error is not None:
-        raise error(why)
-    return f"{path.value}: {why}"
+        raise error(_why(case))
+    return f"{path.value}: {_why(case)}"

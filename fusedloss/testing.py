@@ -25,6 +25,7 @@ __all__ = [
     "nan_like",
     "assert_canaries_intact",
     "CANARY",
+    "ZERO_FILL_OPS",
     "FLOORS",
 ]
 
@@ -177,6 +178,10 @@ def make_sinkhorn_inputs(N=30, M=40, Da=2, Ds=3, dtype=torch.float32, device="cp
     ts = _randn((*lead, M, Ds), g, dtype, device)
     return pa, ta, ps, ts
 
+
+# aten ops that fill a tensor with a constant: none may run in a fused path's backward (tests/test_hidden_work.py,
+# tests/test_model.py).
+ZERO_FILL_OPS = frozenset({"zeros", "zeros_like", "new_zeros", "fill_", "fill", "full", "full_like", "zero_"})
 
 CANARY = -7777.0  # what the margins around a nan_like buffer hold; a kernel never computes it exactly
 

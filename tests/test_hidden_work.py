@@ -10,10 +10,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedloss as fl
+from fusedloss.testing import ZERO_FILL_OPS as FILLS
 from fusedloss.testing import make_dqn_inputs, make_sp_inputs, make_topk_inputs, make_vec_dqn_inputs
 
 pytest.importorskip("triton")
-FILLS = {"zeros", "zeros_like", "new_zeros", "fill_", "fill", "full", "full_like", "zero_"}
 
 
 class _Ops(TorchDispatchMode):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fusedloss.testing import ZERO_FILL_OPS as FILLS
+
 ROOT = Path(__file__).resolve().parents[1]
 # case: (max launches forward, max launches forward+backward)
 BUDGETS = {
@@ -22,7 +24,6 @@ BUDGETS = {
     "sp_topk N=8192 V=32768 k=64": (2, 5),
     "vec_dqn B=64 S=32 A=18 D=16": (14, 17),
 }
-FILLS = {"zeros", "zeros_like", "new_zeros", "fill_", "fill", "full", "full_like", "zero_"}
 
 
 @pytest.fixture(scope="module")

@@ -65,8 +65,8 @@ _FIELD_HINTS: dict[type, dict[str, Any]] = {}
 def field_hints(cls: type) -> dict[str, Any]:
     """``{field name: resolved annotation}`` of the dataclass ``cls`` (``typing.get_type_hints``,
     so string annotations and ``from __future__ import annotations`` resolve), once per class. An
-    annotation that cannot be resolved (a name imported only for type checkers) stays a string, which
-    the checks accept anything for. The package's own configs are resolved at import
+    annotation that cannot be resolved (a name imported only for type checkers) becomes ``Any``,
+    which the checks accept anything for. The package's own configs are resolved at import
     (:func:`resolve_field_hints`); a config class first built while ``torch.compile`` traces, where
     ``get_type_hints`` cannot run, has its fields' types left unchecked in that call."""
     hints = _FIELD_HINTS.get(cls)
@@ -98,18 +98,20 @@ def resolve_field_hints(*classes: type) -> None:
 
 
 def _is_set(obj: Any, name: str) -> bool:
-    """Whether the field ``name`` of ``obj`` holds a value (in ``__dict__`` or in a slot)."""
-    if name in getattr(obj, "__dict__", {}):
+    """Whether the field ``name`` of ``obj`` holds a value: in its slot (the class attribute of a
+    ``slots=True`` field is the slot's descriptor), else in ``__dict__``."""
+    slot = getattr(type(obj), name, None)
+    if isinstance(slot, types.MemberDescriptorType):
+        try:
+            slot.__get__(obj, type(obj))
+        except AttributeError:
+            return False
         return True
-    for klass in type(obj).__mro__:
-        slot = klass.__dict__.get(name)
-        if isinstance(slot, types.MemberDescriptorType):
-            try:
-                slot.__get__(obj, type(obj))
-            except AttributeError:
-                return False
-            return True
-    return False
+    return name in obj.__dict__
+
+
+# Values of these exact types pass these annotations at once, before the general check.
+_EXACT = {float: (float, int), int: (int,), bool: (bool,), str: (str,)}
 
 
 def check_field(cfg: Any, name: str, value: Any) -> None:
@@ -117,7 +119,7 @@ def check_field(cfg: Any, name: str, value: Any) -> None:
     annotation: a bool must be a bool (``"false"`` is not), a float takes any real number but not a
     string or a bool."""
     hint = field_hints(type(cfg))[name]
-    if _hint_accepts(value, hint):
+    if type(value) in _EXACT.get(hint, ()) or _hint_accepts(value, hint):
         return
     hint_text = ""
     if isinstance(value, str) and _hint_accepts(1.0, hint) and _parses_as_float(value):
@@ -160,7 +162,10 @@ class LossConfig:
         had = _is_set(self, name)
         old = getattr(self, name) if had else None
         object.__setattr__(self, name, value)
-        if not all(_is_set(self, f) for f in hints):  # in __init__, before the last field: __post_init__ checks
+        # __init__ sets the fields in order, the last one last, and __post_init__ then checks the
+        # values: until that first setting of the last field, nothing is checked here.
+        last = next(reversed(hints))
+        if not _is_set(self, last) or (name == last and not had):
             return
         try:
             self.check_values()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .._families import Family, VerifyCase
-from ._common import check_field_types, compute_dtype, require_float, require_same_device
+from ._common import LossConfig, compute_dtype, require_float, require_same_device
 
 __all__ = ["router_z_loss", "switch_load_balancing_loss", "RouterZLoss", "SwitchLoadBalancingLoss"]
 
@@ -89,14 +89,13 @@ class RouterZLossFactory:
 
 
 @dataclasses.dataclass
-class SwitchLoadBalancingLossFactory:
+class SwitchLoadBalancingLossFactory(LossConfig):
     """The ``switch_load_balancing`` registry entry: :class:`SwitchLoadBalancingLoss`."""
 
     top_k: int = 1
     """Experts each token is routed to (>= 1)."""
 
-    def __post_init__(self) -> None:
-        check_field_types(self)
+    def check_values(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"switch_load_balancing top_k must be an integer >= 1, got {self.top_k!r}.")
 

@@ -119,11 +119,16 @@ def check_sp_options(loss_type: str, temperature: float, label_smoothing: float,
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}.")
 
 
+def inverse_temperature(temperature: float, dtype: torch.dtype) -> float:
+    """``1/T``, at most ``finfo(dtype).max``, as the kernels scale: a ``T`` below the dtype's smallest
+    subnormal would round to 0 and give ``0/0 = NaN`` at the row max, where the limit ``T -> 0`` is
+    the one-hot teacher."""
+    return min(1.0 / float(temperature), torch.finfo(dtype).max)
+
+
 def _over_temperature(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``x / T`` as ``x · min(1/T, finfo.max)``, as the kernels scale: a ``T`` below the dtype's
-    smallest subnormal would round to 0 and give ``0/0 = NaN`` at the row max, where the limit
-    ``T -> 0`` is the one-hot teacher."""
-    return x * min(1.0 / float(temperature), torch.finfo(x.dtype).max)
+    """``x / T`` as ``x · inverse_temperature(T)``."""
+    return x * inverse_temperature(temperature, x.dtype)
 
 
 TEMPERATURE_MODES = ("teacher", "both", "both_t2")

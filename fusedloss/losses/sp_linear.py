@@ -33,6 +33,7 @@ from .sp import (
     check_topk_loss_type,
     check_temperature_mode,
     check_topk_teacher,
+    inverse_temperature,
     q_star_checks,
     rows_at_temperature,
     sp_reference,
@@ -152,7 +153,7 @@ def _chunk_loss_grad(kind, t_chunk, z, opts, triton_path: bool, need_grad: bool 
         z = student_at_temperature(z, temperature, mode)
         rows, g = _chunk_loss_grad(kind, t_chunk, z, (loss_type, temperature, eps, beta, "teacher"), triton_path,
                                    need_grad)
-        factor = min(1.0 / temperature, torch.finfo(z.dtype).max) * (temperature ** 2 if mode == "both_t2" else 1.0)
+        factor = inverse_temperature(temperature, z.dtype) * (temperature ** 2 if mode == "both_t2" else 1.0)
         return rows_at_temperature(rows, temperature, mode), None if g is None else g * factor
     if triton_path:
         from ..kernels import sp as kernels

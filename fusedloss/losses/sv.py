@@ -11,7 +11,7 @@ from torch import nn
 from ..metrics import finalize_metrics
 from .._dispatch import resolve_backend
 from .._families import Family, VerifyCase
-from ._common import (ConfigLoss, LossConfig, check_config_common, check_field_types, check_loss_config, compute_dtype, require_float,
+from ._common import (ConfigLoss, LossConfig, check_config_common, check_loss_config, compute_dtype, require_float,
                       require_same_device, stream_get)
 
 __all__ = ["SV_LOSS_TYPES", "SvLossConfig", "sv_loss", "sv_reference", "SvLoss"]
@@ -85,14 +85,13 @@ class SvLoss(ConfigLoss):
 
 
 @dataclasses.dataclass
-class L2LossFactory:
+class L2LossFactory(LossConfig):
     """The ``l2_loss`` registry entry: ``torch.nn.MSELoss`` with a configurable reduction."""
 
     reduction: str = "mean"
     """``"mean"``, ``"sum"`` or ``"none"``, as ``torch.nn.MSELoss`` takes it."""
 
-    def __post_init__(self) -> None:
-        check_field_types(self)
+    def check_values(self) -> None:
         if self.reduction not in ("mean", "sum", "none"):
             raise ValueError(f"l2_loss reduction must be 'mean', 'sum' or 'none', got {self.reduction!r}.")
 
