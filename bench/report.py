@@ -179,21 +179,46 @@ MODEL_HEADING = "## Model (counted without a GPU; not a measurement)"
 
 
 def render_model(model: dict) -> str:
-    """The section for ``bench/model.py --json``: launches, bytes against the byte model, and host µs
-    with the launches stubbed, under a heading that says it is a model."""
+    """The section for ``bench/model.py --json``: launches, bytes against the byte model, host µs
+    with the launches stubbed and, where the rows carry them, the sm_90 SASS counts and the
+    predicted H100/H200 times, under a heading that says it is a model."""
     out = [MODEL_HEADING, "",
            f"From `bench/model.py` (torch {model.get('torch', '?')}, Python {model.get('python', '?')}): the public "
            "loss on the kernel path with every Triton launch stubbed, on the CPU. Launches are Triton launches plus "
            "aten ops that would launch a device kernel; bytes are the sum of each Triton launch's tensor "
-           "arguments, against the family's minimal byte model; host µs is the median of eager fwd+bwd calls "
-           "on one CPU thread (RL shapes only), noisy by ±30% between runs on a shared machine.", "",
+           "arguments, against the family's minimal byte model (`+aten` adds the aten ops' inputs and outputs); "
+           "host µs is the median of eager fwd+bwd calls on one CPU thread (RL shapes only), noisy by ±30% "
+           "between runs on a shared machine. The predicted time is the model's: per launch the largest of its "
+           "bytes ÷ copy bandwidth, its SASS warp instructions ÷ the issue rate (4 per SM per clock) and 3 µs "
+           "of launch, for " + "; ".join(f"{name} {g['copy_bw'] / 1e12:.1f} TB/s, {g['sms']} SMs at "
+                                         f"{g['clock'] / 1e9:.3f} GHz" for name, g in model.get("gpus", {}).items())
+           + " (assumed, to be calibrated by the first GPU run). % of copy is the byte model's bytes ÷ copy "
+           "bandwidth ÷ the predicted time.", "",
            "| case | launches fwd | launches fwd+bwd | aten ops besides the kernels | GB fwd+bwd | × byte model | "
-           "host µs |", "|---|---:|---:|---|---:|---:|---:|"]
+           "+aten | host µs | H100 µs (model) | H200 µs (model) | H200 % of copy (model) |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    kernels = []
     for r in model["rows"]:
         aten = ", ".join(f"{k}×{v}" for k, v in sorted(r["fwd+bwd aten launches"].items()))
         host = f"{r['host us fwd+bwd']:.0f}" if "host us fwd+bwd" in r else "–"
+        pred = " | ".join(f"{r[k]:.1f}" if k in r else "–" for k in ("H100 predicted us", "H200 predicted us"))
+        copy = f"{r['H200 % of copy']:.0f}" if "H200 % of copy" in r else "–"
+        all_bytes = f"{r['all bytes / model']:.2f}" if "all bytes / model" in r else "–"
         out.append(f"| {r['case']} | {r['fwd launches']} | {r['fwd+bwd launches']} | {aten} | "
-                   f"{r['fwd+bwd bytes'] / 1e9:.3f} | {r['bytes / model']:.2f} | {host} |")
+                   f"{r['fwd+bwd bytes'] / 1e9:.3f} | {r['bytes / model']:.2f} | {all_bytes} | {host} | {pred} | "
+                   f"{copy} |")
+        for k, bound in zip(r.get("sass", []), r.get("H200 bound", [])):
+            ipe = f"{k['instr_per_element']:.1f}" if "instr_per_element" in k else "–"
+            kernels.append(f"| {r['case']} | `{k['kernel']}` | {k['num_warps']} | {k['regs']} | "
+                           f"{k['spill_stores'] + k['spill_loads']} | {k['shared']} | {k['occupancy']:.2f} | "
+                           f"{k['programs']} | {k.get('loops', '–')} | {ipe} | {bound} |")
+    if kernels:
+        out += ["", "Each launch's sm_90 compile (ahead of time, with the runtime's divisibility specialisation; "
+                "loops are the top-level SASS loops, each loop over a row's tiles one pass over it; instructions per element "
+                "are static counts of those loops' bodies, or of the whole kernel when a row fits one tile):",
+                "", "| case | kernel | warps | registers | spilled B | shared B | occupancy | programs | loops | "
+                "SASS instr / element | H200 bound |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+                *kernels]
     return "\n".join(out) + "\n"
 
 

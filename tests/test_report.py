@@ -65,9 +65,18 @@ def test_report_renders_the_model_as_a_model(tmp_path, monkeypatch):
     Path("r.json").write_text(json.dumps({"benchmarks": [_bench("dqn B=1 S=2 A=3", "eager", 1e-5)]}))
     model = {"torch": "9.9", "python": "3.x", "rows": [
         {"case": "dqn B=1 S=2 A=3", "fwd launches": 1, "fwd+bwd launches": 3, "fwd+bwd bytes": 2e9,
-         "bytes / model": 1.5, "fwd+bwd aten launches": {"ones_like": 1}, "host us fwd+bwd": 512.3}]}
+         "bytes / model": 1.5, "fwd+bwd aten launches": {"ones_like": 1}, "host us fwd+bwd": 512.3},
+        {"case": "sp N=2 V=3", "fwd launches": 1, "fwd+bwd launches": 2, "fwd+bwd bytes": 1e9, "bytes / model": 1.0,
+         "all bytes / model": 1.25, "fwd+bwd aten launches": {}, "H100 predicted us": 400.04,
+         "H200 predicted us": 300.0, "H200 % of copy": 77.4, "H200 bound": ["instructions"],
+         "sass": [{"kernel": "_sp_fwd_kernel", "num_warps": 16, "regs": 64, "spill_stores": 0, "spill_loads": 0,
+                   "shared": 64, "occupancy": 0.5, "programs": 2, "loops": 2, "instr_per_element": 66.25}]}],
+        "gpus": {"H200": {"copy_bw": 4.3e12, "sms": 132, "clock": 1.755e9}}}
     Path("m.json").write_text(json.dumps(model))
     report.main(["r.json", "--model", "m.json", "--out", "B.md", "--plots", "plots"])
     text = Path("B.md").read_text()
     assert report.MODEL_HEADING in text and "not a measurement" in text
-    assert "| dqn B=1 S=2 A=3 | 1 | 3 | ones_like×1 | 2.000 | 1.50 | 512 |" in text
+    assert "| dqn B=1 S=2 A=3 | 1 | 3 | ones_like×1 | 2.000 | 1.50 | – | 512 | – | – | – |" in text
+    assert "| sp N=2 V=3 | 1 | 2 |  | 1.000 | 1.00 | 1.25 | – | 400.0 | 300.0 | 77 |" in text
+    assert "| sp N=2 V=3 | `_sp_fwd_kernel` | 16 | 64 | 0 | 64 | 0.50 | 2 | 2 | 66.2 | instructions |" in text
+    assert "H200 4.3 TB/s, 132 SMs at 1.755 GHz" in text

@@ -19,6 +19,13 @@ The contract, top to bottom (``<fam>`` is the family: ``sp``, ``dqn``, ``vec_dqn
     compile_variants()                      the (kernel, signature, constexprs, warps) sets the
                                             launchers pick, for the ahead-of-time spill check
                                             (tests/compile_check.py)
+    HOT_TILES                               each kernel's tile (the constexprs whose product is
+                                            the elements one loop iteration covers), for the
+                                            SASS instructions per element
+
+``aot`` is not a family: it compiles the variants (or a recorded launch) for sm_90 with no GPU and
+reads registers, spills, occupancy and SASS counts, for ``tests/compile_check.py`` and
+``bench/model.py``.
 
 Who does what:
 

@@ -100,6 +100,7 @@ PARAMS = ("gamma", "gamma_terminal", "gamma_truncated", "reward_scale", "reward_
           "cql_weight", "cql_eps", "huber_delta", "rescale_eps")
 FLAGS = ("norm_mean", "norm_std", "huber", "double", "value_rescaling")
 MAX_BLOCK_A = 1024
+HOT_TILES = {"_dqn_bwd_kernel": ("BLOCK",)}  # elements per tile, for fusedloss.kernels.aot; the forward walks steps
 MAX_UNROLL = 16  # longest n-step window unrolled at compile time; longer ones loop (one variant for every S)
 TILE_ELEMS = 1024
 TILE_WARPS = 8

@@ -64,6 +64,10 @@ _GRAD_NEEDS_ROW_LOSS = frozenset({SpLossType.CE_SOFT_BWD, SpLossType.KL_BWD, SpL
 # tile are live at once; 8K elements over 16 warps is 16 per thread, which stays in registers.
 # (Chosen without a GPU at hand: to be tuned by bench/bench_sp.py.)
 MAX_BLOCK = 8192
+# The elements one loop iteration (or the one tile) of each kernel covers, for the AOT instruction
+# counts (fusedloss.kernels.aot): the product of these constexprs.
+HOT_TILES = {"_sp_fwd_kernel": ("ROWS", "BLOCK_A"), "_sp_bwd_kernel": ("ROWS", "BLOCK_A"),
+             "_sp_topk_fwd_kernel": ("BLOCK_V",)}
 
 
 @triton.jit
