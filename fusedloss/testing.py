@@ -16,6 +16,7 @@ __all__ = [
     "make_sp_inputs",
     "make_topk_inputs",
     "make_sp_linear_inputs",
+    "make_lm_head_inputs",
     "make_router_logits",
     "make_sinkhorn_inputs",
     "max_abs_error",
@@ -162,6 +163,24 @@ def make_sp_linear_inputs(N=8, H=4, V=40, teacher="linear", dtype=torch.float32,
     if N > 1:
         row_weight[1] = 0.0
     return hidden, weight, b, t, row_weight
+
+
+def make_lm_head_inputs(N=8, H=4, V=40, dtype=torch.float32, device="cpu", seed=None, bias=False,
+                        ignore_frac=0.25, ignore_index=-100):
+    """``(hidden, weight, bias, labels)`` for :func:`fusedloss.linear_logprob` and
+    :func:`fusedloss.linear_cross_entropy`: ``[N, H]`` hidden states, a ``[V, H]`` head (and a
+    ``[V]`` bias when ``bias``), all requiring grad, logits of order 1 to 3; int64 ``labels``
+    ``[N]`` with about ``ignore_frac`` of them ``ignore_index``, whose hidden rows are NaN (they
+    must change nothing)."""
+    g = _gen(seed, device)
+    hidden = _randn((N, H), g, dtype, device)
+    weight = _randn((V, H), g, dtype, device, 2.0 * H**-0.5)
+    b = _randn((V,), g, dtype, device, 0.5).requires_grad_(True) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g, device=g.device)
+    ignored = torch.rand(N, generator=g, device=g.device) < ignore_frac
+    labels = labels.masked_fill(ignored, ignore_index).to(device)
+    hidden = hidden.masked_fill(ignored.to(device)[:, None], float("nan"))
+    return hidden.requires_grad_(True), weight.requires_grad_(True), b, labels
 
 
 def make_router_logits(T=16, E=8, dtype=torch.float32, device="cpu", seed=None):

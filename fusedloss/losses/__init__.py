@@ -14,7 +14,7 @@ import importlib
 from .._families import Family
 from ._common import resolve_field_hints
 
-FAMILY_MODULES = ("dqn", "vec_dqn", "rope", "sp", "sp_linear", "sv", "sinkhorn", "moe", "policy")
+FAMILY_MODULES = ("dqn", "vec_dqn", "rope", "sp", "sp_linear", "lm_head", "sv", "sinkhorn", "moe", "policy")
 
 FAMILIES: tuple[Family, ...] = tuple(importlib.import_module(f"{__name__}.{m}").FAMILY for m in FAMILY_MODULES)
 
