@@ -29,7 +29,7 @@ def test_all_kernels_compile_for_sm90_without_spills():
     assert not spills, spills
     assert res.returncode == 0
     kernels = {r["kernel"].split()[0] for r in records}
-    assert kernels == {"sp", "dqn", "vec_dqn", "rope"}
+    assert kernels == {"sp", "dqn", "vec_dqn", "rope", "lm_head"}
 
 
 def test_compile_check_specialises_as_the_runtime_does():

@@ -40,8 +40,12 @@ def _transform(z, inv_t, cap, HAS_SOFTCAP: tl.constexpr):
     """``u = softcap(z)/T`` and ``du/dz``; tanh as ``1 - 2/(e^(2x) + 1)``, exact at ±inf."""
     if HAS_SOFTCAP:
         t = 1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0)
-        return cap * t * inv_t, (1.0 - t * t) * inv_t
-    return z * inv_t, inv_t
+        u = cap * t * inv_t
+        du = (1.0 - t * t) * inv_t
+    else:
+        u = z * inv_t
+        du = tl.zeros_like(z) + inv_t
+    return u, du
 
 
 @triton.jit

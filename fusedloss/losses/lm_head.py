@@ -302,7 +302,7 @@ def linear_logprob(hidden, weight, labels, *, bias=None, temperature: float = 1.
     upstream gradients on both outputs (``dz = g_lp·(onehot - s) - g_H·s·(log s + H)``, times the
     softcap and temperature factors) and recomputes each chunk's logits rather than saving them.
     Works under ``torch.no_grad()`` (rollouts). ``chunk_size``: rows per chunk (default
-    :func:`fusedloss.default_chunk_size`). ``check_inputs`` checks the labels' range with one host
+    :func:`fusedloss.losses.sp_linear.default_chunk_size`). ``check_inputs`` checks the labels' range with one host
     sync; ``False`` skips it (an out-of-range label then gives NaN, never an out-of-bounds read).
     """
     V = _check_head(hidden, weight, bias, labels, ignore_index, chunk_size)
