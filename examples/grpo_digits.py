@@ -7,7 +7,7 @@ the next digit's logits. The reward of a response is the fraction of positions w
 prompt, so it can be checked exactly. Each step samples ``--group`` responses per prompt, turns
 their rewards into group-relative advantages (``group_advantages``) and takes PPO-style updates
 with ``policy_loss`` (clip-higher, token-mean aggregation, as in DAPO). The per-token log-probs come
-from ``log_softmax`` of the head's logits (the fused LM-head primitive is still to come).
+straight from the LM head through ``linear_logprob``, which never materialises the logits.
 
     python examples/grpo_digits.py [--steps 1500] [--prompts 16] [--group 8] [--length 4] [--plot grpo_digits.png]
 
@@ -49,12 +49,12 @@ class Policy(nn.Module):
         prompt_1h = nn.functional.one_hot(prompt, DIGITS).flatten(1).float()
         return torch.cat([prompt_1h, pos, prev_1h], dim=1)
 
-    def logits(self, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits of every response position: ``[B, T, DIGITS]``."""
+    def hidden(self, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced last hidden states of every response position: ``[B, T, width]``."""
         B, T = response.shape
         prev = torch.cat([torch.full((B, 1), DIGITS, device=prompt.device), response[:, :-1]], dim=1)
         feats = torch.stack([self.features(prompt, prev[:, t], t) for t in range(T)], dim=1)
-        return self.head(self.body(feats))
+        return self.body(feats)
 
     @torch.no_grad()
     def sample(self, prompt: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -69,7 +69,9 @@ class Policy(nn.Module):
 
 
 def token_logprobs(policy: Policy, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(policy.logits(prompt, response), dim=-1).gather(-1, response[..., None]).squeeze(-1)
+    """``log π(response[t] | ...)`` of each sampled token, from the LM head by ``linear_logprob``."""
+    return fl.linear_logprob(policy.hidden(prompt, response), policy.head.weight, response, bias=policy.head.bias,
+                             check_inputs=False)
 
 
 def train(steps: int = 1500, prompts: int = 16, group: int = 8, length: int = 4, epochs: int = 2, lr: float = 1e-2,

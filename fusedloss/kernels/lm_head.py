@@ -67,7 +67,9 @@ def _lm_head_stats_kernel(z_ptr, labels_ptr, out_ptr, V, stride_z, inv_t, cap,
         su += tl.where(inside, u, 0.0)
         u = tl.where(inside, u, float("-inf"))  # padded columns never enter the lse
         m_new = tl.maximum(m, u)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # 0 stands in for an infinite max: nothing finite seen yet, or a +inf logit, whose lse is
+        # then +inf (as torch.logsumexp), not NaN from inf - inf
+        m_safe = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)
         alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_safe))
         shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
         w = tl.where(inside, tl.exp(u - m_safe), 0.0)
@@ -77,7 +79,7 @@ def _lm_head_stats_kernel(z_ptr, labels_ptr, out_ptr, V, stride_z, inv_t, cap,
     # fold the lanes: the same rescaling, once, against the row max
     nan_probe = tl.sum(tl.where(s != s, s, 0.0), axis=0)  # tl.max skips NaN on the GPU
     mx = tl.max(m, axis=0)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    mx_safe = tl.where(tl.abs(mx) == float("inf"), 0.0, mx)
     alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - mx_safe))
     shift = tl.where(m == float("-inf"), 0.0, m - mx_safe)
     total = tl.sum(alpha * s, axis=0) + nan_probe
@@ -113,7 +115,7 @@ def _lm_head_grad_kernel(z_ptr, labels_ptr, stats_ptr, coef_ptr, dz_ptr, V, stri
     log_s = u - lse
     p = tl.exp(log_s)
     # γ = 0 (cross-entropy) skips the entropy term, so that 0·(log s + H) never meets an inf
-    ent = tl.where(g == 0.0, 0.0, g * tl.where(p > 0.0, p * (log_s + entropy), 0.0))
+    ent = tl.where(g == 0.0, 0.0, g * tl.where(p == 0.0, 0.0, p * (log_s + entropy)))  # NaN stays NaN
     grad = a * p + tl.where(cols == label, b, 0.0) + ent + d
     tl.store(dz_ptr + row * stride_dz + cols, grad * du, mask=inside)
 

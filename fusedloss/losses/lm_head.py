@@ -51,7 +51,8 @@ def lm_head_stats_reference(z: torch.Tensor, labels: torch.Tensor, inv_t: float,
     lse = torch.logsumexp(u, dim=1)
     log_s = u - lse[:, None]
     s = log_s.exp()
-    entropy = -torch.where(s > 0, s * log_s, torch.zeros((), dtype=u.dtype, device=u.device)).sum(dim=1)
+    zero = torch.zeros((), dtype=u.dtype, device=u.device)
+    entropy = -torch.where(s == 0, zero, s * log_s).sum(dim=1)  # 0·log 0 = 0; NaN stays NaN
     ok = (labels >= 0) & (labels < V)
     u_y = u.gather(1, labels.clamp(0, V - 1)[:, None].long())[:, 0]
     return torch.stack([lse, entropy, u.sum(dim=1), torch.where(ok, u_y, torch.full_like(u_y, float("nan")))], 1)
@@ -66,7 +67,7 @@ def lm_head_grad_reference(z, labels, stats, coef, inv_t: float, softcap: float 
     log_s = u - lse
     s = log_s.exp()
     zero = torch.zeros((), dtype=u.dtype, device=u.device)
-    ent = torch.where(g == 0, zero, g * torch.where(s > 0, s * (log_s + entropy), zero))
+    ent = torch.where(g == 0, zero, g * torch.where(s == 0, zero, s * (log_s + entropy)))
     hit = torch.arange(z.shape[1], device=z.device)[None, :] == labels[:, None]
     return (a * s + torch.where(hit, b, zero) + ent + d) * du
 
