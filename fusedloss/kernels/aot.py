@@ -161,11 +161,10 @@ def launch_variant(fn, args: tuple, kwargs: dict, name: str | None = None) -> Ao
     """The variant a real launch ``fn[grid](*args, **kwargs)`` compiles: tensors become pointers
     of their dtype, floats ``fp32``, integers ``i32`` (``i64`` past 2^31, and 1 a constant, as the
     runtime specialises them), and ``num_warps`` comes from the launch."""
-    params = [p for p in fn.params]
     values = dict(zip(fn.arg_names, args))
     values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
     sig, constexprs, ints = {}, {}, {}
-    for p in params:
+    for p in fn.params:
         val = values.get(p.name, p.default)
         if p.is_constexpr:
             constexprs[p.name] = val

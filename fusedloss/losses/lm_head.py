@@ -290,6 +290,20 @@ def _check_labels(labels, valid, V: int):
                          "Pass check_inputs=False to skip this check (and its host sync).")
 
 
+def _flat_rows(hidden, weight, labels, V: int, ignore_index: int, chunk_size, backend, check_inputs: bool):
+    """What both LM-head losses run on: ``hidden`` as rows ``[N, H]``, the labels ``[N]``, which
+    rows are not ignored (their range checked where ``check_inputs``), the rows per chunk and
+    whether the kernels run (no dispatch for zero rows: the callers return zeros)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    valid = y != ignore_index
+    if check_inputs:
+        _check_labels(y, valid, V)
+    chunk = chunk_size or default_chunk_size(h.shape[0], V, h.shape[1])
+    triton_path = h.shape[0] > 0 and resolve_backend(backend, "lm_head", hidden, weight) is Backend.TRITON
+    return h, y, valid, chunk, triton_path
+
+
 def linear_logprob(hidden, weight, labels, *, bias=None, temperature: float = 1.0, softcap: float | None = None,
                    ignore_index: int = -100, return_entropy: bool = False, chunk_size: int | None = None,
                    backend: str = "auto", check_inputs: bool = True):
@@ -309,17 +323,11 @@ def linear_logprob(hidden, weight, labels, *, bias=None, temperature: float = 1.
     V = _check_head(hidden, weight, bias, labels, ignore_index, chunk_size)
     _check_softcap_temperature(softcap, temperature)
     shape = labels.shape
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
-    valid = y != ignore_index
-    if check_inputs:
-        _check_labels(y, valid, V)
-    N = h.shape[0]
-    if N == 0:
+    h, y, valid, chunk, triton_path = _flat_rows(hidden, weight, labels, V, ignore_index, chunk_size, backend,
+                                                 check_inputs)
+    if h.shape[0] == 0:
         empty = torch.zeros(shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
         return (empty, empty.clone()) if return_entropy else empty
-    chunk = chunk_size or default_chunk_size(N, V, h.shape[1])
-    triton_path = resolve_backend(backend, "lm_head", hidden, weight) is Backend.TRITON
     opts = (1.0 / float(temperature), None if softcap is None else float(softcap))
     logprob, entropy = _LogprobFunction.apply(h, weight, bias, y, valid, opts, chunk, triton_path)
     logprob = logprob.reshape(shape)
@@ -362,19 +370,13 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, reduction: str = 
         # the labels move, not hidden: row (b, t) of the flat view is scored against labels[b, t+1]
         labels = torch.cat([labels[:, 1:], labels.new_full((B, 1), ignore_index)], dim=1)
         out_shape = (B, max(T - 1, 0))
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
-    valid = y != ignore_index
-    if check_inputs:
-        _check_labels(y, valid, V)
-    N = h.shape[0]
+    h, y, valid, chunk, triton_path = _flat_rows(hidden, weight, labels, V, ignore_index, chunk_size, backend,
+                                                 check_inputs)
     acc = _acc_dtype(hidden.dtype)
-    if N == 0:
+    if h.shape[0] == 0:
         lse = torch.zeros(out_shape, dtype=acc, device=hidden.device)
         loss = lse.clone() if reduction == "none" else (hidden.sum() * 0).to(acc) + (weight.sum() * 0).to(acc)
         return (loss, lse) if return_lse else loss
-    chunk = chunk_size or default_chunk_size(N, V, h.shape[1])
-    triton_path = resolve_backend(backend, "lm_head", hidden, weight) is Backend.TRITON
     opts = (1.0, None if softcap is None else float(softcap))
     loss, lse = _CrossEntropyFunction.apply(h, weight, bias, y, valid, opts, (float(label_smoothing), float(z_loss)),
                                             reduction, chunk, triton_path, torch.is_grad_enabled())
