@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._common import AotVariant, launcher, signature
 
-__all__ = ["lm_head_stats", "lm_head_grad", "compile_variants", "HOT_TILES"]
+__all__ = ["lm_head_stats", "lm_head_grad", "stats_op", "grad_op", "compile_variants", "HOT_TILES"]
 
 MAX_BLOCK = 4096
 HOT_TILES = {"_lm_head_stats_kernel": ("BLOCK_V",), "_lm_head_grad_kernel": ("BLOCK_V",)}
@@ -154,6 +154,45 @@ def lm_head_grad(z: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, coe
                                                       HAS_SOFTCAP=softcap is not None, BLOCK_V=block,
                                                       num_warps=warps)
     return out
+
+
+# torch.library custom ops, so that torch.compile(fullgraph=True) traces the chunk loop without graph
+# breaks. The loss calls them only while compiling: eagerly it calls the launchers above, which skip
+# the custom-op dispatch (tens of µs a call) and may write the gradient over the logits.
+@torch.library.custom_op("fusedloss::lm_head_stats", mutates_args=())
+def _lm_head_stats_op(z: torch.Tensor, labels: torch.Tensor, inv_t: float, softcap: float | None) -> torch.Tensor:
+    return lm_head_stats(z, labels, inv_t, softcap)
+
+
+@_lm_head_stats_op.register_fake
+def _(z, labels, inv_t, softcap):
+    return torch.empty(z.shape[0], 4, dtype=torch.float32, device=z.device)
+
+
+@torch.library.custom_op("fusedloss::lm_head_grad", mutates_args=())
+def _lm_head_grad_op(z: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, coef: torch.Tensor, inv_t: float,
+                     softcap: float | None) -> torch.Tensor:
+    return lm_head_grad(z, labels, stats, coef, inv_t, softcap)
+
+
+@_lm_head_grad_op.register_fake
+def _(z, labels, stats, coef, inv_t, softcap):
+    return torch.empty_like(z)
+
+
+def stats_op(z, labels, inv_t: float, softcap: float | None) -> torch.Tensor:
+    """:func:`lm_head_stats`, through its custom op while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return _lm_head_stats_op(z, labels, inv_t, softcap)
+    return lm_head_stats(z, labels, inv_t, softcap)
+
+
+def grad_op(z, labels, stats, coef, inv_t: float, softcap: float | None) -> torch.Tensor:
+    """:func:`lm_head_grad`, through its custom op while ``torch.compile`` traces; eagerly the
+    gradient overwrites ``z`` (which the caller no longer needs)."""
+    if torch.compiler.is_compiling():
+        return _lm_head_grad_op(z, labels, stats, coef, inv_t, softcap)
+    return lm_head_grad(z, labels, stats, coef, inv_t, softcap, out=z)
 
 
 def compile_variants():

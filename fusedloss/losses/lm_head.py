@@ -22,6 +22,8 @@ Semantics (shared by both paths):
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .._dispatch import Backend, resolve_backend
@@ -116,7 +118,7 @@ def _pass(hidden, weight, bias, labels, valid, opts, chunk: int, triton_path: bo
         y = labels[r0:r1]
         z = _logits(h, w_mm, b)
         if stats is None:
-            st = (kernels.lm_head_stats(z, y, inv_t, softcap) if triton_path
+            st = (kernels.stats_op(z, y, inv_t, softcap) if triton_path
                   else lm_head_stats_reference(z, y, inv_t, softcap))
             out_stats[r0:r1] = st
         else:
@@ -124,7 +126,7 @@ def _pass(hidden, weight, bias, labels, valid, opts, chunk: int, triton_path: bo
         if coef_of is None:
             continue
         coef = coef_of(st, r0, r1).to(z.dtype)
-        dz = (kernels.lm_head_grad(z, y, st, coef, inv_t, softcap, out=z) if triton_path
+        dz = (kernels.grad_op(z, y, st, coef, inv_t, softcap) if triton_path
               else lm_head_grad_reference(z, y, st, coef, inv_t, softcap))
         del z
         if g_hidden is not None:
@@ -281,8 +283,16 @@ def _check_softcap_temperature(softcap, temperature):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}.")
 
 
+_COMPILE_HINT = ("check_inputs=True checks the labels' range on the host (one sync), which torch.compile(fullgraph=True) "
+                 "cannot trace: pass check_inputs=False inside a compiled region (an out-of-range label then gives NaN, "
+                 "never an out-of-bounds read).")
+
+
 def _check_labels(labels, valid, V: int):
-    """One host sync: every label that is not ignored lies in ``[0, V)``."""
+    """One host sync: every label that is not ignored lies in ``[0, V)``. A compiled region breaks
+    its graph here, and with ``fullgraph=True`` the error says to pass ``check_inputs=False``."""
+    if torch.compiler.is_compiling():  # torch._dynamo is loaded whenever something compiles
+        sys.modules["torch._dynamo"].graph_break(msg=_COMPILE_HINT)
     bad = valid & ((labels < 0) | (labels >= V))
     if bool(bad.any()):
         first = labels[bad][0].item()
