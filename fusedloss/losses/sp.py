@@ -11,6 +11,8 @@ Semantics, shared by the reference and the fused kernel:
 - The teacher gets no gradient. ``q_star = -inf`` marks a padded action. It drops out of both distributions (``A_valid`` counts the
   rest) and the student logit there gets zero gradient. NaN, ``+inf``, or a row with no finite entry
   is an error.
+- ``temperature_mode`` also divides the student (``"both"``, ``"both_t2"``); ``teacher_vocab="align"``
+  truncates a wider teacher to the student's actions and pads a narrower one with ``-inf``.
 """
 
 from __future__ import annotations
@@ -78,10 +80,13 @@ class SpLossConfig(LossConfig):
     """The β of ``"js"``, strictly inside ``(0, 1)``; 0.5 is the symmetric JS."""
     temperature_mode: str = "teacher"
     """``"teacher"`` (``temperature`` divides the teacher only, the reference semantics), ``"both"`` (the student too, as TRL's GKD and Liger) or ``"both_t2"`` (both, times ``T²``)."""
+    teacher_vocab: str = "strict"
+    """``"strict"`` (``q_star`` has the student's ``A``) or ``"align"`` (a wider teacher truncated to ``A``, a narrower one padded with ``-inf``)."""
 
     def check_values(self) -> None:
         check_sp_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
         check_temperature_mode(self.temperature_mode)
+        check_teacher_vocab(self.teacher_vocab)
         check_config_common(self.backend, self.metrics_mode)
 
     def build(self) -> SpLoss:
@@ -137,6 +142,50 @@ TEMPERATURE_MODES = ("teacher", "both", "both_t2")
 def check_temperature_mode(mode: str) -> None:
     if mode not in TEMPERATURE_MODES:
         raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {mode!r}.")
+
+
+TEACHER_VOCAB_MODES = ("strict", "align")
+_ALIGN_HINT = ("Pass teacher_vocab='align' to truncate a wider teacher to the student's V (its extra ids are the "
+               "padding rows of a larger embedding, as Qwen2.5-7B's 152064 against 0.5B's 151936) or pad a "
+               "narrower one with -inf.")
+
+
+def check_teacher_vocab(mode: str) -> None:
+    if mode not in TEACHER_VOCAB_MODES:
+        raise ValueError(f"teacher_vocab must be one of {TEACHER_VOCAB_MODES}, got {mode!r}.")
+
+
+def vocab_mismatch_hint(teacher_shape, student_shape) -> str:
+    """The ``teacher_vocab`` hint when two shapes differ in their last dimension only."""
+    t, s = tuple(teacher_shape), tuple(student_shape)
+    return f" {_ALIGN_HINT}" if len(t) == len(s) and t[:-1] == s[:-1] and t[-1] != s[-1] else ""
+
+
+def align_teacher(teacher: torch.Tensor, V: int, mode: str) -> torch.Tensor:
+    """A dense teacher ``[..., V_t]`` over the student's ``V`` actions. ``"strict"``: unchanged (the
+    shape check then names the mismatch). ``"align"``: the first ``V`` columns of a wider teacher
+    (a view, no copy: the teacher's softmax is renormalised over the shared ids), or a narrower
+    one padded with ``-inf`` (one copy): the student's extra actions are padded actions, which drop
+    out of both distributions and get zero gradient, as any ``-inf`` teacher value."""
+    check_teacher_vocab(mode)
+    if mode == "strict" or not isinstance(teacher, torch.Tensor) or teacher.dim() < 1:
+        return teacher
+    Vt = teacher.shape[-1]
+    if Vt > V:
+        return teacher[..., :V]
+    if Vt < V:
+        return torch.nn.functional.pad(teacher, (0, V - Vt), value=float("-inf"))
+    return teacher
+
+
+def align_topk_index(index: torch.Tensor, V: int, mode: str) -> torch.Tensor:
+    """A top-k teacher's index over the student's ``V`` actions: with ``"align"``, a slot naming an id
+    ``>= V`` (the wider teacher's) becomes unused (``-1``), and the teacher renormalises over the rest,
+    as it does over its used slots; a narrower teacher needs nothing."""
+    check_teacher_vocab(mode)
+    if mode == "strict" or not isinstance(index, torch.Tensor):
+        return index
+    return torch.where(index < V, index, torch.full_like(index, -1))
 
 
 def student_at_temperature(logits: torch.Tensor, temperature: float, mode: str) -> torch.Tensor:
@@ -264,6 +313,7 @@ def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, redu
     if tuple(q_targets.shape) != tuple(logits.shape):
         raise ValueError(
             f"q_targets must have the shape of logits [N, A] = {tuple(logits.shape)}, got {tuple(q_targets.shape)}."
+            + vocab_mismatch_hint(q_targets.shape, logits.shape)
         )
     if logits.shape[0] == 0:
         raise ValueError("logits is empty: the batch has no rows (N = 0).")
@@ -287,8 +337,10 @@ def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend
 
 
 def _dense_loss(q_targets, logits, *, loss_type, temperature, label_smoothing, reduction, weight, backend,
-                check_inputs, js_beta=0.5, temperature_mode="teacher"):
+                check_inputs, js_beta=0.5, temperature_mode="teacher", teacher_vocab="strict"):
     """The reduced loss of the functional forms (``sp_soft_ce_loss``, ``sp_kl_loss``, ``sp_js_loss``)."""
+    if isinstance(logits, torch.Tensor) and logits.dim() >= 1:
+        q_targets = align_teacher(q_targets, logits.shape[-1], teacher_vocab)
     _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, js_beta)
     check_temperature_mode(temperature_mode)
     rows = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta, temperature_mode)
@@ -306,7 +358,7 @@ def _direction(direction: str, fn: str) -> str:
 
 def sp_soft_ce_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, direction: str = "fwd",
                     *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
-                    temperature_mode: str = "teacher"):
+                    temperature_mode: str = "teacher", teacher_vocab: str = "strict"):
     """Soft cross-entropy between teacher ``P = softmax(q_targets / T)`` (smoothed) and student
     ``Q = softmax(logits)``: ``"fwd"`` is ``H(P, Q) = -Σ P log Q``, ``"bwd"`` is ``H(Q, P) = -Σ Q log P``.
 
@@ -316,27 +368,30 @@ def sp_soft_ce_loss(q_targets, logits, temperature: float, label_smoothing: floa
     ``False`` for a sync-free call. ``temperature_mode``: ``"teacher"`` (the default: ``T`` divides
     the teacher only, no ``T²``), ``"both"`` (the student's logits are divided by ``T`` too, as TRL's
     GKD and Liger do) or ``"both_t2"`` (``"both"`` times ``T²``, Hinton et al.'s scaling).
+    ``teacher_vocab``: ``"strict"`` (the default: ``q_targets`` must have the student's ``A``) or
+    ``"align"`` (a wider teacher is truncated to the first ``A`` columns, a narrower one padded
+    with ``-inf``: see :func:`fusedloss.losses.sp.align_teacher`).
     """
     loss_type = "ce-soft-" + _direction(direction, "sp_soft_ce_loss")
     return _dense_loss(q_targets, logits, loss_type=loss_type, temperature=temperature, label_smoothing=label_smoothing,
                        reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs,
-                       temperature_mode=temperature_mode)
+                       temperature_mode=temperature_mode, teacher_vocab=teacher_vocab)
 
 
 def sp_kl_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, direction: str = "fwd",
                *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
-               temperature_mode: str = "teacher"):
+               temperature_mode: str = "teacher", teacher_vocab: str = "strict"):
     """KL divergence: ``"fwd"`` is ``KL(P_teacher ‖ Q_student)``, ``"bwd"`` is ``KL(Q ‖ P)``.
     Temperature on the teacher only, no ``T²``. Other arguments as :func:`sp_soft_ce_loss`."""
     loss_type = "kl-" + _direction(direction, "sp_kl_loss")
     return _dense_loss(q_targets, logits, loss_type=loss_type, temperature=temperature, label_smoothing=label_smoothing,
                        reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs,
-                       temperature_mode=temperature_mode)
+                       temperature_mode=temperature_mode, teacher_vocab=teacher_vocab)
 
 
 def sp_js_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, beta: float = 0.5,
                *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
-               temperature_mode: str = "teacher"):
+               temperature_mode: str = "teacher", teacher_vocab: str = "strict"):
     """Generalized Jensen–Shannon divergence ``β KL(P ‖ M) + (1 − β) KL(Q ‖ M)``, ``M = βP + (1 − β)Q``
     (GKD's JSD_β), ``P`` the teacher and ``Q`` the student. ``beta`` is strictly inside ``(0, 1)``;
     0.5 is the symmetric JS, in ``[0, log 2]``. Temperature on the teacher only, no ``T²``. Other
@@ -344,7 +399,7 @@ def sp_js_loss(q_targets, logits, temperature: float, label_smoothing: float = 0
     check_js_beta(beta, "beta")
     return _dense_loss(q_targets, logits, loss_type="js", temperature=temperature, label_smoothing=label_smoothing,
                        reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs, js_beta=beta,
-                       temperature_mode=temperature_mode)
+                       temperature_mode=temperature_mode, teacher_vocab=teacher_vocab)
 
 
 def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = None):
@@ -356,9 +411,11 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
     q_star = stream_get(step_stream, "q_star")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have shape [..., A] with A >= 1, got {tuple(logits.shape)}.")
+    q_star = align_teacher(q_star, logits.shape[-1], cfg.teacher_vocab)
     if tuple(q_star.shape) != tuple(logits.shape):
         raise ValueError(
             f"step_stream['q_star'] must have the shape of logits {tuple(logits.shape)}, got {tuple(q_star.shape)}."
+            + vocab_mismatch_hint(q_star.shape, logits.shape)
         )
     require_same_device({"logits": logits, "step_stream['q_star']": q_star})
     if not q_star.is_floating_point():
@@ -419,7 +476,8 @@ def topk_checks(index: torch.Tensor, logprob: torch.Tensor, V: int, name: str = 
     lp = logprob.detach()
     return [
         (((index < -1) | (index >= V)).any(), f"{name}_index holds an index outside [0, V) = [0, {V}) (-1 marks an "
-                                              f"unused slot)."),
+                                              f"unused slot; a teacher with a wider vocabulary: "
+                                              f"teacher_vocab='align')."),
         (dup, f"{name}_index repeats an index within a row (each used slot must name a different action)."),
         ((used & (torch.isnan(lp) | (lp == float("inf")))).any(), f"{name}_logprob contains NaN or +inf at a used "
                                                                   "slot."),
@@ -463,7 +521,7 @@ def _check_topk_options(loss_type: str, temperature: float, reduction: str) -> N
 
 def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fwd", temperature: float = 1.0, *,
                  reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
-                 temperature_mode: str = "teacher"):
+                 temperature_mode: str = "teacher", teacher_vocab: str = "strict"):
     """Distillation from a teacher that stored only its top-k log-probabilities per token.
 
     ``teacher_index``: int ``[N, k]``, the teacher's actions, ``-1`` for an unused slot;
@@ -479,12 +537,15 @@ def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fw
     (never read), a repeated index is not an error (each slot is its own term of the loss, and
     the gradient at that action sums them, on both paths), and a NaN or ``+inf`` log-probability
     at a used slot makes the row's loss and gradient NaN, as in the dense losses.
-    ``temperature_mode`` as in :func:`sp_soft_ce_loss`.
+    ``temperature_mode`` as in :func:`sp_soft_ce_loss`. ``teacher_vocab="align"`` (for a teacher
+    with a wider vocabulary) makes a slot naming an id ``>= V`` unused, so ``check_inputs`` accepts
+    it; the default ``"strict"`` counts it as an error. A narrower teacher needs no option.
     """
     require_float(logits, "logits")
     if logits.dim() != 2 or logits.shape[1] < 1 or logits.shape[0] == 0:
         raise ValueError(f"logits must have shape [N, V] with N, V >= 1, got {tuple(logits.shape)}.")
     V = logits.shape[1]
+    teacher_index = align_topk_index(teacher_index, V, teacher_vocab)
     check_topk_teacher(teacher_index, teacher_logprob, V, logits, "logits")
     _check_topk_options(loss_type, temperature, reduction)
     check_temperature_mode(temperature_mode)
@@ -512,10 +573,13 @@ class SpTopKLossConfig(LossConfig):
     """Check the teacher's values with one host sync (False: no sync)."""
     temperature_mode: str = "teacher"
     """``"teacher"``, ``"both"`` or ``"both_t2"``, as :attr:`SpLossConfig.temperature_mode`."""
+    teacher_vocab: str = "strict"
+    """``"strict"`` or ``"align"`` (slots naming an id ``>= V`` are unused), as in :func:`fusedloss.sp_topk_loss`."""
 
     def check_values(self) -> None:
         _check_topk_options(self.loss_type, self.temperature, self.reduction)
         check_temperature_mode(self.temperature_mode)
+        check_teacher_vocab(self.teacher_vocab)
         check_config_common(self.backend)
 
     def build(self) -> SpTopKLoss:
@@ -533,7 +597,7 @@ class SpTopKLoss(ConfigLoss):
         c = self.cfg
         return sp_topk_loss(teacher_index, teacher_logprob, logits, c.loss_type, c.temperature, reduction=c.reduction,
                             weight=weight, backend=c.backend, check_inputs=c.check_inputs,
-                            temperature_mode=c.temperature_mode)
+                            temperature_mode=c.temperature_mode, teacher_vocab=c.teacher_vocab)
 
 
 class SpLoss(ConfigLoss):

@@ -27,9 +27,12 @@ from .._families import Family, VerifyCase
 from ..metrics import finalize_metrics
 from ._common import ConfigLoss, LossConfig, check_config_common, require_float, require_same_device
 from .sp import (
+    align_teacher,
+    align_topk_index,
     check_reduction,
     check_row_weight,
     check_sp_options,
+    check_teacher_vocab,
     check_topk_loss_type,
     check_temperature_mode,
     check_topk_teacher,
@@ -40,6 +43,7 @@ from .sp import (
     sp_topk_reference,
     student_at_temperature,
     topk_checks,
+    vocab_mismatch_hint,
 )
 
 __all__ = ["TopKTeacher", "LinearTeacher", "sp_linear_loss", "default_chunk_size", "SpLinearLossConfig",
@@ -100,7 +104,8 @@ def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str, label_
             raise ValueError(f"teacher.hidden must have shape [N, H_t] = [{N}, H_t], got {tuple(teacher.hidden.shape)}.")
         if teacher.weight.dim() != 2 or tuple(teacher.weight.shape) != (V, teacher.hidden.shape[1]):
             raise ValueError(f"teacher.weight must have shape [V, H_t] = [{V}, {teacher.hidden.shape[1]}], got "
-                             f"{tuple(teacher.weight.shape)}.")
+                             f"{tuple(teacher.weight.shape)}."
+                             + vocab_mismatch_hint(teacher.weight.shape[::-1], (teacher.hidden.shape[1], V)))
         if teacher.bias is not None:
             require_float(teacher.bias, "teacher.bias")
             if tuple(teacher.bias.shape) != (V,):
@@ -117,11 +122,36 @@ def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str, label_
     if isinstance(teacher, torch.Tensor):
         require_float(teacher, "teacher")
         if tuple(teacher.shape) != (N, V):
-            raise ValueError(f"a dense teacher must have shape [N, V] = [{N}, {V}], got {tuple(teacher.shape)}.")
+            raise ValueError(f"a dense teacher must have shape [N, V] = [{N}, {V}], got {tuple(teacher.shape)}."
+                             + vocab_mismatch_hint(teacher.shape, (N, V)))
         require_same_device({"hidden": hidden, "teacher": teacher})
         return "dense"
     raise TypeError("teacher must be a dense [N, V] tensor, a fusedloss.TopKTeacher or a fusedloss.LinearTeacher, "
                     f"got {type(teacher).__name__}.")
+
+
+def _align_teacher(teacher, V: int, mode: str):
+    """``teacher`` over the student's ``V`` actions under ``teacher_vocab=mode``: a dense teacher as
+    :func:`fusedloss.losses.sp.align_teacher`, a top-k one as :func:`fusedloss.losses.sp.align_topk_index`,
+    and a linear one by its head: the first ``V`` rows of a wider ``weight`` and ``bias`` (views),
+    or a narrower head padded with zero rows and a ``-inf`` bias (one copy of the head), so that
+    the student's extra actions are padded actions."""
+    check_teacher_vocab(mode)
+    if mode == "strict":
+        return teacher
+    if isinstance(teacher, TopKTeacher):
+        return TopKTeacher(align_topk_index(teacher.index, V, mode), teacher.logprob)
+    if isinstance(teacher, LinearTeacher) and isinstance(teacher.weight, torch.Tensor) and teacher.weight.dim() == 2:
+        w, b = teacher.weight, teacher.bias
+        Vt = w.shape[0]
+        if Vt > V:
+            return LinearTeacher(teacher.hidden, w[:V], None if b is None else b[:V])
+        if Vt < V:
+            b = torch.zeros(Vt, dtype=w.dtype, device=w.device) if b is None else b
+            pad = torch.nn.functional.pad
+            return LinearTeacher(teacher.hidden, pad(w, (0, 0, 0, V - Vt)), pad(b, (0, V - Vt), value=float("-inf")))
+        return teacher
+    return align_teacher(teacher, V, mode)
 
 
 def _teacher_tensors(kind: str, teacher) -> tuple:
@@ -273,7 +303,7 @@ class _SpLinearFunction(torch.autograd.Function):
 def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float = 1.0, label_smoothing: float = 0.0,
                    js_beta: float = 0.5, *, bias=None, reduction: str = "mean", row_weight=None,
                    chunk_size: int | None = None, backend: str = "auto", check_inputs: bool = True,
-                   temperature_mode: str = "teacher"):
+                   temperature_mode: str = "teacher", teacher_vocab: str = "strict"):
     """Distillation loss of the student head ``logits = hidden @ weight.T + bias`` against
     ``teacher``, without ever holding the ``[N, V]`` logits or their gradient.
 
@@ -289,7 +319,11 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     (fp64 for fp64 inputs); gradients come back in their inputs' dtypes. ``check_inputs`` checks a
     dense or top-k teacher's values with one host sync, as the sp helpers do; pass ``False`` for a
     sync-free call. ``temperature_mode`` as in :func:`fusedloss.sp_soft_ce_loss` (``"both"``
-    divides each chunk's student logits by ``T`` too, in fp32).
+    divides each chunk's student logits by ``T`` too, in fp32). ``teacher_vocab``: ``"strict"``
+    (the default: the teacher covers the student's ``V`` exactly) or ``"align"``: a teacher with
+    a wider vocabulary is truncated to the first ``V`` ids (a top-k slot beyond them is unused), a
+    narrower one padded with ``-inf`` (a linear teacher's head with zero rows and a ``-inf`` bias),
+    as :func:`fusedloss.sp_soft_ce_loss` does.
     """
     require_float(hidden, "hidden")
     require_float(weight, "weight")
@@ -315,6 +349,7 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
     require_same_device({"hidden": hidden, "weight": weight, "bias": bias})
+    teacher = _align_teacher(teacher, V, teacher_vocab)
     kind = _check_teacher(teacher, hidden, V, loss_type, label_smoothing)
     floats = [hidden, weight] + ([teacher] if kind == "dense" else [teacher.logprob] if kind == "topk" else [])
     triton_path = resolve_backend(backend, "sp", *floats) is Backend.TRITON
@@ -336,7 +371,7 @@ class SpLinearLossConfig(LossConfig):
     loss_type: str = "kl-fwd"
     """The sp loss type (see :func:`sp_linear_loss` and :func:`fusedloss.sp_topk_loss`)."""
     temperature: float = 1.0
-    """Divides the teacher's values only (> 0)."""
+    """Divides the teacher's values (> 0), and with ``temperature_mode`` the student's too."""
     label_smoothing: float = 0.0
     """Uniform mass mixed into the teacher, in ``[0, 1]``."""
     js_beta: float = 0.5
@@ -351,9 +386,12 @@ class SpLinearLossConfig(LossConfig):
     """Check the teacher's values with one host sync (False: no sync)."""
     temperature_mode: str = "teacher"
     """``"teacher"``, ``"both"`` or ``"both_t2"``, as :attr:`fusedloss.SpLossConfig.temperature_mode`."""
+    teacher_vocab: str = "strict"
+    """``"strict"`` or ``"align"`` (truncate a wider teacher, pad a narrower one), as in :func:`sp_linear_loss`."""
 
     def check_values(self) -> None:
         check_temperature_mode(self.temperature_mode)
+        check_teacher_vocab(self.teacher_vocab)
         check_sp_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
         check_reduction(self.reduction)
         if self.chunk_size is not None and self.chunk_size < 1:
@@ -375,7 +413,8 @@ class SpLinearLoss(ConfigLoss):
         c = self.cfg
         return sp_linear_loss(hidden, weight, teacher, c.loss_type, c.temperature, c.label_smoothing, c.js_beta,
                               bias=bias, reduction=c.reduction, row_weight=row_weight, chunk_size=c.chunk_size,
-                              backend=c.backend, check_inputs=c.check_inputs, temperature_mode=c.temperature_mode)
+                              backend=c.backend, check_inputs=c.check_inputs, temperature_mode=c.temperature_mode,
+                              teacher_vocab=c.teacher_vocab)
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:
