@@ -290,3 +290,47 @@ def test_double_backward_raises():
     loss = fl.linear_cross_entropy(h, w, y, reduction="none").sum()
     with pytest.raises(RuntimeError, match="does not support double backward"):
         torch.autograd.grad(loss, [h], create_graph=True)
+
+
+class _GridRecorder:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` records the grid, fills the output
+    with zeros and launches nothing, so a grid for 70 000 rows costs no kernel time."""
+
+    def __init__(self, grids, name, out_arg):
+        self.grids, self.name, self.out_arg = grids, name, out_arg
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.grids.append((self.name, tuple(grid)))
+            args[self.out_arg].zero_()
+        return launch
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("N, V, chunk", [(70_000, 5, 70_000), (4, 300_000, 4)], ids=["N=70000", "V=300000"])
+def test_grids_stay_within_cuda_limits(monkeypatch, N, V, chunk):
+    """CUDA allows 2³¹ − 1 blocks on the grid's x axis and 65 535 on y and z (Liger #1294: a grid
+    of rows on y broke at N > 65 535). Rows go on x for both kernels, column blocks on y; the grids
+    are recorded with the kernels stubbed, and cover every row and every column exactly."""
+    from fusedloss import _dispatch
+    from fusedloss.kernels import lm_head as K
+
+    grids = []
+    monkeypatch.setattr(K, "_lm_head_stats_kernel", _GridRecorder(grids, "stats", 2))
+    monkeypatch.setattr(K, "_lm_head_grad_kernel", _GridRecorder(grids, "grad", 4))
+    monkeypatch.setattr(_dispatch, "why_not_kernel", lambda family, tensors: None)
+    hidden = torch.zeros(N, 2, requires_grad=True)
+    weight = torch.zeros(V, 2, requires_grad=True)
+    labels = torch.zeros(N, dtype=torch.long)
+    loss = fl.linear_cross_entropy(hidden, weight, labels, backend="triton", chunk_size=chunk, check_inputs=False)
+    loss.backward()
+    lp, _ = fl.linear_logprob(hidden, weight, labels, return_entropy=True, backend="triton", chunk_size=chunk,
+                              check_inputs=False)
+    lp.sum().backward()
+    block = K._tiles(V)[0]
+    assert {name for name, _ in grids} == {"stats", "grad"}
+    for name, grid in grids:
+        assert grid[0] <= 2**31 - 1 and all(g <= 65_535 for g in grid[1:]), (name, grid)
+        assert grid[0] == chunk  # one program per row of the chunk
+        if name == "grad":
+            assert grid[1] * block >= V > (grid[1] - 1) * block  # every column block, no more
