@@ -334,3 +334,24 @@ def test_grids_stay_within_cuda_limits(monkeypatch, N, V, chunk):
         assert grid[0] == chunk  # one program per row of the chunk
         if name == "grad":
             assert grid[1] * block >= V > (grid[1] - 1) * block  # every column block, no more
+
+
+def test_config_and_registry_build_the_same_loss():
+    """``{"type": "linear_cross_entropy", "params": ...}`` builds a module whose loss and gradients
+    are the function's; bad options raise when the config is built."""
+    hidden, weight, bias, labels = make_lm_head_inputs(3 * 5, 8, 37, torch.float32, DEVICE, seed=4, bias=True,
+                                                       ignore_frac=0.0)
+    params = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0, "shift": True, "reduction": "sum",
+              "chunk_size": 4, "backend": "torch"}
+    module = fl.build_loss({"type": "linear_cross_entropy", "params": params})
+    assert isinstance(module, fl.LinearCrossEntropyLoss)
+    h, y = hidden.reshape(3, 5, 8), labels.reshape(3, 5)
+    got = module(h, weight, y, bias=bias)
+    want = fl.linear_cross_entropy(h, weight, y, bias=bias, **params)
+    assert torch.equal(got, want)
+    for a, b in zip(torch.autograd.grad(got, (hidden, weight, bias)), torch.autograd.grad(want, (hidden, weight, bias))):
+        assert torch.equal(a, b)
+    for bad, match in (({"label_smoothing": 1.5}, "label_smoothing"), ({"reduction": "avg"}, "reduction"),
+                       ({"softcap": 0.0}, "softcap"), ({"chunk_size": 0}, "chunk_size"), ({"backend": "cuda"}, "backend")):
+        with pytest.raises(ValueError, match=match):
+            fl.LinearCrossEntropyConfig(**bad)

@@ -31,7 +31,7 @@ train:
       reduction: "mean"
 """
 
-KEYS = ["dqn", "l2_loss", "policy", "router_z", "sinkhorn_knopp", "sp", "sp_linear", "sp_topk", "sv", "switch_load_balancing",
+KEYS = ["dqn", "l2_loss", "linear_cross_entropy", "policy", "router_z", "sinkhorn_knopp", "sp", "sp_linear", "sp_topk", "sv", "switch_load_balancing",
         "vec_dqn"]
 
 

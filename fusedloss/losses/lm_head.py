@@ -22,17 +22,18 @@ Semantics (shared by both paths):
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
 
 from .._dispatch import Backend, resolve_backend
 from .._families import Family, VerifyCase
-from ._common import require_float, require_same_device
+from ._common import ConfigLoss, LossConfig, check_config_common, require_float, require_same_device
 from .sp import check_reduction
 from .sp_linear import default_chunk_size
 
-__all__ = ["linear_logprob", "linear_cross_entropy"]
+__all__ = ["linear_logprob", "linear_cross_entropy", "LinearCrossEntropyConfig", "LinearCrossEntropyLoss"]
 
 
 # --- the chunk's statistics and gradient, in PyTorch (the kernels compute the same) ---------------
@@ -300,6 +301,16 @@ def _check_labels(labels, valid, V: int):
                          "Pass check_inputs=False to skip this check (and its host sync).")
 
 
+def _check_ce_options(reduction, label_smoothing, z_loss, softcap, shift) -> None:
+    check_reduction(reduction)
+    _check_softcap_temperature(softcap, 1.0)
+    for name, value, hi in (("label_smoothing", label_smoothing, 1.0), ("z_loss", z_loss, None)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (hi and value > hi):
+            raise ValueError(f"{name} must be a number in [0, {hi if hi else 'inf'}{']' if hi else ')'}, got {value!r}.")
+    if not isinstance(shift, bool):
+        raise TypeError(f"shift must be a bool, got {shift!r}.")
+
+
 def _flat_rows(hidden, weight, labels, V: int, ignore_index: int, chunk_size, backend, check_inputs: bool):
     """What both LM-head losses run on: ``hidden`` as rows ``[N, H]``, the labels ``[N]``, which
     rows are not ignored (their range checked where ``check_inputs``), the rows per chunk and
@@ -365,13 +376,7 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, reduction: str = 
     :func:`linear_logprob`.
     """
     V = _check_head(hidden, weight, bias, labels, ignore_index, chunk_size)
-    check_reduction(reduction)
-    _check_softcap_temperature(softcap, 1.0)
-    for name, value, hi in (("label_smoothing", label_smoothing, 1.0), ("z_loss", z_loss, None)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (hi and value > hi):
-            raise ValueError(f"{name} must be a number in [0, {hi if hi else 'inf'}{']' if hi else ')'}, got {value!r}.")
-    if not isinstance(shift, bool):
-        raise TypeError(f"shift must be a bool, got {shift!r}.")
+    _check_ce_options(reduction, label_smoothing, z_loss, softcap, shift)
     out_shape = labels.shape
     if shift:
         if hidden.dim() != 3:
@@ -400,6 +405,54 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, reduction: str = 
         if reduction == "none":
             loss = loss.reshape(out_shape)
     return (loss, lse) if return_lse else loss
+
+
+@dataclasses.dataclass
+class LinearCrossEntropyConfig(LossConfig):
+    """Configuration of :class:`LinearCrossEntropyLoss` (the options of :func:`linear_cross_entropy`)."""
+
+    reduction: str = "mean"
+    """``"mean"`` over the tokens that are not ignored (0 when there are none), ``"sum"`` or ``"none"``."""
+    label_smoothing: float = 0.0
+    """``ε`` in ``[0, 1]``: ``ε/V`` of the target mass on every class, as PyTorch's ``cross_entropy``."""
+    z_loss: float = 0.0
+    """The weight (>= 0) of ``lse²`` per token; 0 adds nothing."""
+    ignore_index: int = -100
+    """The label of a token that adds nothing and gets no gradient."""
+    softcap: float | None = None
+    """None, or ``c > 0``: the logits become ``c·tanh(z/c)`` before the softmax."""
+    shift: bool = False
+    """Pair ``hidden[:, t]`` with ``labels[:, t+1]`` (``[B, T, H]`` and ``[B, T]`` inputs)."""
+    chunk_size: int | None = None
+    """Rows per chunk, or None for :func:`fusedloss.losses.sp_linear.default_chunk_size`."""
+    backend: str = "auto"
+    """``"auto"`` (the fused kernels on CUDA, else the reference), ``"triton"`` (the kernels or a clear error) or ``"torch"`` (the reference)."""
+    check_inputs: bool = True
+    """Check the labels' range with one host sync (False: no sync; pass False under ``torch.compile(fullgraph=True)``)."""
+
+    def check_values(self) -> None:
+        _check_ce_options(self.reduction, self.label_smoothing, self.z_loss, self.softcap, self.shift)
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or an integer >= 1, got {self.chunk_size!r}.")
+        check_config_common(self.backend)
+
+    def build(self) -> LinearCrossEntropyLoss:
+        """The :class:`LinearCrossEntropyLoss` of this config (the registry's factory interface)."""
+        return LinearCrossEntropyLoss(self)
+
+
+class LinearCrossEntropyLoss(ConfigLoss):
+    """``nn.Module`` form of :func:`linear_cross_entropy`: ``forward(hidden, weight, labels,
+    bias=None)``; pass the LM head's ``weight`` (and ``bias``) so that their gradients flow."""
+
+    config_cls = LinearCrossEntropyConfig
+
+    def forward(self, hidden, weight, labels, bias=None):
+        c = self.cfg
+        return linear_cross_entropy(hidden, weight, labels, bias=bias, reduction=c.reduction,
+                                    label_smoothing=c.label_smoothing, z_loss=c.z_loss, ignore_index=c.ignore_index,
+                                    softcap=c.softcap, shift=c.shift, chunk_size=c.chunk_size, backend=c.backend,
+                                    check_inputs=c.check_inputs)
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:
@@ -431,7 +484,8 @@ def _verify_cases(small: bool) -> list[VerifyCase]:
 FAMILY = Family(
     name="lm_head",
     section="LM-head losses for RL on language models",
-    exports=("linear_logprob", "linear_cross_entropy"),
+    exports=("linear_logprob", "linear_cross_entropy", "LinearCrossEntropyConfig", "LinearCrossEntropyLoss"),
     kernel="lm_head",
+    factories={"linear_cross_entropy": LinearCrossEntropyConfig},
     verify_cases=_verify_cases,
 )
