@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: verify test bench model clean gpu gpu-check gpu-bench gpu-report docs docs-serve examples
+.PHONY: verify test bench model clean gpu gpu-extra gpu-report docs docs-serve examples
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,11 +35,8 @@ GPU_JSON ?= $(wildcard bench/data/*.json)
 gpu:
 	PYTHON=$(GPU_PYTHON) bash bench/gpu.sh
 
-gpu-check:
-	PYTHON=$(GPU_PYTHON) STAGES=check bash bench/gpu.sh
-
-gpu-bench:
-	PYTHON=$(GPU_PYTHON) STAGES=bench bash bench/gpu.sh
+gpu-extra:
+	PYTHON=$(GPU_PYTHON) STAGES=extra bash bench/gpu.sh
 
 # Back on any machine: the committed JSON of a GPU run (bench/data/) into BENCHMARKS.md and bench/plots.
 gpu-report: $(BIN)/.installed
