@@ -10,13 +10,15 @@
 # STAGES=priority (the default) runs, in this order, each step under its own `timeout -k 15`
 # with its own limit (seconds, times LIMIT_SCALE), and never past BUDGET seconds from the start:
 #   setup    20  the wheelhouse into /tmp/site (when .whl/ holds wheels), env.json (device, versions, date)
-#   verify  110  python -m fusedloss verify --device cuda on the kernel families
-#   sp       80  bench sp, bf16, A = 18, 32768, 131072: fused, eager, Liger
-#   sp_linear 80 bench sp_linear and sp_topk: fused-linear, materialised eager, Liger
-#   dqn     100  bench dqn (one-step, multi-step, CUDA graph) and vec_dqn, bf16, no compile
-#   lm_head  60  bench lm_head at V = 128256: fused, Liger, Cut Cross-Entropy, eager
-#   compile  90  the compile provider for one sp shape and one dqn shape
+#   verify   95  python -m fusedloss verify --device cuda on the kernel families
+#   sp       75  bench sp, bf16, A = 18, 32768, 131072: fused, eager, Liger
+#   sp_linear 70 bench sp_linear and sp_topk: fused-linear, materialised eager, Liger
+#   dqn      90  bench dqn bf16 (one-step, multi-step, CUDA graph) and vec_dqn (fp32), no compile
+#   lm_head  50  bench lm_head at V = 128256: fused, Liger, Cut Cross-Entropy, eager
+#   compile  80  the compile provider for one sp shape and one dqn shape
 #   cuda     50  pytest -m cuda (full sizes, launch counts, graph capture)
+# The limits sum to 530 s with set-up; each step's limit is cut to what the budget has left, after
+# timeout's 15 s grace, so the script ends by BUDGET.
 # STAGES=extra: sinkhorn, the other sp/dqn/lm_head rows (fp32, secondary shapes, compile), the
 # kernel tests on CUDA and the long fuzz run.
 #
@@ -29,7 +31,7 @@
 # machine skips recompilation.
 #
 # Knobs (environment): OUT (default bench/gpu-out), STAGES, BUDGET (default 540: a device call may
-# run 570 s), LIMIT_SCALE (default 1), BENCH_MAX_TIME (pytest-benchmark's --benchmark-max-time,
+# run 570 s; the transfers come on top), LIMIT_SCALE (default 1), BENCH_MAX_TIME (pytest-benchmark's --benchmark-max-time,
 # default 0.1 s), PYTHON (default python3). GPU_DRY_RUN=1 fakes the CUDA check and runs the same
 # steps on the CPU (the kernels under the Triton interpreter, tiny shapes, DRY_K as every bench
 # step's -k filter): tests/test_gpu_script.py runs it with short limits, so the order, the
@@ -75,7 +77,7 @@ step() {  # name, limit (seconds, before LIMIT_SCALE), command...: never past BU
     local name=$1 limit
     limit=$(scaled "$2")
     shift 2
-    local left=$((BUDGET - SECONDS - 5))
+    local left=$((BUDGET - SECONDS - 15))  # timeout's grace after its SIGTERM comes on top of the limit
     if [ "$left" -lt 5 ]; then
         echo "=== $name: skipped, the ${BUDGET}s budget is spent" | tee -a "$LOG"
         status=1
@@ -111,7 +113,7 @@ fi
 
 setup() {
     if [ "$WHEELS" = 1 ]; then
-        timeout -k 5 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        timeout -k 5 30 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site .whl/*.whl || echo "make gpu: installing .whl/ failed; going on with what is installed"
     fi
     timeout -k 5 20 "$PY" - "$OUT/env.json" <<'EOF'
@@ -160,12 +162,12 @@ LM_PRIORITY="V128256 and not compile"
 for stage in $STAGES; do
     case $stage in
     priority)
-        step "verify --device $DEVICE" 110 "$PY" -m fusedloss verify --device "$DEVICE" "${KERNEL_FAMILIES[@]}"
-        bench sp 80 "$SP_PRIORITY" bench/bench_sp.py
-        bench sp_linear 80 "" bench/bench_sp_linear.py
-        bench dqn 100 "$DQN_PRIORITY" bench/bench_dqn.py bench/bench_vec_dqn.py
-        bench lm_head 60 "$LM_PRIORITY" bench/bench_lm_head.py
-        bench compile 90 "$COMPILE_PRIORITY" bench/bench_sp.py bench/bench_dqn.py
+        step "verify --device $DEVICE" 95 "$PY" -m fusedloss verify --device "$DEVICE" "${KERNEL_FAMILIES[@]}"
+        bench sp 75 "$SP_PRIORITY" bench/bench_sp.py
+        bench sp_linear 70 "" bench/bench_sp_linear.py
+        bench dqn 90 "$DQN_PRIORITY" bench/bench_dqn.py bench/bench_vec_dqn.py
+        bench lm_head 50 "$LM_PRIORITY" bench/bench_lm_head.py
+        bench compile 80 "$COMPILE_PRIORITY" bench/bench_sp.py bench/bench_dqn.py
         step "pytest -m cuda" 50 "$PY" -m pytest -m cuda tests -q -rs -p no:cacheprovider
         ;;
     extra)

@@ -271,7 +271,9 @@ def test_bad_inputs_raise_clearly(change, exc, match):
 
 
 @pytest.mark.parametrize("kw,match", [({"label_smoothing": 1.5}, "label_smoothing must be"),
-                                      ({"z_loss": -1.0}, "z_loss must be"), ({"reduction": "avg"}, "reduction"),
+                                      ({"z_loss": -1.0}, "z_loss must be"), ({"z_loss": float("inf")}, "z_loss must be"),
+                                      ({"label_smoothing": float("nan")}, "label_smoothing must be"),
+                                      ({"reduction": "avg"}, "reduction"),
                                       ({"shift": True}, "shift=True needs hidden")])
 def test_bad_ce_options(kw, match):
     h, w, _, y = make_lm_head_inputs(6, 4, 40, seed=9)
@@ -355,3 +357,26 @@ def test_config_and_registry_build_the_same_loss():
                        ({"softcap": 0.0}, "softcap"), ({"chunk_size": 0}, "chunk_size"), ({"backend": "cuda"}, "backend")):
         with pytest.raises(ValueError, match=match):
             fl.LinearCrossEntropyConfig(**bad)
+
+
+@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("layout", ["stride 3", "stride 0", "transposed"])
+def test_labels_of_any_layout(backend, layout):
+    """A labels view of any stride gives what its contiguous copy gives (the kernels index labels by
+    row: a strided view once read the wrong labels, and past the allocation for stride 0)."""
+    N, H, V = 12, 8, 37
+    hidden, weight, _, _ = make_lm_head_inputs(N, H, V, torch.float32, DEVICE, seed=5, ignore_frac=0.0)
+    g = torch.Generator().manual_seed(6)
+    if layout == "stride 3":
+        labels = torch.randint(0, V, (N, 3), generator=g)[:, 0]
+    elif layout == "stride 0":
+        labels = torch.tensor(7).expand(N)
+    else:
+        labels = torch.randint(0, V, (4, 3), generator=g).T  # [3, 4], not contiguous
+        hidden = hidden.reshape(3, 4, H)
+    labels = labels.to(DEVICE)
+    assert not labels.is_contiguous()
+    for fn in (lambda y: fl.linear_logprob(hidden, weight, y, chunk_size=N, backend=backend),
+               lambda y: fl.linear_cross_entropy(hidden, weight, y, chunk_size=N, backend=backend, reduction="none")):
+        got, want = fn(labels), fn(labels.contiguous())
+        assert torch.equal(got, want)

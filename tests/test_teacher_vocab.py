@@ -148,3 +148,17 @@ def test_sp_linear_teachers(backend, kind, wider, device):
         assert torch.equal(a, b)
     if not wider and kind != "topk":  # the student's extra actions are padded: no gradient reaches their rows
         assert torch.equal(g_got[1][Vt:], torch.zeros_like(g_got[1][Vt:]))
+
+
+def test_align_leaves_bad_teachers_to_their_checks(device):
+    """align never hides a malformed teacher: an integer dense teacher, or a linear teacher whose
+    bias does not match its head, raises the error that names it."""
+    q, z = make_sp_inputs(N, V - 3, torch.float32, device, seed=9)
+    z = torch.cat([z.detach(), z.detach()[:, :3]], dim=1)
+    with pytest.raises(TypeError, match="floating-point"):
+        fl.sp_kl_loss(q.long(), z, 1.0, teacher_vocab="align")
+    hidden, weight, _, _, _ = make_sp_linear_inputs(N, 4, V, "dense", device=device, seed=10)
+    _, _, _, teacher, _ = make_sp_linear_inputs(N, 4, V + 4, "linear", device=device, seed=11)
+    bad = fl.LinearTeacher(teacher.hidden, teacher.weight, teacher.bias[:-2])
+    with pytest.raises(ValueError, match="teacher.bias"):
+        fl.sp_linear_loss(hidden, weight, bad, "js", teacher_vocab="align")

@@ -131,6 +131,7 @@ def lm_head_stats(z: torch.Tensor, labels: torch.Tensor, inv_t: float, softcap: 
     """``[n, 4]`` fp32 ``(lse, entropy, Σu, u[label])`` of fp32 logits ``z`` ``[n, V]`` (last dim
     contiguous) and int labels ``[n]``."""
     n, V = z.shape
+    labels = labels.contiguous()  # read at labels_ptr + row
     if out is None:
         out = torch.empty(n, 4, dtype=torch.float32, device=z.device)
     block, warps = _tiles(V)
@@ -146,6 +147,7 @@ def lm_head_grad(z: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, coe
     ``[n, 4]`` (α, β, γ, δ) and the ``stats`` of :func:`lm_head_stats`. ``out`` may be ``z``
     itself: each element is read before it is written, by the same program."""
     n, V = z.shape
+    labels = labels.contiguous()
     if out is None:
         out = torch.empty_like(z)
     block, warps = _tiles(V)

@@ -305,7 +305,8 @@ def _check_ce_options(reduction, label_smoothing, z_loss, softcap, shift) -> Non
     check_reduction(reduction)
     _check_softcap_temperature(softcap, 1.0)
     for name, value, hi in (("label_smoothing", label_smoothing, 1.0), ("z_loss", z_loss, None)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (hi and value > hi):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf")
+                or (hi and value > hi)):
             raise ValueError(f"{name} must be a number in [0, {hi if hi else 'inf'}{']' if hi else ')'}, got {value!r}.")
     if not isinstance(shift, bool):
         raise TypeError(f"shift must be a bool, got {shift!r}.")
@@ -316,7 +317,7 @@ def _flat_rows(hidden, weight, labels, V: int, ignore_index: int, chunk_size, ba
     rows are not ignored (their range checked where ``check_inputs``), the rows per chunk and
     whether the kernels run (no dispatch for zero rows: the callers return zeros)."""
     h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
+    y = labels.reshape(-1).contiguous()  # the kernels read label r at labels_ptr + r
     valid = y != ignore_index
     if check_inputs:
         _check_labels(y, valid, V)

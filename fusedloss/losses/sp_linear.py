@@ -144,6 +144,10 @@ def _align_teacher(teacher, V: int, mode: str):
     if isinstance(teacher, LinearTeacher) and isinstance(teacher.weight, torch.Tensor) and teacher.weight.dim() == 2:
         w, b = teacher.weight, teacher.bias
         Vt = w.shape[0]
+        if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (Vt,)):
+            got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise ValueError(f"teacher.bias must have shape [V_t] = ({Vt},), the rows of teacher.weight "
+                             f"{tuple(w.shape)}, got {got}.")
         if Vt > V:
             return LinearTeacher(teacher.hidden, w[:V], None if b is None else b[:V])
         if Vt < V:
