@@ -24,8 +24,25 @@ __all__ = ["LazyMetrics", "METRICS_MODES", "finalize_metrics", "finalize_buffer_
 
 METRICS_MODES = ("float", "lazy")
 
-# (flag, message): the check fails when flag is non-zero.
-Check = tuple[torch.Tensor, str]
+class AnyEqual:
+    """A check's flag that is computed only when the metrics are packed (at the first read in lazy
+    mode): whether any element of ``codes`` equals ``value``. A kernel that writes per-row check
+    codes (the sp forward's teacher status) thus adds no launch to the loss call itself."""
+
+    __slots__ = ("codes", "value")
+
+    def __init__(self, codes: torch.Tensor, value: int):
+        self.codes, self.value = codes.detach(), value
+
+    def detach(self) -> "AnyEqual":
+        return self
+
+    def flag(self) -> torch.Tensor:
+        return (self.codes == self.value).any()
+
+
+# (flag, message): the check fails when flag is non-zero; the flag is a 0-dim tensor or an AnyEqual.
+Check = tuple["torch.Tensor | AnyEqual", str]
 
 
 def check_metrics_mode(mode: str) -> None:
@@ -53,7 +70,9 @@ def _to_host(packed: torch.Tensor) -> list[float]:
 def _pack(named: Mapping[str, torch.Tensor], checks: list[Check]) -> torch.Tensor:
     values = [t.detach().reshape(()).to(torch.float64 if t.dtype == torch.float64 else torch.float32)
               for t in named.values()]
-    flags = [f.detach().reshape(()).to(values[0].dtype if values else torch.float32) for f, _ in checks]
+    flags = [(f.flag() if isinstance(f, AnyEqual) else f).detach().reshape(()).to(values[0].dtype if values
+                                                                                    else torch.float32)
+             for f, _ in checks]
     return torch.stack(values + flags)
 
 

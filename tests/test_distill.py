@@ -81,7 +81,8 @@ def test_js_beta_kernel_matches_reference(beta, dtype, shape, device):
     q, z = make_sp_inputs(N, A, dtype, device, pad_frac=0.2)
     T, eps = 1.4, 0.05
     loss_buf, grad_buf = nan_like((N,), torch.float32, device), nan_like((N, A), dtype, device)
-    rows, grad = K.sp_fwd(q, z.detach(), "js", T, eps, max_block, loss_out=loss_buf, grad_out=grad_buf, js_beta=beta)
+    rows, grad, _ = K.sp_fwd(q, z.detach(), "js", T, eps, max_block, loss_out=loss_buf, grad_out=grad_buf,
+                             js_beta=beta)
     assert_canaries_intact(loss_buf, grad_buf)
     z64 = z.detach().double().requires_grad_(True)
     ref64 = fl.sp_reference(q.double(), z64, "js", T, eps, beta)

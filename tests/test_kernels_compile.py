@@ -42,5 +42,5 @@ def test_compile_check_specialises_as_the_runtime_does():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == str(sorted(["q_ptr", "z_ptr", "loss_ptr", "grad_ptr", "N", "A", "stride_q",
+    assert res.stdout.strip() == str(sorted(["q_ptr", "z_ptr", "loss_ptr", "grad_ptr", "status_ptr", "N", "A", "stride_q",
                                              "stride_z", "stride_g"]))

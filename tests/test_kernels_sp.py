@@ -38,8 +38,11 @@ def test_kernel_matches_reference(loss_type, dtype, shape, opts, device):
     q, z = make_sp_inputs(N, A, dtype, device, pad_frac=pad if A > 2 else 0.0)
     # Poisoned outputs: any element the kernel fails to write stays NaN and fails the comparison.
     loss_buf, grad_buf = nan_like((N,), torch.float32, device), nan_like((N, A), dtype, device)
-    rows, grad = K.sp_fwd(q, z.detach(), loss_type, T, eps, max_block, loss_out=loss_buf, grad_out=grad_buf)
+    status_buf = torch.full((N,), -1, dtype=torch.int8, device=device)
+    rows, grad, status = K.sp_fwd(q, z.detach(), loss_type, T, eps, max_block, loss_out=loss_buf, grad_out=grad_buf,
+                                  status_out=status_buf)
     assert_canaries_intact(loss_buf, grad_buf)  # and nothing written past either end
+    assert torch.equal(status, torch.zeros_like(status))  # every row written, and no teacher row is bad
     z64 = z.detach().double().requires_grad_(True)
     ref64, g64 = _rows_and_grad(q.double(), z64, loss_type, T, eps, lambda a, b: fl.sp_reference(a, b, loss_type, T, eps))
     ref, g_ref = _rows_and_grad(q, z, loss_type, T, eps, lambda a, b: fl.sp_reference(a, b, loss_type, T, eps))
@@ -89,11 +92,39 @@ def test_sp_loss_dispatches_to_kernel(loss_type, device, monkeypatch):
     assert torch.allclose(gk, gr, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_block", [64, 16], ids=["one tile", "tiled"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("temperature", [1.0, 1e-30])
+def test_status_codes_are_the_teacher_checks(max_block, dtype, temperature, device):
+    """The forward's per-row status is what q_star_checks decides from a second read of the teacher:
+    1 for a row holding NaN or +inf (wherever it sits, among -inf too), 2 for a row of -inf only, 0
+    otherwise (huge finite values and a temperature near 0 included)."""
+    A, inf, nan = 40, float("inf"), float("nan")
+    q = torch.randn(8, A, generator=torch.Generator().manual_seed(3))
+    q[1, 37] = nan
+    q[2, 5] = inf
+    q[3] = -inf
+    q[4, :] = -inf
+    q[4, 30] = nan
+    q[5, :39] = -inf  # one finite entry, in the last tile
+    q[6] = 3e38
+    q[7, ::2] = -inf
+    want = torch.tensor([0, 1, 1, 2, 1, 0, 0, 0], dtype=torch.int8)
+    z = torch.randn(8, A, generator=torch.Generator().manual_seed(4))
+    q, z = q.to(dtype).to(device), z.to(dtype).to(device)
+    for loss_type in LOSS_TYPES:
+        status_buf = torch.full((8,), -1, dtype=torch.int8, device=device)
+        _, _, status = K.sp_fwd(q, z, loss_type, temperature, 0.1, max_block, status_out=status_buf)
+        assert torch.equal(status.cpu(), want), (loss_type, status)
+    flags = [bool(f) for f, _ in fl.losses.sp.q_star_checks(q, "q")]
+    assert flags == [True, True]
+
+
 def test_underflow_gives_no_nan(device):
     q = torch.tensor([[0.0, -2000.0, -5000.0, 1e4, float("-inf")]], device=device)
     z = torch.tensor([[3000.0, -3000.0, 0.0, -1e4, 5.0]], device=device)
     for lt in LOSS_TYPES:
-        rows, grad = K.sp_fwd(q, z, lt, 1.0, 0.0)
+        rows, grad, _ = K.sp_fwd(q, z, lt, 1.0, 0.0)
         assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), lt
         assert grad[0, 4] == 0
 
@@ -102,7 +133,7 @@ def test_ce_true_class_gradient_in_fp32_does_not_cancel(device):
     # A confident student: s_target ~ 1 - 1e-4. In bf16, s - 1 computed after rounding s would be 0.
     z = torch.tensor([[12.0, 2.0, 2.5, 3.0]], device=device, dtype=torch.bfloat16)
     q = torch.tensor([[5.0, 0.0, 0.0, 0.0]], device=device, dtype=torch.bfloat16)
-    _, grad = K.sp_fwd(q, z, "ce", 1.0, 0.0)
+    _, grad, _ = K.sp_fwd(q, z, "ce", 1.0, 0.0)
     want = torch.softmax(z.double(), -1)[0, 0] - 1.0
     assert grad[0, 0].item() == pytest.approx(want.item(), rel=1e-2)
 
@@ -155,7 +186,7 @@ def test_compile_fullgraph_kernel_path_cuda(loss_type):
 def test_kernel_full_sizes_cuda(loss_type, dtype, shape):
     N, A = shape
     q, z = make_sp_inputs(N, A, dtype, "cuda", pad_frac=0.05)
-    rows, grad = K.sp_fwd(q, z.detach(), loss_type, 1.5, 0.1)
+    rows, grad, _ = K.sp_fwd(q, z.detach(), loss_type, 1.5, 0.1)
     ref = fl.sp_reference(q, z, loss_type, 1.5, 0.1)
     (g_ref,) = torch.autograd.grad(ref.sum(), z)
     z64 = z.detach().double().requires_grad_(True)

@@ -2,8 +2,9 @@
 launch stubbed, aten ops counted under a dispatch mode). Counts only: no time is asserted.
 
 A budget below is the issue's target where it is met (DQN: at most 2 launches forward and 3 for
-forward+backward) and today's count where it is not yet (sp: the teacher's checks run 7 aten ops
-besides the kernel), so that nothing grows unnoticed. The same holds for the SASS instructions
+forward+backward; sp: 2 forward, the kernel and the mean, now that the teacher's checks come from
+the kernel's per-row status) and today's count where it is not yet (sp fwd+bwd: 5, against 3: the
+mean's backward and autograd's seed), so that nothing grows unnoticed. The same holds for the SASS instructions
 per element of each launch's sm_90 compile: issue 24's targets are 45 for kl-fwd and 100 for js,
 summed over a row's passes; the budgets hold today's counts (Triton 3.9) until the kernels reach them."""
 
@@ -30,7 +31,8 @@ def _bundled(name):
 SASS = _bundled("ptxas") and _bundled("cuobjdump")
 # case: {kernel: max SASS instructions per element over its passes} (today's counts, rounded up)
 INSTR_BUDGETS = {
-    "sp kl-fwd N=256 V=18": {"_sp_fwd_kernel": 197},  # a tile of 32 columns for 18: padding and per-row work
+    # a tile of 32 columns for 18: padding and per-row work (the teacher's status store adds ~7 per element here)
+    "sp kl-fwd N=256 V=18": {"_sp_fwd_kernel": 205},
     "sp kl-fwd N=8192 V=32768": {"_sp_fwd_kernel": 67, "_sp_bwd_kernel": 6},
     "sp kl-fwd N=1024 V=131072": {"_sp_fwd_kernel": 67, "_sp_bwd_kernel": 6},
     "sp js N=2048 V=32768": {"_sp_fwd_kernel": 255, "_sp_bwd_kernel": 6},
@@ -45,10 +47,10 @@ LOOPS = {"sp kl-fwd N=8192 V=32768": {"_sp_fwd_kernel": 2}, "sp kl-fwd N=1024 V=
 BUDGETS = {
     "dqn B=256 S=64 A=18": (2, 3),
     "dqn B=32 S=80 A=18": (2, 3),
-    "sp kl-fwd N=8192 V=32768": (9, 12),
-    "sp kl-fwd N=1024 V=131072": (9, 12),
-    "sp js N=2048 V=32768": (9, 12),
-    "sp kl-fwd N=256 V=18": (9, 12),
+    "sp kl-fwd N=8192 V=32768": (2, 5),
+    "sp kl-fwd N=1024 V=131072": (2, 5),
+    "sp js N=2048 V=32768": (2, 5),
+    "sp kl-fwd N=256 V=18": (2, 5),
     "sp_topk N=8192 V=32768 k=64": (2, 5),
     "vec_dqn B=64 S=32 A=18 D=16": (14, 17),
 }

@@ -185,7 +185,7 @@ def _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOS
 
 @triton.jit
 def _sp_fwd_kernel(
-    q_ptr, z_ptr, loss_ptr, grad_ptr,
+    q_ptr, z_ptr, loss_ptr, grad_ptr, status_ptr,
     N, A, stride_q, stride_z, stride_g, inv_t, eps, beta, log_b, log_1mb,
     LOSS: tl.constexpr, GRAD_NEEDS_ROW_LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_A: tl.constexpr, SINGLE_TILE: tl.constexpr,
@@ -257,6 +257,11 @@ def _sp_fwd_kernel(
                 g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOSS)
                 tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(loss_ptr + rows, row_loss, mask=rmask)
+    # The teacher's input checks, from the sum it had anyway: NaN or +inf anywhere in the row makes the
+    # sum of exp((q - max)/T) NaN (exp(inf - inf) for +inf); a row of -inf only leaves it 0; otherwise
+    # the max contributes exp(0) = 1, so the sum is >= 1. No per-element work, no second read of q.
+    status = tl.where(st != st, 1, tl.where(st == 0.0, 2, 0))
+    tl.store(status_ptr + rows, status.to(tl.int8), mask=rmask)
 
 
 @triton.jit
@@ -396,26 +401,29 @@ def _fwd_constexprs(loss_type: str, label_smoothing: float, A: int, max_block: i
 @launcher
 def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
            max_block: int = MAX_BLOCK, loss_out: torch.Tensor | None = None, grad_out: torch.Tensor | None = None,
-           js_beta: float = 0.5):
+           js_beta: float = 0.5, status_out: torch.Tensor | None = None):
     """Launch the forward kernel on ``[N, A]`` teacher values and student logits.
 
     ``js_beta`` is the β of ``"js"`` (strictly inside (0, 1)).
-    Returns ``(row_loss fp32 [N], grad [N, A])``, the gradient of each row's loss with respect to
-    its logits, in ``z.dtype`` (fp32 for fp16 ``z``: :func:`stored_grad_dtype`). ``loss_out`` and
-    ``grad_out`` let tests hand in NaN-poisoned buffers.
+    Returns ``(row_loss fp32 [N], grad [N, A], status int8 [N])``: the gradient of each row's loss
+    with respect to its logits, in ``z.dtype`` (fp32 for fp16 ``z``: :func:`stored_grad_dtype`),
+    and the teacher's checks per row: 1 where the row holds NaN or ``+inf``, 2 where every entry is
+    ``-inf``, 0 otherwise. ``loss_out``, ``grad_out`` and ``status_out`` let tests hand in poisoned
+    buffers.
     """
     q, z = last_dim_contiguous(q), last_dim_contiguous(z)
     N, A = z.shape
     loss = torch.empty(N, dtype=torch.float32, device=z.device) if loss_out is None else loss_out
     grad = torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device) if grad_out is None else grad_out
+    status = torch.empty(N, dtype=torch.int8, device=z.device) if status_out is None else status_out
     constexprs, warps = _fwd_constexprs(loss_type, label_smoothing, A, max_block)
     _sp_fwd_kernel[(triton.cdiv(N, constexprs["ROWS"]),)](
-        q, z, loss, grad, N, A, q.stride(0), z.stride(0), grad.stride(0),
+        q, z, loss, grad, status, N, A, q.stride(0), z.stride(0), grad.stride(0),
         _inv_temperature(temperature), float(label_smoothing), float(js_beta), math.log(js_beta),
         math.log1p(-js_beta),
         num_warps=warps, **constexprs,
     )
-    return loss, grad
+    return loss, grad, status
 
 
 TOPK_MAX_BLOCK = 8192
@@ -474,14 +482,15 @@ def sp_bwd(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Te
 # where the tests set them.
 @torch.library.custom_op("fusedloss::sp_fwd", mutates_args=())
 def _sp_fwd_op(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
-               js_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+               js_beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return sp_fwd(q, z, loss_type, temperature, label_smoothing, js_beta=js_beta)
 
 
 @_sp_fwd_op.register_fake
 def _(q, z, loss_type, temperature, label_smoothing, js_beta):
     return (z.new_empty(z.shape[0], dtype=torch.float32),
-            torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device))
+            torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device),
+            z.new_empty(z.shape[0], dtype=torch.int8))
 
 
 @torch.library.custom_op("fusedloss::sp_bwd", mutates_args=())
@@ -502,7 +511,7 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
 
 
-def _backward(ctx, grad_rows, grad_grad):
+def _backward(ctx, grad_rows, grad_grad, grad_status=None):
     (g,) = ctx.saved_tensors
     return None, None if grad_rows is None else _sp_bwd_op(g, grad_rows, ctx.dtype), None, None, None, None
 
@@ -538,19 +547,22 @@ _sp_topk_fwd_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
 def sp_fused(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
-             js_beta: float = 0.5) -> torch.Tensor:
+             js_beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses ``[N]`` (fp32) of ``[N, A]`` teacher values ``q`` and student logits ``z``
-    through the kernel; the teacher gets no gradient."""
+    through the kernel, and the teacher's per-row check codes (``status`` of :func:`sp_fwd`); the
+    teacher gets no gradient."""
     reject_grad_transforms("sp", z)
-    rows, _ = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing), float(js_beta))
-    return rows
+    rows, _, status = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing),
+                                 float(js_beta))
+    return rows, status
 
 
 def sp_op(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
           js_beta: float = 0.5):
     """``(row_loss fp32 [N], grad [N, A])`` of :func:`sp_fwd` through its custom op, for callers
     that use the gradient themselves (``sp_linear_loss``), so ``torch.compile`` traces the call."""
-    return _sp_fwd_op(q, z, loss_type, float(temperature), float(label_smoothing), float(js_beta))
+    rows, grad, _ = _sp_fwd_op(q, z, loss_type, float(temperature), float(label_smoothing), float(js_beta))
+    return rows, grad
 
 
 def sp_topk_op(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float):
@@ -574,7 +586,8 @@ def compile_variants():
         for dt in ("bf16", "fp32"):
             for code in (SpLossType.CE, SpLossType.CE_SOFT_FWD, SpLossType.JS):
                 c, warps = _fwd_constexprs(code.loss_type, 0.1, A)
-                t = {**scalars, "q_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}"}
+                t = {**scalars, "q_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
+                     "status_ptr": "*i8"}
                 ints = {"N": 8192, "A": A, "stride_q": A, "stride_z": A, "stride_g": A}
                 yield AotVariant(f"sp A={A} {dt} {code.loss_type}", _sp_fwd_kernel, signature(_sp_fwd_kernel, t, c),
                                  c, warps, ints)

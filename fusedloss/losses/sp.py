@@ -26,7 +26,7 @@ import torch
 
 from .._dispatch import Backend, resolve_backend
 from .._families import Family, VerifyCase
-from ..metrics import finalize_metrics
+from ..metrics import AnyEqual, finalize_metrics
 from ._common import (
     ConfigLoss,
     LossConfig,
@@ -168,8 +168,8 @@ def align_teacher(teacher: torch.Tensor, V: int, mode: str) -> torch.Tensor:
     one padded with ``-inf`` (one copy): the student's extra actions are padded actions, which drop
     out of both distributions and get zero gradient, as any ``-inf`` teacher value."""
     check_teacher_vocab(mode)
-    if mode == "strict" or not isinstance(teacher, torch.Tensor) or teacher.dim() < 1:
-        return teacher
+    if mode == "strict" or not isinstance(teacher, torch.Tensor) or teacher.dim() < 1 or not teacher.is_floating_point():
+        return teacher  # the checks that follow name what is wrong
     Vt = teacher.shape[-1]
     if Vt > V:
         return teacher[..., :V]
@@ -279,16 +279,27 @@ def _kl_to_mix(a: torch.Tensor, log_a: torch.Tensor, b: torch.Tensor, log_m: tor
     return torch.where(small, a * _phi_series(u), _wmul(a, log_a - log_m) + diff)
 
 
+def _q_star_messages(name: str) -> tuple[str, str]:
+    return (f"{name} contains NaN or +inf (use -inf to mark padded actions).",
+            f"{name} has a row with no finite entry (every action padded with -inf).")
+
+
 def q_star_checks(q: torch.Tensor, name: str):
     """The teacher's input checks from one pass over it: a row's max is NaN when the row holds a
     NaN (amax propagates NaN), +inf when it holds +inf, and -inf when every entry is padding."""
     row_max = q.detach().amax(dim=-1)
     bad_value = (torch.isnan(row_max) | (row_max == float("inf"))).any()
     empty_row = (row_max == float("-inf")).any()
-    return [
-        (bad_value, f"{name} contains NaN or +inf (use -inf to mark padded actions)."),
-        (empty_row, f"{name} has a row with no finite entry (every action padded with -inf)."),
-    ]
+    bad_msg, empty_msg = _q_star_messages(name)
+    return [(bad_value, bad_msg), (empty_row, empty_msg)]
+
+
+def status_checks(status: torch.Tensor, name: str):
+    """The same checks from the per-row codes the sp kernel writes (1: NaN or +inf, 2: no finite
+    entry), evaluated only when the metrics are packed: no second read of the teacher, and in lazy
+    mode no launch in the loss call."""
+    bad_msg, empty_msg = _q_star_messages(name)
+    return [(AnyEqual(status, 1), bad_msg), (AnyEqual(status, 2), empty_msg)]
 
 
 def _reduce(per_row: torch.Tensor, reduction: str, weight: torch.Tensor | None) -> torch.Tensor:
@@ -324,16 +335,20 @@ def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, redu
 
 
 def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta=0.5,
-             temperature_mode="teacher") -> torch.Tensor:
-    """Per-row losses of validated ``[N, A]`` inputs on the chosen backend."""
+             temperature_mode="teacher", name="q_targets"):
+    """Per-row losses of validated ``[N, A]`` inputs on the chosen backend, and the teacher's input
+    checks: from the kernel's per-row codes on the kernel path, from one more read of the teacher
+    (:func:`q_star_checks`, computed only when called) on the reference path."""
     z = student_at_temperature(logits, temperature, temperature_mode)
     if resolve_backend(backend, "sp", logits, q_targets) is Backend.TRITON:
         from ..kernels import sp as kernels
 
-        rows = kernels.sp_fused(q_targets, z, loss_type, temperature, label_smoothing, js_beta=js_beta)
+        rows, status = kernels.sp_fused(q_targets, z, loss_type, temperature, label_smoothing, js_beta=js_beta)
+        checks = lambda: status_checks(status, name)  # noqa: E731
     else:
         rows = sp_reference(q_targets, z, loss_type, temperature, label_smoothing, js_beta)
-    return rows_at_temperature(rows, temperature, temperature_mode)
+        checks = lambda: q_star_checks(q_targets, name)  # noqa: E731
+    return rows_at_temperature(rows, temperature, temperature_mode), checks
 
 
 def _dense_loss(q_targets, logits, *, loss_type, temperature, label_smoothing, reduction, weight, backend,
@@ -343,10 +358,11 @@ def _dense_loss(q_targets, logits, *, loss_type, temperature, label_smoothing, r
         q_targets = align_teacher(q_targets, logits.shape[-1], teacher_vocab)
     _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, js_beta)
     check_temperature_mode(temperature_mode)
-    rows = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta, temperature_mode)
+    rows, checks = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta,
+                            temperature_mode)
     loss = _reduce(rows, reduction, weight)
     if check_inputs:
-        finalize_metrics({}, q_star_checks(q_targets, "q_targets"), "float")
+        finalize_metrics({}, checks(), "float")
     return loss
 
 
@@ -424,10 +440,10 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
     if logits.numel() == 0:
         raise ValueError("sp_loss: the batch is empty (no tokens).")
     q_rows, l_rows = q_star.reshape(-1, A), logits.reshape(-1, A)
-    loss = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, cfg.backend,
-                    cfg.js_beta, cfg.temperature_mode).mean()
-    checks = q_star_checks(q_rows, "step_stream['q_star']")
-    return loss, finalize_metrics({"sp_loss": loss}, checks, cfg.metrics_mode)
+    rows, checks = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, cfg.backend,
+                            cfg.js_beta, cfg.temperature_mode, "step_stream['q_star']")
+    loss = rows.mean()
+    return loss, finalize_metrics({"sp_loss": loss}, checks(), cfg.metrics_mode)
 
 
 TOPK_LOSS_TYPES = ("kl-fwd", "ce-soft-fwd")
