@@ -208,3 +208,14 @@ def test_canaries_catch_writes_past_either_end():
         b._base[b.storage_offset() + offset] = 0.0  # one element just before, or just after
         with pytest.raises(AssertionError, match="1 element"):
             assert_canaries_intact(b)
+
+
+def test_vmap_over_the_fused_loss_matches_a_loop(device):
+    """torch.func.vmap runs the kernel path through its custom op (the eager Function has no vmap
+    rule): the batched losses equal a loop over the batch."""
+    q, _ = make_sp_inputs(3, 7, torch.float32, device, seed=12)
+    zs = torch.randn(4, 3, 7, generator=torch.Generator().manual_seed(13)).to(device)
+    call = lambda z: fl.sp_kl_loss(q, z, 1.3, backend="triton", check_inputs=False)  # noqa: E731
+    got = torch.func.vmap(call)(zs)
+    want = torch.stack([call(z) for z in zs])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

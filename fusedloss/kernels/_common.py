@@ -16,7 +16,7 @@ import triton.language as tl
 from .._dispatch import interpreter_enabled
 
 __all__ = ["constexpr_namespace", "AotVariant", "signature", "last_dim_contiguous", "as_loadable", "stored_grad_dtype",
-           "no_double_backward", "reject_grad_transforms", "launcher", "nanmax", "nanmin", "online_lse_update"]
+           "no_double_backward", "double_backward_error", "reject_grad_transforms", "launcher", "nanmax", "nanmin", "online_lse_update"]
 
 _INTERPRETER_LOCK = threading.RLock()
 
@@ -79,13 +79,17 @@ def constexpr_namespace(table: type[enum.IntEnum]) -> types.ModuleType:
     return ns
 
 
+def double_backward_error(family: str) -> RuntimeError:
+    return RuntimeError(f"double backward through the fused {family} kernel is not supported; use "
+                        "backend='torch' for higher-order gradients.")
+
+
 def no_double_backward(op, family: str) -> None:
     """Give the backward custom op ``op`` an autograd formula that raises a clear error: the fused
     backward is not itself differentiable (double backward needs the reference)."""
 
     def backward(ctx, *grads):
-        raise RuntimeError(f"double backward through the fused {family} kernel is not supported; use "
-                           "backend='torch' for higher-order gradients.")
+        raise double_backward_error(family)
 
     op.register_autograd(backward)
 

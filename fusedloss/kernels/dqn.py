@@ -53,7 +53,8 @@ import triton
 import triton.language as tl
 
 from ._common import (AotVariant, as_loadable, constexpr_namespace, last_dim_contiguous, launcher, nanmax, nanmin,
-                      no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
+                      no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype,
+                      double_backward_error)
 
 __all__ = ["DqnPartial", "DqnMetric", "dqn_fwd", "dqn_bwd", "dqn_fused", "n_step_window", "compile_variants"]
 
@@ -797,18 +798,61 @@ _dqn_fwd_op.register_autograd(_backward, setup_context=_setup)
 no_double_backward(_dqn_bwd_op, "dqn")
 
 
+# Eager calls skip the custom ops, whose dispatch costs far more host time than the launches at RL shapes; the
+# custom ops are what torch.compile traces and what torch.func transforms fall back on.
+class _DqnBwdFunction(torch.autograd.Function):
+    """:func:`dqn_bwd` under ``create_graph=True``: the graph it joins raises on a second backward."""
+
+    @staticmethod
+    def forward(ctx, g, grad_output, inv_count, dtype, anchor):
+        return dqn_bwd(g, grad_output, inv_count, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise double_backward_error("dqn")
+
+
+class _DqnFwdFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, q_target, action, reward, done, weight, mask, scalars):
+        loss, metrics, grad, td = dqn_fwd(q, q_target, action, reward, done, weight, mask, **scalars)
+        ctx.mark_non_differentiable(metrics, td)
+        ctx.set_materialize_grads(False)
+        ctx.dtype = q.dtype
+        ctx.save_for_backward(grad, metrics)
+        return loss, metrics, td
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics, _grad_td):
+        if grad_loss is None:
+            return (None,) * 8
+        grad, metrics = ctx.saved_tensors
+        inv_count = metrics[DqnMetric.INV_COUNT:DqnMetric.INV_COUNT + 1]
+        if torch.is_grad_enabled():  # create_graph=True
+            anchor = torch.empty(0, device=grad.device, requires_grad=True)
+            dq = _DqnBwdFunction.apply(grad, grad_loss, inv_count, ctx.dtype, anchor)
+        else:
+            dq = dqn_bwd(grad, grad_loss, inv_count, ctx.dtype)
+        return (dq,) + (None,) * 7
+
+
 def dqn_fused(q, q_target, action, reward, done, weight=None, mask=None, **scalars):
     """The fused path behind :func:`fusedloss.dqn_loss`; ``scalars`` are :func:`dqn_fwd`'s keyword
     scalars. Returns ``(loss, metrics, td_abs)``: ``metrics`` is the ``[len(DqnMetric)]`` device
     buffer, metric values and input-check flags alike (no extra launch)."""
-    reject_grad_transforms("dqn", q)
-    params = [float(scalars[k]) for k in PARAMS]
-    flags = [bool(scalars[k]) for k in FLAGS]
+    n_step = min(int(scalars["n_step"]), 2**31 - 1)  # any longer window is the whole sequence
     td_lambda = scalars["td_lambda"]
-    loss, metrics, _, td = _dqn_fwd_op(q, q_target.detach(), action, reward, done, weight, mask, params, flags,
-                                       min(int(scalars["n_step"]), 2**31 - 1),  # any longer window is the whole sequence
-                                       None if td_lambda is None else float(td_lambda))
-    return loss, metrics, td
+    td_lambda = None if td_lambda is None else float(td_lambda)
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(q):
+        reject_grad_transforms("dqn", q)
+        params = [float(scalars[k]) for k in PARAMS]
+        flags = [bool(scalars[k]) for k in FLAGS]
+        loss, metrics, _, td = _dqn_fwd_op(q, q_target.detach(), action, reward, done, weight, mask, params, flags,
+                                           n_step, td_lambda)
+        return loss, metrics, td
+    kw = {k: float(scalars[k]) for k in PARAMS}
+    kw.update({k: bool(scalars[k]) for k in FLAGS}, n_step=n_step, td_lambda=td_lambda)
+    return _DqnFwdFunction.apply(q, q_target.detach(), action, reward, done, weight, mask, kw)
 
 
 def compile_variants():

@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, constexpr_namespace, last_dim_contiguous, launcher, nanmax, nanmin,
-                      no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
+from ._common import (AotVariant, constexpr_namespace, double_backward_error, last_dim_contiguous, launcher, nanmax,
+                      nanmin, no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "sp_op", "sp_topk_fwd", "sp_topk_fused", "sp_topk_op",
            "compile_variants"]
@@ -546,15 +546,75 @@ def _topk_backward(ctx, grad_rows, grad_grad):
 _sp_topk_fwd_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
+# Eager calls skip the custom ops: their dispatch (schema checks, the autograd wrapper, Dynamo's disable guard)
+# costs far more host time than these launches. The custom ops are what torch.compile traces.
+class _RowsBackward:
+    """The backward both eager forwards share: the stored gradient times each row's upstream gradient."""
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_status=None):
+        if grad_rows is None:
+            return (None,) * ctx.n_inputs
+        (g,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: dz joins a graph whose backward raises
+            anchor = torch.empty(0, device=g.device, requires_grad=True)
+            dz = _SpBwdFunction.apply(g, grad_rows, ctx.dtype, anchor)
+        else:
+            dz = sp_bwd(g, grad_rows, ctx.dtype)
+        return tuple(dz if i == ctx.z_index else None for i in range(ctx.n_inputs))
+
+
+class _SpBwdFunction(torch.autograd.Function):
+    """:func:`sp_bwd` under ``create_graph=True``: the graph it joins raises a clear error on a second
+    backward."""
+
+    @staticmethod
+    def forward(ctx, g, scale, dtype, anchor):
+        return sp_bwd(g, scale, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise double_backward_error("sp")
+
+
+class _SpFwdFunction(_RowsBackward, torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, z, loss_type, temperature, label_smoothing, js_beta):
+        rows, grad, status = sp_fwd(q, z, loss_type, temperature, label_smoothing, js_beta=js_beta)
+        ctx.dtype, ctx.z_index, ctx.n_inputs = z.dtype, 1, 6
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(status)
+        ctx.save_for_backward(grad)
+        return rows, status
+
+
+class _SpTopkFwdFunction(_RowsBackward, torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, index, logprob, z, loss_type, temperature):
+        rows, grad = sp_topk_fwd(index, logprob, z, loss_type, temperature)
+        ctx.dtype, ctx.z_index, ctx.n_inputs = z.dtype, 2, 5
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad)
+        return rows
+
+
+def _transformed(z: torch.Tensor) -> bool:
+    """Whether ``z`` is a torch.func wrapper (``vmap``'s batched tensor and the like): then the
+    custom op, which has their fallbacks, runs instead of the eager Function."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(z)
+
+
 def sp_fused(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
              js_beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses ``[N]`` (fp32) of ``[N, A]`` teacher values ``q`` and student logits ``z``
     through the kernel, and the teacher's per-row check codes (``status`` of :func:`sp_fwd`); the
     teacher gets no gradient."""
-    reject_grad_transforms("sp", z)
-    rows, _, status = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing),
-                                 float(js_beta))
-    return rows, status
+    if torch.compiler.is_compiling() or _transformed(z):
+        reject_grad_transforms("sp", z)
+        rows, _, status = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing),
+                                     float(js_beta))
+        return rows, status
+    return _SpFwdFunction.apply(q.detach(), z, loss_type, float(temperature), float(label_smoothing), float(js_beta))
 
 
 def sp_op(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
@@ -574,9 +634,11 @@ def sp_topk_fused(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, l
                   temperature: float) -> torch.Tensor:
     """Per-row losses ``[N]`` (fp32) of a top-k teacher against student logits ``z`` ``[N, V]``
     through the kernel; the teacher gets no gradient."""
-    reject_grad_transforms("sp", z)
-    rows, _ = _sp_topk_fwd_op(index, logprob.detach(), z, loss_type, float(temperature))
-    return rows
+    if torch.compiler.is_compiling() or _transformed(z):
+        reject_grad_transforms("sp", z)
+        rows, _ = _sp_topk_fwd_op(index, logprob.detach(), z, loss_type, float(temperature))
+        return rows
+    return _SpTopkFwdFunction.apply(index, logprob.detach(), z, loss_type, float(temperature))
 
 
 def compile_variants():
