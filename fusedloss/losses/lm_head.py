@@ -31,6 +31,7 @@ from .._dispatch import Backend, resolve_backend
 from .._families import Family, VerifyCase
 from ._common import ConfigLoss, LossConfig, check_config_common, require_float, require_same_device
 from .sp import check_reduction
+from ._vocab_parallel import _check_replicated, resolve_vocab_shard
 from .sp_linear import default_chunk_size
 
 __all__ = ["linear_logprob", "linear_cross_entropy", "LinearCrossEntropyConfig", "LinearCrossEntropyLoss"]
@@ -99,14 +100,19 @@ def _pass(hidden, weight, bias, labels, valid, opts, chunk: int, triton_path: bo
     (``(stats_chunk, r0, r1) -> coef [n, 4]``) is given, the gradients ``want`` asks for, of
     ``hidden`` (its dtype), ``weight`` and ``bias`` (fp32, fp64 for fp64). ``stats`` given: reused,
     not recomputed."""
-    inv_t, softcap = opts
+    inv_t, softcap, shard = opts
     N = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     w = weight.detach()
     w_mm = w if (hidden.is_cuda or w.dtype == acc) else w.to(acc)  # upcast once, not once per chunk
     b = None if bias is None else bias.detach()
     out_stats = torch.empty(N, 4, dtype=acc, device=hidden.device) if stats is None else stats
-    g_hidden = torch.empty_like(hidden) if want[0] else None
+    # a vocabulary shard's partial gradients of hidden are summed over the group: in fp32, once, at the end
+    g_hidden = (torch.empty(N, hidden.shape[1], dtype=acc, device=hidden.device) if shard is not None
+                else torch.empty_like(hidden)) if want[0] else None
+    if shard is not None:  # this shard's columns of each label, -1 (no column) elsewhere
+        in_shard = (labels >= shard.offset) & (labels < shard.offset + w.shape[0])
+        labels = torch.where(in_shard, labels - shard.offset, torch.full_like(labels, -1))
     g_weight = torch.zeros(w.shape, dtype=acc, device=w.device) if want[1] else None
     g_bias = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want[2] else None
     if triton_path:
@@ -121,6 +127,8 @@ def _pass(hidden, weight, bias, labels, valid, opts, chunk: int, triton_path: bo
         if stats is None:
             st = (kernels.stats_op(z, y, inv_t, softcap) if triton_path
                   else lm_head_stats_reference(z, y, inv_t, softcap))
+            if shard is not None:
+                st = shard.combine(st, in_shard[r0:r1])
             out_stats[r0:r1] = st
         else:
             st = stats[r0:r1]
@@ -131,12 +139,17 @@ def _pass(hidden, weight, bias, labels, valid, opts, chunk: int, triton_path: bo
               else lm_head_grad_reference(z, y, st, coef, inv_t, softcap))
         del z
         if g_hidden is not None:
-            g_hidden[r0:r1] = (dz.to(hidden.dtype) @ w) if hidden.dtype != acc else (dz @ w_mm).to(hidden.dtype)
+            if shard is not None:
+                g_hidden[r0:r1] = dz @ w_mm.to(acc)
+            else:
+                g_hidden[r0:r1] = (dz.to(hidden.dtype) @ w) if hidden.dtype != acc else (dz @ w_mm).to(hidden.dtype)
         if g_weight is not None:
             g_weight.addmm_(dz.T, h.to(acc))
         if g_bias is not None:
             g_bias += dz.sum(dim=0)
         del dz
+    if shard is not None and g_hidden is not None:
+        g_hidden = shard.all_reduce(g_hidden).to(hidden.dtype)
     return out_stats, g_hidden, g_weight, g_bias
 
 
@@ -206,7 +219,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, valid, opts, ce_opts, reduction, chunk, triton_path, grad_mode):
         eps, z_loss = ce_opts
-        V = weight.shape[0]
+        V = opts[2].vocab if opts[2] is not None else weight.shape[0]
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.reduction = reduction
         want = tuple(bool(n) and grad_mode for n in ctx.needs_input_grad[:3])
@@ -235,7 +248,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             hidden, weight, bias, labels, valid, stats = ctx.saved_tensors
             opts, (eps, z_loss), chunk, triton_path, want = ctx.args
             g = torch.where(valid, grad_out.to(stats.dtype), torch.zeros((), dtype=stats.dtype, device=stats.device))
-            V = weight.shape[0]
+            V = opts[2].vocab if opts[2] is not None else weight.shape[0]
             _, gh, gw, gb = _pass(hidden, weight, bias, labels, valid, opts, chunk, triton_path,
                                   coef_of=lambda st, r0, r1: _ce_coef(st, g[r0:r1], eps, z_loss, V), stats=stats,
                                   want=want)
@@ -289,7 +302,7 @@ _COMPILE_HINT = ("check_inputs=True checks the labels' range on the host (one sy
                  "never an out-of-bounds read).")
 
 
-def _check_labels(labels, valid, V: int):
+def _check_labels(labels, valid, V: int, sharded: bool = False):
     """One host sync: every label that is not ignored lies in ``[0, V)``. A compiled region breaks
     its graph here, and with ``fullgraph=True`` the error says to pass ``check_inputs=False``."""
     if torch.compiler.is_compiling():  # torch._dynamo is loaded whenever something compiles
@@ -297,7 +310,8 @@ def _check_labels(labels, valid, V: int):
     bad = valid & ((labels < 0) | (labels >= V))
     if bool(bad.any()):
         first = labels[bad][0].item()
-        raise ValueError(f"labels must lie in [0, V) = [0, {V}) or equal ignore_index, got {first}. "
+        hint = "" if sharded else " (a vocabulary-sharded head needs group=: then V is the whole vocabulary)"
+        raise ValueError(f"labels must lie in [0, V) = [0, {V}) or equal ignore_index, got {first}{hint}. "
                          "Pass check_inputs=False to skip this check (and its host sync).")
 
 
@@ -312,23 +326,27 @@ def _check_ce_options(reduction, label_smoothing, z_loss, softcap, shift) -> Non
         raise TypeError(f"shift must be a bool, got {shift!r}.")
 
 
-def _flat_rows(hidden, weight, labels, V: int, ignore_index: int, chunk_size, backend, check_inputs: bool):
+def _flat_rows(hidden, weight, labels, shard, ignore_index: int, chunk_size, backend, check_inputs: bool):
     """What both LM-head losses run on: ``hidden`` as rows ``[N, H]``, the labels ``[N]``, which
-    rows are not ignored (their range checked where ``check_inputs``), the rows per chunk and
-    whether the kernels run (no dispatch for zero rows: the callers return zeros)."""
+    rows are not ignored (their range checked against the whole vocabulary where ``check_inputs``),
+    the rows per chunk and whether the kernels run (no dispatch for zero rows: the callers return
+    zeros)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).contiguous()  # the kernels read label r at labels_ptr + r
     valid = y != ignore_index
     if check_inputs:
-        _check_labels(y, valid, V)
-    chunk = chunk_size or default_chunk_size(h.shape[0], V, h.shape[1])
+        _check_labels(y, valid, weight.shape[0] if shard is None else shard.vocab, shard is not None)
+        if shard is not None:
+            _check_replicated(h, shard, "hidden")
+    chunk = chunk_size or default_chunk_size(h.shape[0], weight.shape[0] if shard is None else shard.max_rows,
+                                             h.shape[1])
     triton_path = h.shape[0] > 0 and resolve_backend(backend, "lm_head", hidden, weight) is Backend.TRITON
     return h, y, valid, chunk, triton_path
 
 
 def linear_logprob(hidden, weight, labels, *, bias=None, temperature: float = 1.0, softcap: float | None = None,
                    ignore_index: int = -100, return_entropy: bool = False, chunk_size: int | None = None,
-                   backend: str = "auto", check_inputs: bool = True):
+                   backend: str = "auto", check_inputs: bool = True, group=None, vocab_offset: int | None = None):
     """The log-probability of each chosen token under the LM head, without the ``[N, V]`` logits.
 
     ``hidden`` ``[..., H]``, ``weight`` ``[V, H]``, ``labels`` int ``[...]`` (the chosen tokens),
@@ -341,16 +359,27 @@ def linear_logprob(hidden, weight, labels, *, bias=None, temperature: float = 1.
     Works under ``torch.no_grad()`` (rollouts). ``chunk_size``: rows per chunk (default
     :func:`fusedloss.losses.sp_linear.default_chunk_size`). ``check_inputs`` checks the labels' range with one host
     sync; ``False`` skips it (an out-of-range label then gives NaN, never an out-of-bounds read).
+
+    **Vocabulary parallel.** With ``group=`` (a ``torch.distributed`` process group), ``weight``
+    ``[V_r, H]`` and ``bias`` ``[V_r]`` are this rank's contiguous rows of the head, in rank order
+    (uneven shards allowed; ``vocab_offset=`` states this rank's first row, checked against the
+    sizes all-gathered once per group); ``hidden`` and the (global) ``labels`` are the same on
+    every rank. A ``Shard(0)`` DTensor ``weight`` on a 1-D mesh is used so without ``group=``.
+    Every rank returns the same global values and the full gradient of ``hidden``; the weight's
+    gradient is its rows of the full one. Per chunk the ranks all-gather 5 numbers per row, and the
+    gradient of ``hidden`` is all-reduced once. ``check_inputs`` also checks that ``hidden`` is the
+    same on every rank; ``chunk_size``, if given, must be too. See the Distributed guide.
     """
-    V = _check_head(hidden, weight, bias, labels, ignore_index, chunk_size)
+    weight, bias, shard = resolve_vocab_shard(weight, bias, group, vocab_offset)
+    _check_head(hidden, weight, bias, labels, ignore_index, chunk_size)
     _check_softcap_temperature(softcap, temperature)
     shape = labels.shape
-    h, y, valid, chunk, triton_path = _flat_rows(hidden, weight, labels, V, ignore_index, chunk_size, backend,
+    h, y, valid, chunk, triton_path = _flat_rows(hidden, weight, labels, shard, ignore_index, chunk_size, backend,
                                                  check_inputs)
     if h.shape[0] == 0:
         empty = torch.zeros(shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
         return (empty, empty.clone()) if return_entropy else empty
-    opts = (1.0 / float(temperature), None if softcap is None else float(softcap))
+    opts = (1.0 / float(temperature), None if softcap is None else float(softcap), shard)
     logprob, entropy = _LogprobFunction.apply(h, weight, bias, y, valid, opts, chunk, triton_path)
     logprob = logprob.reshape(shape)
     return (logprob, entropy.reshape(shape)) if return_entropy else logprob
@@ -359,7 +388,7 @@ def linear_logprob(hidden, weight, labels, *, bias=None, temperature: float = 1.
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, reduction: str = "mean", label_smoothing: float = 0.0,
                          z_loss: float = 0.0, ignore_index: int = -100, softcap: float | None = None,
                          shift: bool = False, return_lse: bool = False, chunk_size: int | None = None,
-                         backend: str = "auto", check_inputs: bool = True):
+                         backend: str = "auto", check_inputs: bool = True, group=None, vocab_offset: int | None = None):
     """Cross-entropy of the LM head ``z = hidden @ weight.T + bias`` on hard ``labels``, without the
     ``[N, V]`` logits.
 
@@ -373,10 +402,12 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, reduction: str = 
     outputs are ``[B, T-1]``, ``hidden[:, -1]`` gets a zero gradient, and ``hidden`` is not copied.
     ``return_lse=True`` returns ``(loss, lse)``, ``lse`` per token (0 where ignored; no gradient).
     For ``mean`` and ``sum`` the gradients are computed in the forward and only scaled in
-    backward; for ``none`` backward recomputes the chunks. ``check_inputs`` as in
-    :func:`linear_logprob`.
+    backward; for ``none`` backward recomputes the chunks. ``check_inputs``, ``group=`` and
+    ``vocab_offset=`` (a vocabulary-parallel head: label smoothing and z-loss keep their global
+    meaning) as in :func:`linear_logprob`.
     """
-    V = _check_head(hidden, weight, bias, labels, ignore_index, chunk_size)
+    weight, bias, shard = resolve_vocab_shard(weight, bias, group, vocab_offset)
+    _check_head(hidden, weight, bias, labels, ignore_index, chunk_size)
     _check_ce_options(reduction, label_smoothing, z_loss, softcap, shift)
     out_shape = labels.shape
     if shift:
@@ -386,14 +417,14 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, reduction: str = 
         # the labels move, not hidden: row (b, t) of the flat view is scored against labels[b, t+1]
         labels = torch.cat([labels[:, 1:], labels.new_full((B, 1), ignore_index)], dim=1)
         out_shape = (B, max(T - 1, 0))
-    h, y, valid, chunk, triton_path = _flat_rows(hidden, weight, labels, V, ignore_index, chunk_size, backend,
+    h, y, valid, chunk, triton_path = _flat_rows(hidden, weight, labels, shard, ignore_index, chunk_size, backend,
                                                  check_inputs)
     acc = _acc_dtype(hidden.dtype)
     if h.shape[0] == 0:
         lse = torch.zeros(out_shape, dtype=acc, device=hidden.device)
         loss = lse.clone() if reduction == "none" else (hidden.sum() * 0).to(acc) + (weight.sum() * 0).to(acc)
         return (loss, lse) if return_lse else loss
-    opts = (1.0, None if softcap is None else float(softcap))
+    opts = (1.0, None if softcap is None else float(softcap), shard)
     loss, lse = _CrossEntropyFunction.apply(h, weight, bias, y, valid, opts, (float(label_smoothing), float(z_loss)),
                                             reduction, chunk, triton_path, torch.is_grad_enabled())
     if shift:

@@ -1,0 +1,144 @@
+"""Vocabulary-parallel LM-head losses over torch.distributed, in separate processes on the CPU with
+gloo: on every rank, with uneven shards of the head (world sizes 2 and 3), the loss and every
+gradient equal one process's on the whole head (fp32 to ~1e-6, bf16 by the tolerance rule), on the
+reference path and on the kernels (the Triton interpreter). Each run ends by itself: the process
+group has a 60 s timeout and the spawn joins its processes."""
+
+import datetime
+import os
+
+import pytest
+import torch
+
+import fusedloss as fl
+from fusedloss.testing import assert_close_to_float64
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+
+V = 37
+SHARDS = {2: [10, 27], 3: [5, 20, 12]}  # uneven, in rank order
+PATHS = ["torch"] + (["triton"] if __import__("importlib").util.find_spec("triton") else [])
+
+
+def _inputs(dtype, seed=0, N=9, H=8):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.7).to(dtype)
+    bias = (torch.randn(V, generator=g) * 0.3).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::4] = -100
+    ups = torch.randn(2, N, generator=g)
+    return hidden, weight, bias, labels, ups
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def _logprob_loss(h, w, b, y, ups, **kw):
+    lp, ent = fl.linear_logprob(h, w, y, bias=b, temperature=0.8, softcap=5.0, return_entropy=True, chunk_size=4,
+                                **kw)
+    return lp, ent, (lp * ups[0]).sum() + (ent * ups[1]).sum()
+
+
+def _ce_losses(h, w, b, y, ups, **kw):
+    mean = fl.linear_cross_entropy(h, w, y, bias=b, label_smoothing=0.1, z_loss=1e-3, chunk_size=4, **kw)
+    rows = fl.linear_cross_entropy(h.reshape(3, 3, -1), w, y.reshape(3, 3), bias=b, reduction="none", shift=True,
+                                   softcap=4.0, chunk_size=2, **kw)
+    return mean, rows, mean + (rows * ups[0, :6].reshape(3, 2)).sum()
+
+
+def _compare(rank, shard, case, backend, dtype, group_kw):
+    """``case(h, w, b, y, ups, **kw) -> (*outputs, scalar)`` on the shard against the whole head."""
+    off, size = shard
+    hidden, weight, bias, labels, ups = _inputs(dtype)
+    h, w, b = _leaves(hidden, weight, bias)
+    *outs, loss = case(h, w, b, labels, ups, backend=backend)
+    grads = torch.autograd.grad(loss, [h, w, b])
+    h64, w64, b64 = _leaves(hidden.double(), weight.double(), bias.double())
+    *outs64, loss64 = case(h64, w64, b64, labels, ups.double(), backend="torch")
+    grads64 = torch.autograd.grad(loss64, [h64, w64, b64])
+    hs, ws, bs = _leaves(hidden, weight[off:off + size], bias[off:off + size])
+    *outs_d, loss_d = case(hs, ws, bs, labels, ups, backend=backend, **group_kw)
+    grads_d = torch.autograd.grad(loss_d, [hs, ws, bs])
+    rows = slice(off, off + size)
+    tag = f"rank {rank} {backend} {dtype}"
+    for o_d, o, o64 in zip(outs_d + [loss_d], outs + [loss], outs64 + [loss64]):
+        if dtype == torch.float32:
+            torch.testing.assert_close(o_d, o, rtol=1e-5, atol=1e-6, msg=lambda m: f"{tag}: {m}")
+        else:
+            assert_close_to_float64(o_d, o, o64, dtype, tag)
+    for g_d, g, g64, sl in zip(grads_d, grads, grads64, [slice(None), rows, rows]):
+        if dtype == torch.float32:
+            torch.testing.assert_close(g_d, g[sl], rtol=1e-5, atol=1e-6, msg=lambda m: f"{tag} gradient: {m}")
+        else:
+            assert_close_to_float64(g_d, g[sl], g64[sl], dtype, f"{tag} gradient")
+
+
+def _errors(rank, world, shard):
+    off, size = shard
+    hidden, weight, bias, labels, _ = _inputs(torch.float32)
+    w = weight[off:off + size]
+    with pytest.raises(ValueError, match="vocab_offset=3 does not match"):
+        fl.linear_logprob(hidden, w, labels, group=dist.group.WORLD, vocab_offset=3 if off != 3 else 4)
+    bad = labels.clone()
+    bad[1] = V  # in no shard
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, V\) = \[0, {V}\)"):
+        fl.linear_cross_entropy(hidden, w, bad, group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="hidden differs across the vocabulary-parallel group"):
+        fl.linear_cross_entropy(hidden + rank, w, labels, group=dist.group.WORLD)
+    # the same label out of range without the check: NaN, as on one rank, never a silent number
+    out = fl.linear_logprob(hidden, w, bad, group=dist.group.WORLD, check_inputs=False)
+    assert out[1].isnan() and torch.isfinite(out[0])
+
+
+def _dtensor(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    hidden, weight, bias, labels, ups = _inputs(torch.float32, seed=3)
+    h, w = _leaves(hidden, weight)
+    lp, ent, loss = _logprob_loss(h, w, None, labels, ups, backend="torch")
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    hd = hidden.clone().requires_grad_(True)
+    wd = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_(True)  # torch.chunk's split
+    lp_d, ent_d, loss_d = _logprob_loss(hd, wd, None, labels, ups, backend="torch")
+    loss_d.backward()
+    torch.testing.assert_close(lp_d, lp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hd.grad, gh, rtol=1e-5, atol=1e-6)
+    assert tuple(wd.grad.placements) == (Shard(0),)
+    torch.testing.assert_close(wd.grad.full_tensor(), gw, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"placements \(Shard\(0\),\).*Replicate"):
+        fl.linear_logprob(hidden, distribute_tensor(weight, mesh, [Replicate()]), labels)
+
+
+def _worker(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        sizes = SHARDS[world]
+        shard = (sum(sizes[:rank]), sizes[rank])
+        group_kw = {"group": dist.group.WORLD}
+        for backend in PATHS:
+            for dtype in (torch.float32, torch.bfloat16):
+                _compare(rank, shard, _logprob_loss, backend, dtype, group_kw)
+                _compare(rank, shard, _ce_losses, backend, dtype, group_kw)
+        _compare(rank, shard, _ce_losses, "torch", torch.float32, {**group_kw, "vocab_offset": shard[0]})
+        _errors(rank, world, shard)
+        if world == 2:
+            _dtensor(rank, world)
+    except BaseException:  # the other ranks would wait in a collective until the timeout: say why at once
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_lm_head_matches_one_process(world, tmp_path):
+    torch.multiprocessing.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
