@@ -1,7 +1,8 @@
-"""Vocabulary-parallel LM-head losses over torch.distributed, in separate processes on the CPU with
-gloo: on every rank, with uneven shards of the head (world sizes 2 and 3), the loss and every
-gradient equal one process's on the whole head (fp32 to ~1e-6, bf16 by the tolerance rule), on the
-reference path and on the kernels (the Triton interpreter). Each run ends by itself: the process
+"""The distributed losses over torch.distributed, in separate processes on the CPU with gloo
+(world sizes 2 and 3): with uneven shards of the head, the vocabulary-parallel LM-head losses and
+every gradient equal one process's on the whole head (fp32 to ~1e-6, bf16 by the tolerance rule),
+on the reference path and on the kernels (the Triton interpreter); the data-parallel Switch load
+balancing equals one process's on the whole batch, under real DistributedDataParallel too. Each run ends by itself: the process
 group has a 60 s timeout and the spawn joins its processes."""
 
 import datetime
@@ -115,6 +116,34 @@ def _dtensor(rank, world):
         fl.linear_logprob(hidden, distribute_tensor(weight, mesh, [Replicate()]), labels)
 
 
+def _moe(rank, world):
+    """switch_load_balancing_loss(group=): each rank routes its own tokens (uneven batches, masks);
+    every rank's loss is the whole batch's, the ranks' gradients sum to its gradient, and under real
+    DistributedDataParallel, which averages them, grad_reduction="mean" gives it exactly."""
+    import copy
+
+    E, sizes = 5, [7, 4, 6][:world]
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(n, 6, generator=g) for n in sizes]
+    masks = [torch.rand(n, generator=g) > 0.2 for n in sizes]
+    torch.manual_seed(0)
+    router = torch.nn.Linear(6, E)
+    ref = copy.deepcopy(router)
+    loss_ref = fl.switch_load_balancing_loss(ref(torch.cat(xs)), top_k=2, mask=torch.cat(masks))
+    grads_ref = torch.autograd.grad(loss_ref, list(ref.parameters()))
+    mine = copy.deepcopy(router)
+    loss = fl.switch_load_balancing_loss(mine(xs[rank]), top_k=2, mask=masks[rank], group=dist.group.WORLD)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-7)
+    for g_r, g_ref in zip(torch.autograd.grad(loss, list(mine.parameters())), grads_ref):
+        dist.all_reduce(g_r)
+        torch.testing.assert_close(g_r, g_ref, rtol=1e-5, atol=1e-7)
+    ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(router))
+    module = fl.SwitchLoadBalancingLoss(top_k=2, group=dist.group.WORLD, grad_reduction="mean")
+    module(ddp(xs[rank]), masks[rank]).backward()
+    for p, g_ref in zip(ddp.module.parameters(), grads_ref):
+        torch.testing.assert_close(p.grad, g_ref, rtol=1e-5, atol=1e-7)
+
+
 def _worker(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -128,6 +157,7 @@ def _worker(rank, world, init_file):
                 _compare(rank, shard, _ce_losses, backend, dtype, group_kw)
         _compare(rank, shard, _ce_losses, "torch", torch.float32, {**group_kw, "vocab_offset": shard[0]})
         _errors(rank, world, shard)
+        _moe(rank, world)
         if world == 2:
             _dtensor(rank, world)
     except BaseException:  # the other ranks would wait in a collective until the timeout: say why at once

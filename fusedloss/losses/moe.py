@@ -27,18 +27,35 @@ def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     return _router_rows(router_logits).logsumexp(dim=-1).square().mean()
 
 
-def switch_load_balancing_loss(router_logits: torch.Tensor, top_k: int = 1, mask: torch.Tensor | None = None):
+GRAD_REDUCTIONS = ("sum", "mean")
+
+
+def switch_load_balancing_loss(router_logits: torch.Tensor, top_k: int = 1, mask: torch.Tensor | None = None, *,
+                               group=None, grad_reduction: str = "sum"):
     """Switch-Transformer load balancing ``E · Σ_i f_i · P_i``; perfect balance gives 1.0.
 
     ``f_i`` is the fraction of the ``T · top_k`` routing slots that top-k of the softmax sends to
     expert ``i`` (no gradient), ``P_i`` the mean router probability of expert ``i``. ``mask``
     (``router_logits.shape[:-1]``, True for real tokens) drops padded tokens from both terms; with
     no real token the loss is 0.
+
+    **Data parallel.** With ``group=`` (a ``torch.distributed`` process group whose ranks each hold
+    their own tokens) ``f`` and ``P`` are those of the global batch: one all-reduce of ``2E + 1``
+    numbers (the slot counts, the probability sums and the token count). Every rank returns the
+    global loss, and its gradient is this rank's rows of the global gradient, so the ranks'
+    gradients *sum* to the global one (the other ranks' sums enter as constants).
+    ``grad_reduction="mean"`` scales the gradient (not the value) by the group's size, for a
+    trainer that *averages* gradients over the group (DDP, FSDP): without it the averaged
+    gradient is ``1/world`` of the global one (Megatron-LM #3769).
     """
     x = _router_rows(router_logits)
     T, E = x.shape
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an integer in [1, E] = [1, {E}], got {top_k!r}.")
+    if grad_reduction not in GRAD_REDUCTIONS:
+        raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}.")
+    if grad_reduction == "mean" and group is None:
+        raise ValueError("grad_reduction='mean' needs group=: the group whose gradient average it corrects.")
     if mask is None:
         m = torch.ones(T, dtype=x.dtype, device=x.device)
     else:
@@ -53,10 +70,26 @@ def switch_load_balancing_loss(router_logits: torch.Tensor, top_k: int = 1, mask
     probs = x.softmax(dim=-1)
     chosen = probs.detach().topk(top_k, dim=-1).indices
     slots = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
-    n = m.sum().clamp(min=1.0)
-    f = (slots * m[:, None]).sum(dim=0) / (n * top_k)
-    P = (probs * m[:, None]).sum(dim=0) / n
-    return E * (f * P).sum()
+    counts, psum, n = (slots * m[:, None]).sum(dim=0), (probs * m[:, None]).sum(dim=0), m.sum()
+    world = 1
+    if group is not None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("group= needs torch.distributed initialised (torch.distributed.init_process_group).")
+        world = dist.get_world_size(group)
+        local = torch.cat([counts, psum.detach(), n[None]])
+        total = local.clone()
+        dist.all_reduce(total, group=group)
+        counts, n = total[:E], total[2 * E]
+        psum = psum + (total[E:2 * E] - psum.detach())  # the global sums, with the gradient of this rank's rows
+    n = n.clamp(min=1.0)
+    f = counts / (n * top_k)
+    P = psum / n
+    loss = E * (f * P).sum()
+    if grad_reduction == "mean":
+        loss = loss + (world - 1) * (loss - loss.detach())  # the value stays; the gradient is world times larger
+    return loss
 
 
 class RouterZLoss(nn.Module):
@@ -67,17 +100,20 @@ class RouterZLoss(nn.Module):
 
 
 class SwitchLoadBalancingLoss(nn.Module):
-    """``nn.Module`` form of :func:`switch_load_balancing_loss`; ``forward(router_logits, mask=None)``."""
+    """``nn.Module`` form of :func:`switch_load_balancing_loss`; ``forward(router_logits, mask=None,
+    group=None)``. A process group cannot come from a config: give it here or at each call (the
+    call's wins)."""
 
-    def __init__(self, top_k: int = 1):
+    def __init__(self, top_k: int = 1, group=None, grad_reduction: str = "sum"):
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.group, self.grad_reduction = top_k, group, grad_reduction
 
-    def forward(self, router_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return switch_load_balancing_loss(router_logits, self.top_k, mask)
+    def forward(self, router_logits: torch.Tensor, mask: torch.Tensor | None = None, group=None) -> torch.Tensor:
+        return switch_load_balancing_loss(router_logits, self.top_k, mask, group=group or self.group,
+                                          grad_reduction=self.grad_reduction)
 
     def extra_repr(self) -> str:
-        return f"top_k={self.top_k}"
+        return f"top_k={self.top_k}, grad_reduction={self.grad_reduction!r}"
 
 
 @dataclasses.dataclass
@@ -94,13 +130,17 @@ class SwitchLoadBalancingLossFactory(LossConfig):
 
     top_k: int = 1
     """Experts each token is routed to (>= 1)."""
+    grad_reduction: str = "sum"
+    """``"sum"``, or ``"mean"`` where the trainer averages gradients over the data-parallel group (DDP, FSDP): see :func:`fusedloss.switch_load_balancing_loss`."""
 
     def check_values(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"switch_load_balancing top_k must be an integer >= 1, got {self.top_k!r}.")
+        if self.grad_reduction not in GRAD_REDUCTIONS:
+            raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {self.grad_reduction!r}.")
 
     def build(self) -> nn.Module:
-        return SwitchLoadBalancingLoss(self.top_k)
+        return SwitchLoadBalancingLoss(self.top_k, grad_reduction=self.grad_reduction)
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:
