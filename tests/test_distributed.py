@@ -1,6 +1,7 @@
 """The distributed losses over torch.distributed, in separate processes on the CPU with gloo
 (world sizes 2 and 3): with uneven shards of the head, the vocabulary-parallel LM-head losses and
-every gradient equal one process's on the whole head (fp32 to ~1e-6, bf16 by the tolerance rule),
+sp_linear_loss (dense, linear and top-k teachers, every loss type), and every gradient, equal one
+process's on the whole head (fp32 to ~1e-6, bf16 by the tolerance rule),
 on the reference path and on the kernels (the Triton interpreter); the data-parallel Switch load
 balancing equals one process's on the whole batch, under real DistributedDataParallel too. Each run ends by itself: the process
 group has a 60 s timeout and the spawn joins its processes."""
@@ -116,6 +117,55 @@ def _dtensor(rank, world):
         fl.linear_logprob(hidden, distribute_tensor(weight, mesh, [Replicate()]), labels)
 
 
+def _sp_linear_case(rank, shard, kind, loss_type, dtype, reduction, **opts):
+    """sp_linear_loss on this rank's shard of the student head (and of a dense or linear teacher)
+    against one process on the whole head: loss, and the gradients of hidden, weight and bias."""
+    from fusedloss.testing import make_sp_linear_inputs
+
+    off, size = shard
+    hidden, weight, bias, teacher, _ = make_sp_linear_inputs(10, 6, V, kind, dtype, seed=11, bias=True, pad=0.25)
+    ups = torch.randn(10, generator=torch.Generator().manual_seed(12))
+    rows = slice(off, off + size)
+    if kind == "dense":
+        mine = teacher[:, rows]
+    elif kind == "linear":
+        mine = fl.LinearTeacher(teacher.hidden, teacher.weight[rows], teacher.bias[rows])
+    else:
+        mine = teacher
+
+    def run(h, w, b, t, **kw):
+        loss = fl.sp_linear_loss(h, w, t, loss_type, bias=b, reduction=reduction, chunk_size=3, **opts, **kw)
+        total = loss if reduction != "none" else (loss * ups.to(loss.dtype)).sum()
+        return loss, torch.autograd.grad(total, [h, w, b])
+
+    loss, grads = run(*_leaves(hidden, weight, bias), teacher, backend="torch")
+    loss_d, grads_d = run(*_leaves(hidden, weight[rows], bias[rows]), mine, group=dist.group.WORLD)
+    tag = f"rank {rank} sp_linear {kind} {loss_type} {reduction} {opts} {dtype}"
+    if dtype == torch.float32:
+        torch.testing.assert_close(loss_d, loss, rtol=1e-5, atol=1e-6, msg=lambda m: f"{tag}: {m}")
+        for g_d, g, sl in zip(grads_d, grads, [slice(None), rows, rows]):
+            torch.testing.assert_close(g_d, g[sl], rtol=1e-5, atol=1e-6, msg=lambda m: f"{tag} gradient: {m}")
+    else:
+        t64 = (teacher.double() if kind == "dense" else fl.LinearTeacher(teacher.hidden.double(), teacher.weight.double(),
+                                                                           teacher.bias.double())
+               if kind == "linear" else fl.TopKTeacher(teacher.index, teacher.logprob.double()))
+        loss64, grads64 = run(*_leaves(hidden.double(), weight.double(), bias.double()), t64, backend="torch")
+        assert_close_to_float64(loss_d, loss, loss64, dtype, tag)
+        for g_d, g, g64, sl in zip(grads_d, grads, grads64, [slice(None), rows, rows]):
+            assert_close_to_float64(g_d, g[sl], g64[sl], dtype, f"{tag} gradient")
+
+
+def _sp_linear(rank, shard):
+    for loss_type in ("ce", "ce-soft-fwd", "ce-soft-bwd", "kl-fwd", "kl-bwd", "js"):
+        _sp_linear_case(rank, shard, "dense", loss_type, torch.float32, "mean", temperature=1.3, label_smoothing=0.05)
+    _sp_linear_case(rank, shard, "dense", "js", torch.float32, "none", js_beta=0.3, temperature_mode="both_t2",
+                    temperature=2.0)
+    _sp_linear_case(rank, shard, "linear", "kl-bwd", torch.float32, "sum")
+    _sp_linear_case(rank, shard, "linear", "js", torch.bfloat16, "mean", temperature=0.7)
+    for loss_type in ("kl-fwd", "ce-soft-fwd"):
+        _sp_linear_case(rank, shard, "topk", loss_type, torch.float32, "none", temperature=1.5)
+
+
 def _moe(rank, world):
     """switch_load_balancing_loss(group=): each rank routes its own tokens (uneven batches, masks);
     every rank's loss is the whole batch's, the ranks' gradients sum to its gradient, and under real
@@ -157,6 +207,7 @@ def _worker(rank, world, init_file):
                 _compare(rank, shard, _ce_losses, backend, dtype, group_kw)
         _compare(rank, shard, _ce_losses, "torch", torch.float32, {**group_kw, "vocab_offset": shard[0]})
         _errors(rank, world, shard)
+        _sp_linear(rank, shard)
         _moe(rank, world)
         if world == 2:
             _dtensor(rank, world)

@@ -11,6 +11,7 @@ their shard. The shard sizes are all-gathered once per (group, local size) and c
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from typing import Any
 
@@ -132,3 +133,147 @@ def resolve_vocab_shard(weight, bias, group, vocab_offset):
         raise ValueError(f"vocab_offset={vocab_offset} does not match the shards of group=: their sizes {sizes} in rank "
                          f"order put rank {rank}'s rows at offset {offset}.")
     return weight, bias, VocabShard(group, offset, sum(sizes), world, max(sizes))
+
+
+# --- distillation (sp_linear_loss) over a vocabulary-sharded head ----------------------------------------------------
+
+def _gather_rows(cols: list[torch.Tensor], shard: VocabShard) -> torch.Tensor:
+    """``[world, n, len(cols)]``: every rank's per-row numbers, in one all-gather."""
+    import torch.distributed as dist
+
+    local = torch.stack(cols, dim=1).contiguous()
+    parts = [torch.empty_like(local) for _ in range(shard.world)]
+    dist.all_gather(parts, local, group=shard.group)
+    return torch.stack(parts)
+
+
+def _combine_lse(m: torch.Tensor, s: torch.Tensor, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global ``(max, Σ exp((x - max)·scale))`` of a row from each shard's ``[world, n]`` max and
+    sum relative to its own max (a shard with nothing, max -inf, adds nothing)."""
+    M = m.amax(dim=0)  # NaN propagates
+    M_safe = torch.where(M == float("-inf"), torch.zeros_like(M), M)
+    w = torch.where(m == float("-inf"), torch.zeros_like(m), torch.exp((m - M_safe) * scale))
+    return M, (s * w).sum(dim=0)
+
+
+def _safe_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m = x.amax(dim=-1)
+    return m, torch.where(m == float("-inf"), torch.zeros_like(m), m)
+
+
+def sp_sharded_rows_grad(kind: str, t_chunk, z: torch.Tensor, loss_type: str, temperature: float, eps: float,
+                         beta: float, shard: VocabShard, need_grad: bool):
+    """Per-row losses (global, the same on every rank) of one chunk of this shard's student logits
+    ``z`` ``[n, V_r]`` and the gradient of their sum with respect to ``z``, with the semantics of
+    :func:`fusedloss.sp_reference` / :func:`fusedloss.sp_topk_reference` on the whole row.
+
+    One all-gather of per-row statistics gives the student's and teacher's global log-sum-exps (and,
+    for ``"ce"``, the teacher's argmax; the count of valid actions for smoothing). The loss terms of
+    this shard's columns are then those of the whole-row formulas; with the student's ``lse`` held as
+    an input, ``∂/∂z`` of the local terms plus ``Σ_ranks ∂/∂lse`` times the global softmax is the
+    gradient, and one all-reduce sums the row losses and the ``∂/∂lse``."""
+    import torch.distributed as dist
+
+    from .sp import _kl_to_mix, _over_temperature, _wmul, inverse_temperature
+
+    cd = torch.float64 if z.dtype == torch.float64 else torch.float32
+    zz = z.detach().to(cd)
+    n, Vr = zz.shape
+    zero = torch.zeros((), dtype=cd, device=zz.device)
+    if kind == "topk":
+        idx, logprob = t_chunk
+        used = (idx >= 0) & (idx < shard.vocab)
+        own = used & (idx >= shard.offset) & (idx < shard.offset + Vr)
+        m_z, m_z0 = _safe_max(zz)
+        stats = _gather_rows([m_z, torch.exp(zz - m_z0[:, None]).sum(dim=-1)], shard)
+        M_z, S_z = _combine_lse(stats[..., 0], stats[..., 1], 1.0)
+        lse = M_z + torch.log(S_z)
+        v = logprob.detach().to(cd).masked_fill(~used, float("-inf"))  # the teacher: the same on every rank
+        mx = v.amax(dim=-1, keepdim=True)
+        mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
+        x = _over_temperature(v - mx, temperature)
+        e = x.exp()
+        total = e.sum(dim=-1, keepdim=True)
+        p = torch.where(used & (total != 0), e / total, torch.zeros_like(e))
+        log_p = torch.where(used, x - total.log(), torch.zeros_like(x))
+        local_idx = torch.where(own, idx - shard.offset, torch.zeros_like(idx)).long()
+
+        def per_of(z_, lse_):
+            log_q = torch.where(own, z_.gather(-1, local_idx) - lse_[:, None], zero)
+            per = _wmul(p, log_p - log_q) if loss_type == "kl-fwd" else _wmul(p, -log_q)
+            return torch.where(own, per, zero).sum(dim=-1)
+
+        def softmax_of(lse_):
+            return torch.exp(zz - lse_[:, None])
+    else:
+        q = t_chunk.detach().to(cd)
+        pad = q == float("-inf")
+        inv_t = inverse_temperature(temperature, cd)
+        m_t, m_t0 = _safe_max(q)
+        zv = zz.masked_fill(pad, float("-inf"))
+        m_z, m_z0 = _safe_max(zv)
+        key = torch.where(q == q, q, torch.full_like(q, float("-inf")))
+        best, arg = key.max(dim=-1)
+        stats = _gather_rows([m_t, torch.exp((q - m_t0[:, None]) * inv_t).sum(dim=-1), m_z,
+                              torch.exp(zv - m_z0[:, None]).sum(dim=-1), (~pad).sum(dim=-1).to(cd), best,
+                              (arg + shard.offset).to(cd)], shard)
+        M_t, S_t = _combine_lse(stats[..., 0], stats[..., 1], inv_t)
+        M_z, S_z = _combine_lse(stats[..., 2], stats[..., 3], 1.0)
+        lse = M_z + torch.log(S_z)
+        n_valid = stats[..., 4].sum(dim=0)[:, None]
+        # the teacher's argmax: the first rank that holds the row's max (ties to the lowest index, as torch.argmax)
+        bests = stats[..., 5]
+        first = (bests == bests.amax(dim=0, keepdim=True)).to(torch.int64).argmax(dim=0)
+        target = stats[..., 6].gather(0, first[None])[0].long() - shard.offset
+        log_t = _over_temperature(q - M_t[:, None], temperature) - torch.log(S_t)[:, None]
+        if eps > 0.0 and loss_type != "ce":
+            log_t = torch.log((1.0 - eps) * log_t.exp() + eps / n_valid)
+        log_t0 = log_t.masked_fill(pad, 0.0)
+        p_t = log_t0.exp().masked_fill(pad, 0.0)
+        cols = torch.arange(Vr, device=zz.device)[None, :]
+
+        def per_of(z_, lse_):
+            log_s0 = torch.where(pad, zero, z_ - lse_[:, None])
+            if loss_type == "ce":
+                per = -torch.where(cols == target[:, None], log_s0, zero)
+                if eps:
+                    per = (1.0 - eps) * per + eps * (-log_s0 / n_valid)
+                return per.sum(dim=-1)
+            p_s = log_s0.exp().masked_fill(pad, 0.0)
+            if loss_type == "ce-soft-fwd":
+                per = _wmul(p_t, -log_s0)
+            elif loss_type == "ce-soft-bwd":
+                per = _wmul(p_s, -log_t0)
+            elif loss_type == "kl-fwd":
+                per = _wmul(p_t, log_t0 - log_s0)
+            elif loss_type == "kl-bwd":
+                per = _wmul(p_s, log_s0 - log_t0)
+            else:
+                log_m = torch.logaddexp(log_t0 + math.log(beta), log_s0 + math.log1p(-beta))
+                per = beta * _kl_to_mix(p_t, log_t0, p_s, log_m, 1.0 - beta) + (1.0 - beta) * _kl_to_mix(
+                    p_s, log_s0, p_t, log_m, beta)
+            return torch.where(pad, zero, per).sum(dim=-1)
+
+        def softmax_of(lse_):
+            return torch.where(pad, zero, torch.exp(zz - lse_[:, None]))
+    if not need_grad:
+        rows = per_of(zz, lse)
+        dist.all_reduce(rows, group=shard.group)
+        return rows, None
+    rows, vjp = torch.func.vjp(per_of, zz, lse)
+    g_z, g_lse = vjp(torch.ones_like(rows))
+    both = torch.stack([rows, g_lse], dim=1)
+    dist.all_reduce(both, group=shard.group)
+    return both[:, 0], g_z + both[:, 1:2] * softmax_of(lse)
+
+
+def sharded_q_star_checks(q: torch.Tensor, shard: VocabShard, name: str):
+    """:func:`fusedloss.losses.sp.q_star_checks` of a teacher sharded by columns: the row max over
+    every shard (one all-gather of ``[N]``), so a shard whose part of a row is all padding is no
+    error while the whole row is not."""
+    from .sp import _q_star_messages
+
+    row_max = _gather_rows([q.detach().amax(dim=-1)], shard)[..., 0].amax(dim=0)  # NaN propagates
+    bad_msg, empty_msg = _q_star_messages(name)
+    return [((torch.isnan(row_max) | (row_max == float("inf"))).any(), bad_msg),
+            ((row_max == float("-inf")).any(), empty_msg)]

@@ -26,6 +26,7 @@ from .._dispatch import Backend, resolve_backend
 from .._families import Family, VerifyCase
 from ..metrics import finalize_metrics
 from ._common import ConfigLoss, LossConfig, check_config_common, require_float, require_same_device
+from ._vocab_parallel import _check_replicated, resolve_vocab_shard, sharded_q_star_checks, sp_sharded_rows_grad
 from .sp import (
     align_teacher,
     align_topk_index,
@@ -84,13 +85,14 @@ def default_chunk_size(N: int, V: int, H: int) -> int:
     return min(N, 1 << (rows - 1).bit_length())
 
 
-def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str, label_smoothing: float = 0.0) -> str:
+def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str, label_smoothing: float = 0.0,
+                   V_ids: int | None = None) -> str:
     """The teacher's kind (``dense``, ``topk``, ``linear``) after its shape, dtype and device checks
     against the student's ``hidden`` ``[N, H]`` and ``V`` actions."""
     N = hidden.shape[0]
     if isinstance(teacher, TopKTeacher):
         check_topk_loss_type(loss_type, "loss_type with a TopKTeacher")
-        check_topk_teacher(teacher.index, teacher.logprob, V, hidden, "hidden")
+        check_topk_teacher(teacher.index, teacher.logprob, V if V_ids is None else V_ids, hidden, "hidden")
         if label_smoothing != 0.0:
             raise ValueError(f"label_smoothing must be 0 with a TopKTeacher, got {label_smoothing!r}: a teacher "
                              "that kept k of V log-probabilities does not say where the smoothing mass of the "
@@ -182,13 +184,15 @@ def _chunk_loss_grad(kind, t_chunk, z, opts, triton_path: bool, need_grad: bool 
     """Per-row losses (fp32) of one chunk of student logits ``z`` and their gradient ``d(Σ rows)/dz``
     (None on the reference path when ``need_grad`` is False; the kernel writes it in its one pass).
     The kernel runs through its custom ops, so ``torch.compile`` traces it."""
-    loss_type, temperature, eps, beta, mode = opts
+    loss_type, temperature, eps, beta, mode, shard = opts
     if mode != "teacher":  # the student at temperature too: L(z/T) (·T²), so d/dz = (1/T)(·T²)·L'(z/T)
         z = student_at_temperature(z, temperature, mode)
-        rows, g = _chunk_loss_grad(kind, t_chunk, z, (loss_type, temperature, eps, beta, "teacher"), triton_path,
-                                   need_grad)
+        rows, g = _chunk_loss_grad(kind, t_chunk, z, (loss_type, temperature, eps, beta, "teacher", shard),
+                                   triton_path, need_grad)
         factor = inverse_temperature(temperature, z.dtype) * (temperature ** 2 if mode == "both_t2" else 1.0)
         return rows_at_temperature(rows, temperature, mode), None if g is None else g * factor
+    if shard is not None:  # a vocabulary shard: the whole-row formulas with global statistics, in PyTorch
+        return sp_sharded_rows_grad(kind, t_chunk, z, loss_type, temperature, eps, beta, shard, need_grad)
     if triton_path:
         from ..kernels import sp as kernels
 
@@ -221,8 +225,11 @@ def _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_p
     sum over ``N`` rows of fp16 products overflows long before the ``1/N`` of the mean."""
     N = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    shard = opts[5]
     rows = torch.empty(N, dtype=acc, device=hidden.device)
-    g_hidden = torch.empty_like(hidden) if want[0] else None
+    # a vocabulary shard's partial gradients of hidden are summed over the group: in fp32, once, at the end
+    g_hidden = (torch.empty(N, hidden.shape[1], dtype=acc, device=hidden.device) if shard is not None
+                else torch.empty_like(hidden)) if want[0] else None
     g_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want[1] else None
     g_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want[2] else None
     w_det, b_det = weight.detach(), None if bias is None else bias.detach()
@@ -247,12 +254,14 @@ def _pass(hidden, weight, bias, kind, teacher, row_weight, opts, chunk, triton_p
             g = torch.where((scale == 0)[:, None], torch.zeros((), dtype=g.dtype, device=g.device),
                             g * scale[:, None].to(g.dtype))
         if g_hidden is not None:
-            g_hidden[r0:r1] = g.to(hidden.dtype) @ w_det
+            g_hidden[r0:r1] = g.to(acc) @ w_det.to(acc) if shard is not None else g.to(hidden.dtype) @ w_det
         if g_weight is not None:
             g_weight.addmm_(g.to(acc).T, h.to(acc))
         if g_bias is not None:
             g_bias += g.to(acc).sum(dim=0)
         del g
+    if shard is not None and g_hidden is not None:
+        g_hidden = shard.all_reduce(g_hidden).to(hidden.dtype)
     return rows, g_hidden, g_weight, g_bias
 
 
@@ -307,7 +316,8 @@ class _SpLinearFunction(torch.autograd.Function):
 def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float = 1.0, label_smoothing: float = 0.0,
                    js_beta: float = 0.5, *, bias=None, reduction: str = "mean", row_weight=None,
                    chunk_size: int | None = None, backend: str = "auto", check_inputs: bool = True,
-                   temperature_mode: str = "teacher", teacher_vocab: str = "strict"):
+                   temperature_mode: str = "teacher", teacher_vocab: str = "strict", group=None,
+                   vocab_offset: int | None = None):
     """Distillation loss of the student head ``logits = hidden @ weight.T + bias`` against
     ``teacher``, without ever holding the ``[N, V]`` logits or their gradient.
 
@@ -328,7 +338,18 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     a wider vocabulary is truncated to the first ``V`` ids (a top-k slot beyond them is unused), a
     narrower one padded with ``-inf`` (a linear teacher's head with zero rows and a ``-inf`` bias),
     as :func:`fusedloss.sp_soft_ce_loss` does.
+
+    **Vocabulary parallel.** With ``group=`` (or a ``Shard(0)`` DTensor ``weight``), ``weight`` and
+    ``bias`` are this rank's rows of the student head, as in :func:`fusedloss.linear_logprob`; a
+    dense teacher is ``[N, V_r]``, the same columns, and a ``LinearTeacher``'s head the same rows; a
+    ``TopKTeacher``'s ids are global. Each chunk all-gathers a few numbers per row and all-reduces
+    two; every rank returns the same loss, the full gradient of ``hidden``, and its rows of the
+    head's gradient. That path runs the PyTorch formulas per chunk, not the fused kernel.
     """
+    weight, bias, shard = resolve_vocab_shard(weight, bias, group, vocab_offset)
+    if shard is not None and teacher_vocab != "strict":
+        raise ValueError("teacher_vocab='align' is not supported with a vocabulary-sharded head: shard the teacher "
+                         "to the student's columns.")
     require_float(hidden, "hidden")
     require_float(weight, "weight")
     if hidden.dim() != 2 or hidden.shape[0] == 0:
@@ -348,23 +369,27 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     check_row_weight(row_weight, hidden, "row_weight", "hidden")
     if row_weight is not None:
         row_weight = row_weight.detach()
-    if chunk_size is None:
-        chunk_size = default_chunk_size(N, V, H)
+    if chunk_size is None:  # from the largest shard: the same chunks, and collectives, on every rank
+        chunk_size = default_chunk_size(N, V if shard is None else shard.max_rows, H)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
     require_same_device({"hidden": hidden, "weight": weight, "bias": bias})
     teacher = _align_teacher(teacher, V, teacher_vocab)
-    kind = _check_teacher(teacher, hidden, V, loss_type, label_smoothing)
+    V_ids = V if shard is None else shard.vocab  # a top-k teacher's ids are global
+    kind = _check_teacher(teacher, hidden, V, loss_type, label_smoothing, V_ids)
     floats = [hidden, weight] + ([teacher] if kind == "dense" else [teacher.logprob] if kind == "topk" else [])
     triton_path = resolve_backend(backend, "sp", *floats) is Backend.TRITON
     check_temperature_mode(temperature_mode)
-    opts = (loss_type, float(temperature), float(label_smoothing), float(js_beta), temperature_mode)
+    if shard is not None and check_inputs:
+        _check_replicated(hidden, shard, "hidden")
+    opts = (loss_type, float(temperature), float(label_smoothing), float(js_beta), temperature_mode, shard)
     loss = _SpLinearFunction.apply(hidden, weight, bias, row_weight, *_teacher_tensors(kind, teacher), kind, opts,
                                    reduction, chunk_size, triton_path, torch.is_grad_enabled())
     if check_inputs and kind == "dense":
-        finalize_metrics({}, q_star_checks(teacher, "teacher"), "float")
+        checks = q_star_checks(teacher, "teacher") if shard is None else sharded_q_star_checks(teacher, shard, "teacher")
+        finalize_metrics({}, checks, "float")
     elif check_inputs and kind == "topk":
-        finalize_metrics({}, topk_checks(teacher.index, teacher.logprob, V), "float")
+        finalize_metrics({}, topk_checks(teacher.index, teacher.logprob, V_ids), "float")
     return loss
 
 
