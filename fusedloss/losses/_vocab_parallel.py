@@ -11,7 +11,6 @@ their shard. The shard sizes are all-gathered once per (group, local size) and c
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from typing import Any
 
@@ -174,7 +173,7 @@ def sp_sharded_rows_grad(kind: str, t_chunk, z: torch.Tensor, loss_type: str, te
     gradient, and one all-reduce sums the row losses and the ``∂/∂lse``."""
     import torch.distributed as dist
 
-    from .sp import _kl_to_mix, _over_temperature, _wmul, inverse_temperature
+    from .sp import _over_temperature, _wmul, inverse_temperature, soft_terms
 
     cd = torch.float64 if z.dtype == torch.float64 else torch.float32
     zz = z.detach().to(cd)
@@ -240,18 +239,7 @@ def sp_sharded_rows_grad(kind: str, t_chunk, z: torch.Tensor, loss_type: str, te
                     per = (1.0 - eps) * per + eps * (-log_s0 / n_valid)
                 return per.sum(dim=-1)
             p_s = log_s0.exp().masked_fill(pad, 0.0)
-            if loss_type == "ce-soft-fwd":
-                per = _wmul(p_t, -log_s0)
-            elif loss_type == "ce-soft-bwd":
-                per = _wmul(p_s, -log_t0)
-            elif loss_type == "kl-fwd":
-                per = _wmul(p_t, log_t0 - log_s0)
-            elif loss_type == "kl-bwd":
-                per = _wmul(p_s, log_s0 - log_t0)
-            else:
-                log_m = torch.logaddexp(log_t0 + math.log(beta), log_s0 + math.log1p(-beta))
-                per = beta * _kl_to_mix(p_t, log_t0, p_s, log_m, 1.0 - beta) + (1.0 - beta) * _kl_to_mix(
-                    p_s, log_s0, p_t, log_m, beta)
+            per = soft_terms(loss_type, p_t, log_t0, p_s, log_s0, beta)
             return torch.where(pad, zero, per).sum(dim=-1)
 
         def softmax_of(lse_):
@@ -271,9 +259,6 @@ def sharded_q_star_checks(q: torch.Tensor, shard: VocabShard, name: str):
     """:func:`fusedloss.losses.sp.q_star_checks` of a teacher sharded by columns: the row max over
     every shard (one all-gather of ``[N]``), so a shard whose part of a row is all padding is no
     error while the whole row is not."""
-    from .sp import _q_star_messages
+    from .sp import row_max_checks
 
-    row_max = _gather_rows([q.detach().amax(dim=-1)], shard)[..., 0].amax(dim=0)  # NaN propagates
-    bad_msg, empty_msg = _q_star_messages(name)
-    return [((torch.isnan(row_max) | (row_max == float("inf"))).any(), bad_msg),
-            ((row_max == float("-inf")).any(), empty_msg)]
+    return row_max_checks(_gather_rows([q.detach().amax(dim=-1)], shard)[..., 0].amax(dim=0), name)  # NaN propagates

@@ -240,20 +240,24 @@ def sp_reference(
     log_t0 = log_t.masked_fill(pad, 0.0)
     p_t = log_t0.exp().masked_fill(pad, 0.0)
     p_s = log_s0.exp().masked_fill(pad, 0.0)
+    return soft_terms(loss_type, p_t, log_t0, p_s, log_s0, float(js_beta)).sum(dim=-1)
+
+
+def soft_terms(loss_type: str, p_t, log_t0, p_s, log_s0, beta: float) -> torch.Tensor:
+    """The per-entry terms of the soft loss types, whose row sum is the row loss, from the teacher's
+    and student's probabilities and log-probabilities (0 at padded entries)."""
     if loss_type == "ce-soft-fwd":
-        per = _wmul(p_t, -log_s0)
-    elif loss_type == "ce-soft-bwd":
-        per = _wmul(p_s, -log_t0)
-    elif loss_type == "kl-fwd":
-        per = _wmul(p_t, log_t0 - log_s0)
-    elif loss_type == "kl-bwd":
-        per = _wmul(p_s, log_s0 - log_t0)
-    else:  # js: log M = logaddexp(log β + log P, log(1 - β) + log Q)
-        beta = float(js_beta)
-        log_m = torch.logaddexp(log_t0 + math.log(beta), log_s0 + math.log1p(-beta))
-        per = beta * _kl_to_mix(p_t, log_t0, p_s, log_m, 1.0 - beta) + (1.0 - beta) * _kl_to_mix(p_s, log_s0, p_t,
-                                                                                                  log_m, beta)
-    return per.sum(dim=-1)
+        return _wmul(p_t, -log_s0)
+    if loss_type == "ce-soft-bwd":
+        return _wmul(p_s, -log_t0)
+    if loss_type == "kl-fwd":
+        return _wmul(p_t, log_t0 - log_s0)
+    if loss_type == "kl-bwd":
+        return _wmul(p_s, log_s0 - log_t0)
+    # js: log M = logaddexp(log β + log P, log(1 - β) + log Q)
+    log_m = torch.logaddexp(log_t0 + math.log(beta), log_s0 + math.log1p(-beta))
+    return beta * _kl_to_mix(p_t, log_t0, p_s, log_m, 1.0 - beta) + (1.0 - beta) * _kl_to_mix(p_s, log_s0, p_t,
+                                                                                             log_m, beta)
 
 
 def _phi_series(u: torch.Tensor) -> torch.Tensor:
@@ -287,11 +291,14 @@ def _q_star_messages(name: str) -> tuple[str, str]:
 def q_star_checks(q: torch.Tensor, name: str):
     """The teacher's input checks from one pass over it: a row's max is NaN when the row holds a
     NaN (amax propagates NaN), +inf when it holds +inf, and -inf when every entry is padding."""
-    row_max = q.detach().amax(dim=-1)
-    bad_value = (torch.isnan(row_max) | (row_max == float("inf"))).any()
-    empty_row = (row_max == float("-inf")).any()
+    return row_max_checks(q.detach().amax(dim=-1), name)
+
+
+def row_max_checks(row_max: torch.Tensor, name: str):
+    """The teacher's checks from its per-row max (NaN-propagating): NaN or +inf, or a row of -inf only."""
     bad_msg, empty_msg = _q_star_messages(name)
-    return [(bad_value, bad_msg), (empty_row, empty_msg)]
+    return [((torch.isnan(row_max) | (row_max == float("inf"))).any(), bad_msg),
+            ((row_max == float("-inf")).any(), empty_msg)]
 
 
 def status_checks(status: torch.Tensor, name: str):
