@@ -44,3 +44,15 @@ def test_compile_check_specialises_as_the_runtime_does():
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == str(sorted(["q_ptr", "z_ptr", "loss_ptr", "grad_ptr", "status_ptr", "N", "A", "stride_q",
                                              "stride_z", "stride_g"]))
+
+
+def test_host_tile_arithmetic_matches_triton():
+    """The launchers' host-side cdiv and next_power_of_2 (plain ints, no constexpr-function wrapper)
+    give Triton's values."""
+    from fusedloss.kernels._common import cdiv, next_power_of_2
+
+    for n in list(range(1, 4100)) + [2**20 - 1, 2**20, 2**20 + 1, 131072, 128256]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert cdiv(0, 7) == 0

@@ -69,11 +69,15 @@ def test_loss_and_gradient_match_reference(dtype, shape, norm, device):
     cfg = dict(normalize_reward_mean=norm, normalize_reward_std=norm, reward_scale=0.7, reward_shift=0.2)
     step, online, target = make_vec_dqn_inputs(B, S, A, D, dtype, device, argmax_margin=1e-3)
     # The kernel's own outputs, poisoned first.
-    theta = transform_rewards(step["reward"][:, 1:].float(), fl.VecDqnLossConfig(**cfg)).reshape(-1)
+    # [B, S-1], read at its strides: here column-major, the layout a plain [:, 1:] view does not have
+    theta = transform_rewards(step["reward"][:, 1:].float(), fl.VecDqnLossConfig(**cfg)).t().contiguous().t()
     loss_buf, g_buf = nan_like((B * (S - 1),), torch.float32, device), nan_like((B * (S - 1), D), torch.float32, device)
-    rows, g = K.vec_dqn_fwd(online.detach(), target, step["action"], theta, loss_out=loss_buf, g_out=g_buf)
+    status_buf = torch.full((B * (S - 1),), 7, dtype=torch.int8, device=device)
+    rows, g, status = K.vec_dqn_fwd(online.detach(), target, step["action"], theta, loss_out=loss_buf, g_out=g_buf,
+                                    status_out=status_buf)
     assert_canaries_intact(loss_buf, g_buf)
     assert torch.isfinite(rows).all() and torch.isfinite(g).all()
+    assert (status == 0).all(), status  # every action in range, every code written
 
     up = float(torch.empty(()).uniform_(0.5, 2.0))
     results = {}
@@ -122,6 +126,20 @@ def test_bad_action_and_odd_d(device):
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match=r"\[0, A\)"):
         lazy.check()
+    # lazy mode computes with the action clamped to [0, A), as the reference does, and step 0 is never read
+    step["action"][0, 1] = -5
+    step["action"][1, 0] = 99
+    online.requires_grad_(True)
+    out = {}
+    for backend in ("triton", "torch"):
+        loss, lazy = fl.vec_dqn_loss(step, online, target, fl.VecDqnLossConfig(backend=backend, metrics_mode="lazy"))
+        out[backend] = (loss, *torch.autograd.grad(loss, online))
+        with pytest.raises(ValueError, match=r"\[0, A\)"):
+            lazy.check()
+    assert torch.allclose(out["triton"][0], out["torch"][0], rtol=1e-5) and torch.isfinite(out["triton"][1]).all()
+    assert torch.allclose(out["triton"][1], out["torch"][1], rtol=1e-4, atol=1e-7)
+    step["action"][0, 1] = step["action"][1, 2] = 0
+    fl.vec_dqn_loss(step, online, target, fl.VecDqnLossConfig(backend="triton"))  # step 0's 99: not an error
     with pytest.raises(ValueError, match="even"):
         fl.vec_dqn_scores(torch.randn(3, 5), backend="triton")
 

@@ -52,9 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, as_loadable, constexpr_namespace, last_dim_contiguous, launcher, nanmax, nanmin,
-                      no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype,
-                      double_backward_error)
+from ._common import (AotVariant, as_loadable, cdiv, constexpr_namespace, double_backward_error, last_dim_contiguous,
+                      launcher, nanmax, nanmin, next_power_of_2, no_double_backward, online_lse_update,
+                      reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["DqnPartial", "DqnMetric", "dqn_fwd", "dqn_bwd", "dqn_fused", "n_step_window", "compile_variants"]
 
@@ -646,8 +646,8 @@ def _tiles(A: int, S: int, max_block_a: int = MAX_BLOCK_A, n_step: int = 1):
     The unrolled n-step window takes at most 32 transitions a chunk (Triton 3.6 spilled 8 bytes at
     A = 4 with 64). An n-step window over rows of 1024 or more actions runs on 4 warps: with the
     runtime's divisibility specialisation, 8 warps spilled 20 bytes on sm_90 (Triton 3.9)."""
-    block_a = min(triton.next_power_of_2(A), max_block_a)
-    t_block = max(1, min(64 if n_step == 1 else 32, TILE_ELEMS // block_a, triton.next_power_of_2(S)))
+    block_a = min(next_power_of_2(A), max_block_a)
+    t_block = max(1, min(64 if n_step == 1 else 32, TILE_ELEMS // block_a, next_power_of_2(S)))
     if n_step > 1 and block_a >= 1024:
         return block_a, t_block, 4
     return block_a, t_block, TILE_WARPS if t_block * block_a > 256 else 4
@@ -732,7 +732,7 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
             HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, NORM_MEAN=norm_mean, NORM_STD=norm_std,
             CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, N_STEP=unroll, LAMBDA=td_lambda is not None,
             RESCALE=value_rescaling, T_BLOCK=t_block, BLOCK_A=block_a,
-            B_BLOCK=min(triton.next_power_of_2(B), 1024), num_warps=warps,
+            B_BLOCK=min(next_power_of_2(B), 1024), num_warps=warps,
         )
     except BaseException:
         _drop_counter(dev)
@@ -745,7 +745,7 @@ def dqn_bwd(g: torch.Tensor, grad_output: torch.Tensor, inv_count: torch.Tensor,
     """``g · grad_output · inv_count`` (two 0-dim device scalars) in ``dtype``: one launch."""
     out = torch.empty(g.shape, dtype=dtype, device=g.device)
     numel = g.numel()
-    _dqn_bwd_kernel[(triton.cdiv(numel, _BWD_BLOCK),)](g, out, grad_output.reshape(1), inv_count, numel,
+    _dqn_bwd_kernel[(cdiv(numel, _BWD_BLOCK),)](g, out, grad_output.reshape(1), inv_count, numel,
                                                         BLOCK=_BWD_BLOCK)
     return out
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, launcher, signature
+from ._common import AotVariant, cdiv, launcher, next_power_of_2, signature
 
 __all__ = ["lm_head_stats", "lm_head_grad", "stats_op", "grad_op", "compile_variants", "HOT_TILES"]
 
@@ -121,7 +121,7 @@ def _lm_head_grad_kernel(z_ptr, labels_ptr, stats_ptr, coef_ptr, dz_ptr, V, stri
 
 
 def _tiles(V: int):
-    block = min(triton.next_power_of_2(V), MAX_BLOCK)
+    block = min(next_power_of_2(V), MAX_BLOCK)
     return block, 4 if block <= 1024 else 8
 
 
@@ -151,7 +151,7 @@ def lm_head_grad(z: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, coe
     if out is None:
         out = torch.empty_like(z)
     block, warps = _tiles(V)
-    _lm_head_grad_kernel[(n, triton.cdiv(V, block))](z, labels, stats, coef.contiguous(), out, V, z.stride(0),
+    _lm_head_grad_kernel[(n, cdiv(V, block))](z, labels, stats, coef.contiguous(), out, V, z.stride(0),
                                                       out.stride(0), float(inv_t), float(softcap or 1.0),
                                                       HAS_SOFTCAP=softcap is not None, BLOCK_V=block,
                                                       num_warps=warps)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, launcher, reject_grad_transforms, signature
+from ._common import AotVariant, cdiv, launcher, next_power_of_2, reject_grad_transforms, signature
 
 __all__ = ["rope_fwd", "rope_fused", "compile_variants"]
 
@@ -39,7 +39,7 @@ def _rope_fwd_kernel(x_ptr, th_ptr, out_ptr, M, HALF, sign, BM: tl.constexpr, BH
 
 def _tiles(D: int):
     """(BM, BH): about 1K pairs per program."""
-    bh = min(triton.next_power_of_2(D // 2), 64)
+    bh = min(next_power_of_2(D // 2), 64)
     return max(1, min(64, 1024 // bh)), bh
 
 
@@ -51,7 +51,7 @@ def rope_fwd(x: torch.Tensor, theta: torch.Tensor, sign: float = 1.0) -> torch.T
     M = x.numel() // D
     out = torch.empty_like(x)
     bm, bh = _tiles(D)
-    _rope_fwd_kernel[(triton.cdiv(M, bm),)](x, theta.contiguous(), out, M, D // 2, sign, BM=bm, BH=bh)
+    _rope_fwd_kernel[(cdiv(M, bm),)](x, theta.contiguous(), out, M, D // 2, sign, BM=bm, BH=bh)
     return out
 
 

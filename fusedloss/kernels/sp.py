@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, constexpr_namespace, double_backward_error, last_dim_contiguous, launcher, nanmax,
-                      nanmin, no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
+from ._common import (AotVariant, cdiv, constexpr_namespace, double_backward_error, last_dim_contiguous, launcher,
+                      nanmax, nanmin, next_power_of_2, no_double_backward, online_lse_update, reject_grad_transforms,
+                      signature, stored_grad_dtype)
 
 __all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "sp_op", "sp_topk_fwd", "sp_topk_fused", "sp_topk_op",
            "compile_variants"]
@@ -265,14 +266,15 @@ def _sp_fwd_kernel(
 
 
 @triton.jit
-def _sp_bwd_kernel(g_ptr, scale_ptr, out_ptr, N, A, stride_g, stride_o,
+def _sp_bwd_kernel(g_ptr, scale_ptr, out_ptr, N, A, stride_g, stride_o, stride_s, mult,
                    ROWS: tl.constexpr, BLOCK_A: tl.constexpr):
-    """``out[r, :] = g[r, :] * scale[r]`` in fp32, one read and one write of the gradient."""
+    """``out[r, :] = g[r, :] * scale[r] * mult`` in fp32, one read and one write of the gradient;
+    ``stride_s = 0`` reads one upstream scalar for every row (a mean's, ``mult = 1/N``)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     rows64 = rows.to(tl.int64)
     mask = (rows < N)[:, None] & (cols < A)[None, :]
-    scale = tl.load(scale_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + rows64 * stride_s, mask=rows < N, other=0.0).to(tl.float32) * mult
     g = tl.load(g_ptr + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :],
              (g * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
@@ -379,7 +381,7 @@ def _inv_temperature(temperature: float) -> float:
 def _fwd_tiles(A: int, max_block: int = MAX_BLOCK):
     """(BLOCK_A, ROWS, num_warps). Short rows pack into tiles of about 1K elements; ptxas -v on
     sm_90 (tests/compile_check.py) shows no spills for these choices."""
-    block = min(triton.next_power_of_2(A), max_block)
+    block = min(next_power_of_2(A), max_block)
     rows = max(1, min(64, 1024 // block)) if block >= A else 1
     warps = 8 if rows * block <= 4096 else 16
     return block, rows, warps
@@ -387,7 +389,7 @@ def _fwd_tiles(A: int, max_block: int = MAX_BLOCK):
 
 def _bwd_tiles(A: int):
     """(BLOCK_A, ROWS): tiles of at most 4K elements over 4 warps."""
-    block = min(triton.next_power_of_2(A), 4096)
+    block = min(next_power_of_2(A), 4096)
     return block, max(1, min(64, 4096 // block))
 
 
@@ -417,7 +419,7 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     grad = torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device) if grad_out is None else grad_out
     status = torch.empty(N, dtype=torch.int8, device=z.device) if status_out is None else status_out
     constexprs, warps = _fwd_constexprs(loss_type, label_smoothing, A, max_block)
-    _sp_fwd_kernel[(triton.cdiv(N, constexprs["ROWS"]),)](
+    _sp_fwd_kernel[(cdiv(N, constexprs["ROWS"]),)](
         q, z, loss, grad, status, N, A, q.stride(0), z.stride(0), grad.stride(0),
         _inv_temperature(temperature), float(label_smoothing), float(js_beta), math.log(js_beta),
         math.log1p(-js_beta),
@@ -431,11 +433,11 @@ _TOPK_CODES = (SpLossType.KL_FWD, SpLossType.CE_SOFT_FWD)  # the codes the top-k
 
 
 def _topk_constexprs(loss_type: str, K: int, V: int, max_block: int = TOPK_MAX_BLOCK):
-    block = min(triton.next_power_of_2(V), max_block)
+    block = min(next_power_of_2(V), max_block)
     # 16 warps at BLOCK_V = 8192 spilled 4 to 12 bytes on sm_90 with the runtime's divisibility
     # specialisation (Triton 3.9); 8 warps do not.
     warps = 4 if block <= 1024 else 8
-    return dict(LOSS=int(SpLossType.of(loss_type)), BLOCK_K=triton.next_power_of_2(K), BLOCK_V=block,
+    return dict(LOSS=int(SpLossType.of(loss_type)), BLOCK_K=next_power_of_2(K), BLOCK_V=block,
                 SINGLE_TILE=block >= V), warps
 
 
@@ -465,14 +467,16 @@ def sp_topk_fwd(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, los
 
 
 @launcher
-def sp_bwd(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``g`` ``[N, A]`` with row ``r`` scaled by ``scale[r]`` (the upstream gradient of row ``r``),
-    in ``dtype``."""
+def sp_bwd(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, mult: float = 1.0) -> torch.Tensor:
+    """``g`` ``[N, A]`` with row ``r`` scaled by ``scale[r] * mult`` (the upstream gradient of row
+    ``r``; a 0-d ``scale`` is every row's, as a mean's with ``mult = 1/N``), in ``dtype``. ``scale``
+    is read in place, at any stride."""
     N, A = g.shape
     out = torch.empty((N, A), dtype=dtype, device=g.device)
     block, rows = _bwd_tiles(A)
-    _sp_bwd_kernel[(triton.cdiv(N, rows), triton.cdiv(A, block))](
-        g, scale.contiguous(), out, N, A, g.stride(0), out.stride(0), ROWS=rows, BLOCK_A=block, num_warps=4
+    _sp_bwd_kernel[(cdiv(N, rows), cdiv(A, block))](
+        g, scale, out, N, A, g.stride(0), out.stride(0), scale.stride(0) if scale.dim() else 0, float(mult),
+        ROWS=rows, BLOCK_A=block, num_warps=4
     )
     return out
 
@@ -549,7 +553,8 @@ _sp_topk_fwd_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 # Eager calls skip the custom ops: their dispatch (schema checks, the autograd wrapper, Dynamo's disable guard)
 # costs far more host time than these launches. The custom ops are what torch.compile traces.
 class _RowsBackward:
-    """The backward both eager forwards share: the stored gradient times each row's upstream gradient."""
+    """The backward both eager forwards share: the stored gradient times each row's upstream gradient
+    (times ``ctx.mult``; the one upstream scalar of a mean, read in place by the kernel)."""
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_status=None):
@@ -558,9 +563,9 @@ class _RowsBackward:
         (g,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: dz joins a graph whose backward raises
             anchor = torch.empty(0, device=g.device, requires_grad=True)
-            dz = _SpBwdFunction.apply(g, grad_rows, ctx.dtype, anchor)
+            dz = _SpBwdFunction.apply(g, grad_rows, ctx.dtype, ctx.mult, anchor)
         else:
-            dz = sp_bwd(g, grad_rows, ctx.dtype)
+            dz = sp_bwd(g, grad_rows, ctx.dtype, ctx.mult)
         return tuple(dz if i == ctx.z_index else None for i in range(ctx.n_inputs))
 
 
@@ -569,33 +574,44 @@ class _SpBwdFunction(torch.autograd.Function):
     backward."""
 
     @staticmethod
-    def forward(ctx, g, scale, dtype, anchor):
-        return sp_bwd(g, scale, dtype)
+    def forward(ctx, g, scale, dtype, mult, anchor):
+        return sp_bwd(g, scale, dtype, mult)
 
     @staticmethod
     def backward(ctx, grad):
         raise double_backward_error("sp")
 
 
+def _rows_or_mean(ctx, rows: torch.Tensor, mean_scale: float | None) -> torch.Tensor:
+    """The per-row losses, or with ``mean_scale`` their mean times it: one aten op in the forward
+    (two when the factor is not 1) and none in the backward, whose kernel takes the factor."""
+    if mean_scale is None:
+        ctx.mult = 1.0
+        return rows
+    ctx.mult = float(mean_scale) / rows.shape[0]
+    out = rows.mean()
+    return out if mean_scale == 1.0 else out * mean_scale
+
+
 class _SpFwdFunction(_RowsBackward, torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, z, loss_type, temperature, label_smoothing, js_beta):
+    def forward(ctx, q, z, loss_type, temperature, label_smoothing, js_beta, mean_scale):
         rows, grad, status = sp_fwd(q, z, loss_type, temperature, label_smoothing, js_beta=js_beta)
-        ctx.dtype, ctx.z_index, ctx.n_inputs = z.dtype, 1, 6
+        ctx.dtype, ctx.z_index, ctx.n_inputs = z.dtype, 1, 7
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(status)
         ctx.save_for_backward(grad)
-        return rows, status
+        return _rows_or_mean(ctx, rows, mean_scale), status
 
 
 class _SpTopkFwdFunction(_RowsBackward, torch.autograd.Function):
     @staticmethod
-    def forward(ctx, index, logprob, z, loss_type, temperature):
+    def forward(ctx, index, logprob, z, loss_type, temperature, mean_scale):
         rows, grad = sp_topk_fwd(index, logprob, z, loss_type, temperature)
-        ctx.dtype, ctx.z_index, ctx.n_inputs = z.dtype, 2, 5
+        ctx.dtype, ctx.z_index, ctx.n_inputs = z.dtype, 2, 6
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad)
-        return rows
+        return _rows_or_mean(ctx, rows, mean_scale)
 
 
 def _transformed(z: torch.Tensor) -> bool:
@@ -604,17 +620,25 @@ def _transformed(z: torch.Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(z)
 
 
+def _traced_mean(rows: torch.Tensor, mean_scale: float | None) -> torch.Tensor:
+    if mean_scale is None:
+        return rows
+    return rows.mean() * mean_scale if mean_scale != 1.0 else rows.mean()
+
+
 def sp_fused(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
-             js_beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+             js_beta: float = 0.5, mean_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses ``[N]`` (fp32) of ``[N, A]`` teacher values ``q`` and student logits ``z``
     through the kernel, and the teacher's per-row check codes (``status`` of :func:`sp_fwd`); the
-    teacher gets no gradient."""
+    teacher gets no gradient. With ``mean_scale``, the rows' mean times it (0-d) instead of the rows:
+    its backward is the one scaling launch, with no ``div`` of the mean's gradient before it."""
     if torch.compiler.is_compiling() or _transformed(z):
         reject_grad_transforms("sp", z)
         rows, _, status = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing),
                                      float(js_beta))
-        return rows, status
-    return _SpFwdFunction.apply(q.detach(), z, loss_type, float(temperature), float(label_smoothing), float(js_beta))
+        return _traced_mean(rows, mean_scale), status
+    return _SpFwdFunction.apply(q.detach(), z, loss_type, float(temperature), float(label_smoothing), float(js_beta),
+                                mean_scale)
 
 
 def sp_op(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
@@ -631,14 +655,15 @@ def sp_topk_op(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss
 
 
 def sp_topk_fused(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, loss_type: str,
-                  temperature: float) -> torch.Tensor:
+                  temperature: float, mean_scale: float | None = None) -> torch.Tensor:
     """Per-row losses ``[N]`` (fp32) of a top-k teacher against student logits ``z`` ``[N, V]``
-    through the kernel; the teacher gets no gradient."""
+    through the kernel, or their mean times ``mean_scale`` (as :func:`sp_fused`); the teacher gets
+    no gradient."""
     if torch.compiler.is_compiling() or _transformed(z):
         reject_grad_transforms("sp", z)
         rows, _ = _sp_topk_fwd_op(index, logprob.detach(), z, loss_type, float(temperature))
-        return rows
-    return _SpTopkFwdFunction.apply(index, logprob.detach(), z, loss_type, float(temperature))
+        return _traced_mean(rows, mean_scale)
+    return _SpTopkFwdFunction.apply(index, logprob.detach(), z, loss_type, float(temperature), mean_scale)
 
 
 def compile_variants():
@@ -663,5 +688,5 @@ def compile_variants():
                              c, warps, ints)
     block, rows = _bwd_tiles(131072)
     c = {"ROWS": rows, "BLOCK_A": block}
-    t = {"g_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16"}
+    t = {"g_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}
     yield AotVariant("sp backward", _sp_bwd_kernel, signature(_sp_bwd_kernel, t, c), c, 4)

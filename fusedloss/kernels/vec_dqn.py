@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, last_dim_contiguous, launcher, nanmax, no_double_backward, reject_grad_transforms,
-                      signature)
+from ._common import (AotVariant, cdiv, double_backward_error, last_dim_contiguous, launcher, nanmax, next_power_of_2,
+                      no_double_backward, reject_grad_transforms, signature)
 
 __all__ = ["vec_dqn_scores_fwd", "vec_dqn_scores_fused", "vec_dqn_fwd", "vec_dqn_bwd", "vec_dqn_fused",
            "compile_variants"]
@@ -104,8 +104,9 @@ def _vec_dqn_scores_kernel(v_ptr, out_ptr, A, HALF, stride_m, stride_a,
 
 
 @triton.jit
-def _vec_dqn_fwd_kernel(on_ptr, tg_ptr, act_ptr, theta_ptr, loss_ptr, g_ptr,
-                        S, A, HALF, stride_ob, stride_os, stride_oa, stride_tb, stride_ts, stride_ta, cos_eps,
+def _vec_dqn_fwd_kernel(on_ptr, tg_ptr, act_ptr, theta_ptr, loss_ptr, g_ptr, status_ptr,
+                        S, A, HALF, stride_ob, stride_os, stride_oa, stride_tb, stride_ts, stride_ta,
+                        stride_hb, stride_ht, cos_eps,
                         BA: tl.constexpr, BI: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)  # transition index in [0, B*(S-1))
     b = r // (S - 1)
@@ -131,12 +132,15 @@ def _vec_dqn_fwd_kernel(on_ptr, tg_ptr, act_ptr, theta_ptr, loss_ptr, g_ptr,
     wp = tg + greedy.to(tl.int64) * stride_ta + 2 * offs
     we = tl.load(wp, mask=hm, other=0.0).to(tl.float32)
     wo = tl.load(wp + 1, mask=hm, other=0.0).to(tl.float32)
-    theta = tl.load(theta_ptr + r)
+    theta = tl.load(theta_ptr + b * stride_hb + t * stride_ht).to(tl.float32)
     c = tl.cos(theta)
     s = tl.sin(theta)
     re = we * c - wo * s
     ro = we * s + wo * c
-    a = tl.load(act_ptr + b * S + t + 1)
+    a = tl.load(act_ptr + b * S + t + 1).to(tl.int64)
+    # an action outside [0, A) is reported from this code (the caller's check) and never read: clamped
+    tl.store(status_ptr + r, ((a < 0) | (a >= A)).to(tl.int8))
+    a = tl.minimum(tl.maximum(a, 0), A - 1)
     up = on_ptr + b * stride_ob + t * stride_os + a * stride_oa + 2 * offs
     ue = tl.load(up, mask=hm, other=0.0).to(tl.float32)
     uo = tl.load(up + 1, mask=hm, other=0.0).to(tl.float32)
@@ -156,18 +160,19 @@ def _vec_dqn_fwd_kernel(on_ptr, tg_ptr, act_ptr, theta_ptr, loss_ptr, g_ptr,
 
 
 @triton.jit
-def _vec_dqn_bwd_kernel(g_ptr, act_ptr, grad_rows_ptr, out_ptr, S, A, HALF, stride_gr,
+def _vec_dqn_bwd_kernel(g_ptr, act_ptr, grad_rows_ptr, out_ptr, S, A, HALF, stride_gr, mult,
                         BA: tl.constexpr, BH: tl.constexpr):
     """Dense ``[B, S, A, D]`` gradient: the compact row at the taken action times the row's upstream
-    gradient, zeros elsewhere."""
+    gradient and ``mult``, zeros elsewhere (``stride_gr = 0``: a mean's one upstream scalar, with
+    ``mult = 1/N``)."""
     row = tl.program_id(0).to(tl.int64)  # b * S + t
     b = row // S
     t = row % S
     has = t < S - 1
     tt = tl.minimum(t, S - 2)  # row S-1 has no transition: read a valid row, then zero it
     r = b * (S - 1) + tt
-    a = tl.where(has, tl.load(act_ptr + b * S + tt + 1), -1)
-    scale = tl.load(grad_rows_ptr + r * stride_gr).to(tl.float32)
+    a = tl.where(has, tl.minimum(tl.maximum(tl.load(act_ptr + b * S + tt + 1).to(tl.int64), 0), A - 1), -1)
+    scale = tl.load(grad_rows_ptr + r * stride_gr).to(tl.float32) * mult
     D = 2 * HALF
     offs_d = tl.arange(0, BH)
     dm = offs_d < D
@@ -187,16 +192,16 @@ SCORE_WARPS = 4
 
 def _score_tiles(A: int, half: int):
     """(BA, BI, BD, num_warps) of the pairwise-angle tiles: a [BI, BA, BD] product lives in registers."""
-    ba = min(triton.next_power_of_2(A), 16)
-    bi = min(triton.next_power_of_2(A), 16)
-    bd = min(triton.next_power_of_2(half), SCORE_BD)
+    ba = min(next_power_of_2(A), 16)
+    bi = min(next_power_of_2(A), 16)
+    bd = min(next_power_of_2(half), SCORE_BD)
     return ba, bi, bd, SCORE_WARPS
 
 
 def _bwd_tiles(A: int, D: int):
     """(BA, BH) of the dense backward: at most 4096 elements per [BA, D] tile."""
-    bh = triton.next_power_of_2(D)
-    return max(1, min(triton.next_power_of_2(A), 4096 // bh)), bh
+    bh = next_power_of_2(D)
+    return max(1, min(next_power_of_2(A), 4096 // bh)), bh
 
 
 @launcher
@@ -208,40 +213,45 @@ def vec_dqn_scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torc
     if M == 0 or A == 0:
         return out
     ba, bi, bd, warps = _score_tiles(A, D // 2)
-    _vec_dqn_scores_kernel[(M, triton.cdiv(A, ba))](v, out, A, D // 2, v.stride(0), v.stride(1), BA=ba, BI=bi,
+    _vec_dqn_scores_kernel[(M, cdiv(A, ba))](v, out, A, D // 2, v.stride(0), v.stride(1), BA=ba, BI=bi,
                                                     BD=bd, num_warps=warps)
     return out
 
 
 @launcher
-def vec_dqn_fwd(online, target, action, theta, loss_out=None, g_out=None):
-    """Per-transition loss ``[N]`` and compact gradient ``[N, D]`` (fp32), ``N = B·(S-1)``;
-    ``action`` int64 ``[B, S]`` in ``[0, A)``, ``theta`` fp32 ``[N]``."""
+def vec_dqn_fwd(online, target, action, theta, loss_out=None, g_out=None, status_out=None):
+    """Per-transition loss ``[N]``, compact gradient ``[N, D]`` (fp32), ``N = B·(S-1)``, and the
+    action check per transition (int8 ``[N]``: 1 where ``action[b, t+1]`` is outside ``[0, A)``; the
+    kernels clamp it). ``action``: integer ``[B, S]``; ``theta`` float ``[B, S-1]`` at any strides
+    (the rewards' view, read in place)."""
     online, target = last_dim_contiguous(online), last_dim_contiguous(target)
     B, S, A, D = online.shape
     N = B * (S - 1)
     dev = online.device
     loss = torch.empty(N, dtype=torch.float32, device=dev) if loss_out is None else loss_out
     g = torch.empty((N, D), dtype=torch.float32, device=dev) if g_out is None else g_out
+    status = torch.empty(N, dtype=torch.int8, device=dev) if status_out is None else status_out
     ba, bi, bd, warps = _score_tiles(A, D // 2)
     _vec_dqn_fwd_kernel[(N,)](
-        online, target, action.contiguous(), theta.contiguous(), loss, g, S, A, D // 2,
+        online, target, action.contiguous(), theta, loss, g, status, S, A, D // 2,
         online.stride(0), online.stride(1), online.stride(2), target.stride(0), target.stride(1), target.stride(2),
-        COS_EPS, BA=ba, BI=bi, BD=bd, BH=triton.next_power_of_2(D // 2), num_warps=warps,
+        theta.stride(0), theta.stride(1), COS_EPS, BA=ba, BI=bi, BD=bd, BH=next_power_of_2(D // 2),
+        num_warps=warps,
     )
-    return loss, g
+    return loss, g, status
 
 
 @launcher
 def vec_dqn_bwd(g: torch.Tensor, action: torch.Tensor, grad_rows: torch.Tensor, B: int, S: int, A: int,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, mult: float = 1.0) -> torch.Tensor:
     """The dense ``[B, S, A, D]`` gradient from the compact ``g`` and the per-transition upstream
-    gradient ``grad_rows`` ``[N]`` (any stride: the mean's expanded gradient is read in place)."""
+    gradient ``grad_rows`` ``[N]`` (any stride: the mean's expanded gradient is read in place; 0-d:
+    one scalar for every transition), times ``mult``."""
     D = g.shape[1]
     out = torch.empty((B, S, A, D), dtype=dtype, device=g.device)
     ba, bh = _bwd_tiles(A, D)
-    _vec_dqn_bwd_kernel[(B * S,)](g, action.contiguous(), grad_rows, out, S, A, D // 2, grad_rows.stride(0),
-                                  BA=ba, BH=bh)
+    _vec_dqn_bwd_kernel[(B * S,)](g, action.contiguous(), grad_rows, out, S, A, D // 2,
+                                  grad_rows.stride(0) if grad_rows.dim() else 0, float(mult), BA=ba, BH=bh)
     return out
 
 
@@ -257,7 +267,7 @@ def _(v):
 
 @torch.library.custom_op("fusedloss::vec_dqn_fwd", mutates_args=())
 def _vec_dqn_fwd_op(online: torch.Tensor, target: torch.Tensor, action: torch.Tensor,
-                    theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return vec_dqn_fwd(online, target, action, theta)
 
 
@@ -265,7 +275,7 @@ def _vec_dqn_fwd_op(online: torch.Tensor, target: torch.Tensor, action: torch.Te
 def _(online, target, action, theta):
     B, S, A, D = online.shape
     return (online.new_empty(B * (S - 1), dtype=torch.float32),
-            online.new_empty((B * (S - 1), D), dtype=torch.float32))
+            online.new_empty((B * (S - 1), D), dtype=torch.float32), online.new_empty(B * (S - 1), dtype=torch.int8))
 
 
 @torch.library.custom_op("fusedloss::vec_dqn_bwd", mutates_args=())
@@ -287,7 +297,7 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], action)
 
 
-def _backward(ctx, grad_rows, grad_g):
+def _backward(ctx, grad_rows, grad_g, grad_status):
     g, action = ctx.saved_tensors
     if grad_rows is None:
         return None, None, None, None
@@ -305,13 +315,55 @@ def vec_dqn_scores_fused(vecs: torch.Tensor) -> torch.Tensor:
     return _vec_dqn_scores_op(vecs.detach().reshape(math.prod(lead), A, D)).reshape(*lead, A)
 
 
+# Eager calls skip the custom ops, whose dispatch costs far more host time than the launches at RL shapes; the
+# custom ops are what torch.compile traces and what torch.func transforms fall back on.
+class _VecDqnBwdFunction(torch.autograd.Function):
+    """:func:`vec_dqn_bwd` under ``create_graph=True``: the graph it joins raises on a second backward."""
+
+    @staticmethod
+    def forward(ctx, g, action, grad_rows, shape, dtype, mult, anchor):
+        return vec_dqn_bwd(g, action, grad_rows, *shape[:3], dtype, mult)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise double_backward_error("vec_dqn")
+
+
+class _VecDqnFwdFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, online, target, action, theta, mean):
+        rows, g, status = vec_dqn_fwd(online, target, action, theta)
+        ctx.shape, ctx.dtype = tuple(online.shape), online.dtype
+        ctx.mult = 1.0 / rows.shape[0] if mean else 1.0
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(status)
+        ctx.save_for_backward(g, action)
+        return rows.mean() if mean else rows, status
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_status):
+        if grad_rows is None:
+            return (None,) * 5
+        g, action = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            anchor = torch.empty(0, device=g.device, requires_grad=True)
+            d = _VecDqnBwdFunction.apply(g, action, grad_rows, ctx.shape, ctx.dtype, ctx.mult, anchor)
+        else:
+            d = vec_dqn_bwd(g, action, grad_rows, *ctx.shape[:3], ctx.dtype, ctx.mult)
+        return d, None, None, None, None
+
+
 def vec_dqn_fused(online_vecs: torch.Tensor, target_vecs: torch.Tensor, action: torch.Tensor,
-                  theta: torch.Tensor) -> torch.Tensor:
-    """Per-transition losses ``[B·(S-1)]`` (fp32) of ``[B, S, A, D]`` vectors; ``action`` int64
-    ``[B, S]`` in ``[0, A)``, ``theta`` ``[B, S-1]``. The target vectors get no gradient."""
-    reject_grad_transforms("vec_dqn", online_vecs)
-    rows, _ = _vec_dqn_fwd_op(online_vecs, target_vecs.detach(), action, theta.reshape(-1).to(torch.float32))
-    return rows
+                  theta: torch.Tensor, mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-transition losses ``[B·(S-1)]`` (fp32) of ``[B, S, A, D]`` vectors, or with ``mean=True``
+    their mean (its backward is the one dense launch, no ``div`` before it), and the per-transition
+    action check of :func:`vec_dqn_fwd`; ``action`` integer ``[B, S]``, ``theta`` ``[B, S-1]``. The
+    target vectors get no gradient."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(online_vecs):
+        reject_grad_transforms("vec_dqn", online_vecs)
+        rows, _, status = _vec_dqn_fwd_op(online_vecs, target_vecs.detach(), action, theta)
+        return (rows.mean() if mean else rows), status
+    return _VecDqnFwdFunction.apply(online_vecs, target_vecs.detach(), action, theta, mean)
 
 
 def compile_variants():
@@ -323,14 +375,15 @@ def compile_variants():
         yield AotVariant(f"vec_dqn scores A={A} D={D}", _vec_dqn_scores_kernel,
                          signature(_vec_dqn_scores_kernel, t, c), c, warps,
                          {"A": A, "HALF": D // 2, "stride_m": A * D, "stride_a": D})
-        c = {"BA": ba, "BI": bi, "BD": bd, "BH": triton.next_power_of_2(D // 2)}
+        c = {"BA": ba, "BI": bi, "BD": bd, "BH": next_power_of_2(D // 2)}
         t = {"on_ptr": "*bf16", "tg_ptr": "*bf16", "act_ptr": "*i64", "theta_ptr": "*fp32", "loss_ptr": "*fp32",
-             "g_ptr": "*fp32", "cos_eps": "fp32"}
+             "g_ptr": "*fp32", "status_ptr": "*i8", "cos_eps": "fp32"}
         yield AotVariant(f"vec_dqn loss A={A} D={D}", _vec_dqn_fwd_kernel, signature(_vec_dqn_fwd_kernel, t, c), c,
                          warps, {"S": 64, "A": A, "HALF": D // 2, "stride_ob": 64 * A * D, "stride_os": A * D,
-                                 "stride_oa": D, "stride_tb": 64 * A * D, "stride_ts": A * D, "stride_ta": D})
+                                 "stride_oa": D, "stride_tb": 64 * A * D, "stride_ts": A * D, "stride_ta": D,
+                                 "stride_hb": 64, "stride_ht": 1})
         ba, bh = _bwd_tiles(A, D)
         c = {"BA": ba, "BH": bh}
-        t = {"g_ptr": "*fp32", "act_ptr": "*i64", "grad_rows_ptr": "*fp32", "out_ptr": "*bf16"}
+        t = {"g_ptr": "*fp32", "act_ptr": "*i64", "grad_rows_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}
         yield AotVariant(f"vec_dqn backward A={A} D={D}", _vec_dqn_bwd_kernel, signature(_vec_dqn_bwd_kernel, t, c),
                          c, 4, {"S": 64, "A": A, "HALF": D // 2, "stride_gr": D})

@@ -341,21 +341,27 @@ def _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, redu
     check_row_weight(weight, logits)
 
 
+def _t2_factor(temperature: float, mode: str) -> float:
+    return float(temperature) ** 2 if mode == "both_t2" else 1.0
+
+
 def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta=0.5,
-             temperature_mode="teacher", name="q_targets"):
-    """Per-row losses of validated ``[N, A]`` inputs on the chosen backend, and the teacher's input
+             temperature_mode="teacher", name="q_targets", mean=False):
+    """Per-row losses of validated ``[N, A]`` inputs on the chosen backend (their mean with
+    ``mean=True``, which the kernel path folds into its backward launch), and the teacher's input
     checks: from the kernel's per-row codes on the kernel path, from one more read of the teacher
     (:func:`q_star_checks`, computed only when called) on the reference path."""
     z = student_at_temperature(logits, temperature, temperature_mode)
     if resolve_backend(backend, "sp", logits, q_targets) is Backend.TRITON:
         from ..kernels import sp as kernels
 
-        rows, status = kernels.sp_fused(q_targets, z, loss_type, temperature, label_smoothing, js_beta=js_beta)
+        out, status = kernels.sp_fused(q_targets, z, loss_type, temperature, label_smoothing, js_beta=js_beta,
+                                       mean_scale=_t2_factor(temperature, temperature_mode) if mean else None)
         checks = lambda: status_checks(status, name)  # noqa: E731
-    else:
-        rows = sp_reference(q_targets, z, loss_type, temperature, label_smoothing, js_beta)
-        checks = lambda: q_star_checks(q_targets, name)  # noqa: E731
-    return rows_at_temperature(rows, temperature, temperature_mode), checks
+        return (out if mean else rows_at_temperature(out, temperature, temperature_mode)), checks
+    rows = rows_at_temperature(sp_reference(q_targets, z, loss_type, temperature, label_smoothing, js_beta),
+                               temperature, temperature_mode)
+    return (rows.mean() if mean else rows), lambda: q_star_checks(q_targets, name)
 
 
 def _dense_loss(q_targets, logits, *, loss_type, temperature, label_smoothing, reduction, weight, backend,
@@ -365,9 +371,10 @@ def _dense_loss(q_targets, logits, *, loss_type, temperature, label_smoothing, r
         q_targets = align_teacher(q_targets, logits.shape[-1], teacher_vocab)
     _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, js_beta)
     check_temperature_mode(temperature_mode)
+    mean = reduction == "mean" and weight is None
     rows, checks = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta,
-                            temperature_mode)
-    loss = _reduce(rows, reduction, weight)
+                            temperature_mode, mean=mean)
+    loss = rows if mean else _reduce(rows, reduction, weight)
     if check_inputs:
         finalize_metrics({}, checks(), "float")
     return loss
@@ -447,9 +454,8 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
     if logits.numel() == 0:
         raise ValueError("sp_loss: the batch is empty (no tokens).")
     q_rows, l_rows = q_star.reshape(-1, A), logits.reshape(-1, A)
-    rows, checks = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, cfg.backend,
-                            cfg.js_beta, cfg.temperature_mode, "step_stream['q_star']")
-    loss = rows.mean()
+    loss, checks = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, cfg.backend,
+                            cfg.js_beta, cfg.temperature_mode, "step_stream['q_star']", mean=True)
     return loss, finalize_metrics({"sp_loss": loss}, checks(), cfg.metrics_mode)
 
 
@@ -525,15 +531,19 @@ def check_topk_teacher(index, logprob, V: int, like: torch.Tensor, like_name: st
     require_same_device({f"{name}_index": index, f"{name}_logprob": logprob, like_name: like})
 
 
-def _topk_rows(index, logprob, logits, loss_type, temperature, backend, temperature_mode="teacher") -> torch.Tensor:
+def _topk_rows(index, logprob, logits, loss_type, temperature, backend, temperature_mode="teacher",
+               mean=False) -> torch.Tensor:
+    """Per-row losses, or their mean with ``mean=True`` (as :func:`_sp_rows`)."""
     z = student_at_temperature(logits, temperature, temperature_mode)
     if resolve_backend(backend, "sp", logits, logprob) is Backend.TRITON:
         from ..kernels import sp as kernels
 
-        rows = kernels.sp_topk_fused(index, logprob, z, loss_type, temperature)
-    else:
-        rows = sp_topk_reference(index, logprob, z, loss_type, temperature)
-    return rows_at_temperature(rows, temperature, temperature_mode)
+        out = kernels.sp_topk_fused(index, logprob, z, loss_type, temperature,
+                                    mean_scale=_t2_factor(temperature, temperature_mode) if mean else None)
+        return out if mean else rows_at_temperature(out, temperature, temperature_mode)
+    rows = rows_at_temperature(sp_topk_reference(index, logprob, z, loss_type, temperature), temperature,
+                               temperature_mode)
+    return rows.mean() if mean else rows
 
 
 def _check_topk_options(loss_type: str, temperature: float, reduction: str) -> None:
@@ -573,8 +583,10 @@ def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fw
     _check_topk_options(loss_type, temperature, reduction)
     check_temperature_mode(temperature_mode)
     check_row_weight(weight, logits)
-    rows = _topk_rows(teacher_index, teacher_logprob, logits, loss_type, temperature, backend, temperature_mode)
-    loss = _reduce(rows, reduction, weight)
+    mean = reduction == "mean" and weight is None
+    rows = _topk_rows(teacher_index, teacher_logprob, logits, loss_type, temperature, backend, temperature_mode,
+                      mean=mean)
+    loss = rows if mean else _reduce(rows, reduction, weight)
     if check_inputs:
         finalize_metrics({}, topk_checks(teacher_index, teacher_logprob, V), "float")
     return loss

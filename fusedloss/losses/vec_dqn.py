@@ -11,15 +11,16 @@ import torch.nn.functional as F
 
 from .._dispatch import Backend, resolve_backend
 from .._families import Family, VerifyCase
-from ..metrics import finalize_metrics
+from ..metrics import AnyEqual, finalize_metrics
 from ._common import (
     ConfigLoss,
     LossConfig,
     check_config_common,
     check_loss_config,
+    check_index,
     check_reward_config,
+    clamp_index,
     compute_dtype,
-    index_tensor,
     require_float,
     require_same_device,
     reward_tensor,
@@ -159,20 +160,24 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
         raise ValueError(f"vec_dqn_loss needs S >= 2 steps per sequence, got S = {S}.")
     check_even_d(online_vecs, "online_vecs")
     check_reward_config(cfg, S)
-    action, bad_action = index_tensor(stream_get(step_stream, "action"), "step_stream['action']", (B, S), "[B, S]", A,
-                                      used=slice(1, None))
+    action = stream_get(step_stream, "action")
+    check_index(action, "step_stream['action']", (B, S), "[B, S]")
     reward = reward_tensor(step_stream, cfg.use_xformed_reward, (B, S), "[B, S]")
     require_same_device({"online_vecs": online_vecs, "target_vecs": target_vecs, "step_stream['action']": action,
                          "step_stream['reward']": reward})
-    checks = [(bad_action, f"step_stream['action'] holds a value outside [0, A) = [0, {A}) at a used step (t >= 1).")]
+    bad_msg = f"step_stream['action'] holds a value outside [0, A) = [0, {A}) at a used step (t >= 1)."
     if resolve_backend(cfg.backend, "vec_dqn", online_vecs, target_vecs) is Backend.TRITON:
         from ..kernels import vec_dqn as kernels
 
+        # the kernel clamps the action and reports the range check per transition: no aten op for it
         theta = transform_rewards(reward[:, 1:].to(torch.float32), cfg)
-        loss = kernels.vec_dqn_fused(online_vecs, target_vecs, action, theta).mean()
+        loss, status = kernels.vec_dqn_fused(online_vecs, target_vecs, action, theta, mean=True)
         named = _metrics(loss, kernels.vec_dqn_scores_fused(online_vecs[:, -1]))
+        checks = [(AnyEqual(status, 1), bad_msg)]
     else:
+        action, bad_action = clamp_index(action, A, used=slice(1, None))
         loss, named = vec_dqn_reference(online_vecs, target_vecs, action, reward, cfg)
+        checks = [(bad_action, bad_msg)]
     return loss, finalize_metrics(named, checks, cfg.metrics_mode)
 
 
