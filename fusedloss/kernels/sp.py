@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, cdiv, constexpr_namespace, double_backward_error, last_dim_contiguous, launcher,
-                      nanmax, nanmin, next_power_of_2, no_double_backward, online_lse_update, reject_grad_transforms,
-                      signature, stored_grad_dtype)
+from ._common import (AotVariant, cdiv, constexpr_namespace, double_backward_error, fast_exp, fast_log,
+                      last_dim_contiguous, launcher, nanmax, nanmin, next_power_of_2, no_double_backward,
+                      online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "sp_op", "sp_topk_fwd", "sp_topk_fused", "sp_topk_op",
            "compile_variants"]
@@ -93,17 +93,17 @@ def _probs(q, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, inv_t, eps,
            LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
     """Teacher p, log p and student s, log s on a tile; 0 outside the valid entries."""
     ls = tl.where(valid, z - mz[:, None] - lse_z[:, None], 0.0)
-    s = tl.where(valid, tl.exp(ls), 0.0)
+    s = tl.where(valid, fast_exp(ls), 0.0)
     if LOSS == _L.CE:
         hit = cols[None, :] == target[:, None]
         p = tl.where(valid, eps / n_valid[:, None], 0.0) + tl.where(hit & valid, 1.0 - eps, 0.0)
         lp = ls  # unused by ce
     else:
         lp = tl.where(valid, (q - mt[:, None]) * inv_t - lse_t[:, None], 0.0)
-        p = tl.where(valid, tl.exp(lp), 0.0)
+        p = tl.where(valid, fast_exp(lp), 0.0)
         if HAS_SMOOTHING:
             p = tl.where(valid, (1.0 - eps) * p + eps / n_valid[:, None], 0.0)
-            lp = tl.where(valid, tl.log(nanmax(p, 1e-37)), 0.0)
+            lp = tl.where(valid, fast_log(nanmax(p, 1e-37)), 0.0)
     return p, lp, s, ls
 
 
@@ -113,7 +113,7 @@ def _log_m(lp, ls, log_b, log_1mb):
     a = lp + log_b
     b = ls + log_1mb
     hi = nanmax(a, b)
-    return hi + tl.log(1.0 + tl.exp(nanmin(a, b) - hi))
+    return hi + fast_log(1.0 + fast_exp(nanmin(a, b) - hi))
 
 
 @triton.jit
@@ -214,7 +214,7 @@ def _sp_fwd_kernel(
         n_valid = tl.maximum(tl.sum(valid.to(tl.float32), axis=1), 1.0)  # >= 1 keeps rows past N finite
         if LOSS == _L.CE:
             target = tl.argmax(tl.where(q == q, q, float("-inf")), axis=1).to(tl.int32)  # a NaN teacher is an error
-        p, lp, s, ls = _probs(q, z, valid, cols0, mt, tl.log(st), mz, tl.log(sz), n_valid, target, inv_t, eps,
+        p, lp, s, ls = _probs(q, z, valid, cols0, mt, fast_log(st), mz, fast_log(sz), n_valid, target, inv_t, eps,
                               LOSS, HAS_SMOOTHING)
         row_loss = tl.sum(_elem_loss(p, lp, s, ls, beta, log_b, log_1mb, LOSS), axis=1)
         if LOSS == _L.JS:
@@ -236,8 +236,8 @@ def _sp_fwd_kernel(
                 target = tl.where(better, tile_arg, target)
                 best = tl.maximum(best, tile_best)
         n_valid = tl.maximum(n_valid, 1.0)
-        lse_t = tl.log(st)
-        lse_z = tl.log(sz)
+        lse_t = fast_log(st)
+        lse_z = fast_log(sz)
         for start in range(0, A, BLOCK_A):
             cols = start + cols0
             q, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z)
@@ -297,11 +297,11 @@ def _topk_teacher(idx_ptr, lp_ptr, row64, K, V, stride_i, stride_l, inv_t, BLOCK
     mx = tl.max(v, axis=0) + nan_probe
     mx = tl.where(mx == float("-inf"), 0.0, mx)  # no used slot, or all at -inf: no NaN from -inf - -inf
     x = (v - mx) * inv_t
-    e = tl.where(used, tl.exp(x), 0.0)
+    e = tl.where(used, fast_exp(x), 0.0)
     total = tl.sum(e, axis=0)
     # every used slot at -inf: no mass, p = 0 (no 0/0); a NaN total (NaN or +inf in) makes every p NaN
     p = tl.where(used, e / tl.where(total != 0.0, total, float("inf")), 0.0)
-    lp = tl.where(used, x - tl.log(total), 0.0)
+    lp = tl.where(used, x - fast_log(total), 0.0)
     return tl.where(used, idx, 0), used, p, lp
 
 
@@ -343,7 +343,7 @@ def _sp_topk_fwd_kernel(
         vm = cols0 < V
         z = tl.load(z_row + cols0, mask=vm, other=float("-inf")).to(tl.float32)
         mz, sz = online_lse_update(mz, sz, z[None, :], 1.0, False)
-        s = tl.exp(z - mz - tl.log(sz))
+        s = fast_exp(z - mz - fast_log(sz))
         tl.store(g_row + cols0, (s * psum).to(grad_ptr.dtype.element_ty), mask=vm)
     else:
         for start in range(0, V, BLOCK_V):
@@ -354,9 +354,9 @@ def _sp_topk_fwd_kernel(
             cols = start + cols0
             vm = cols < V
             z = tl.load(z_row + cols, mask=vm, other=float("-inf")).to(tl.float32)
-            s = tl.exp(z - mz - tl.log(sz))
+            s = fast_exp(z - mz - fast_log(sz))
             tl.store(g_row + cols, (s * psum).to(grad_ptr.dtype.element_ty), mask=vm)
-    lse_z = tl.sum(mz + tl.log(sz), axis=0)
+    lse_z = tl.sum(mz + fast_log(sz), axis=0)
     ls = tl.where(used, tl.load(z_row + idx, mask=used, other=0.0).to(tl.float32) - lse_z, 0.0)
     if LOSS == _L.KL_FWD:
         row_loss = tl.sum(_wmul(p, lp - ls), axis=0)
@@ -364,7 +364,7 @@ def _sp_topk_fwd_kernel(
         row_loss = tl.sum(_wmul(p, -ls), axis=0)
     mass = _slot_mass(idx, used, p, K, BLOCK_K)
     tl.debug_barrier()  # the row's s·Σp stores land before the teacher slots are rewritten
-    tl.store(g_row + idx, (tl.exp(ls) * psum - mass).to(grad_ptr.dtype.element_ty), mask=used)
+    tl.store(g_row + idx, (fast_exp(ls) * psum - mass).to(grad_ptr.dtype.element_ty), mask=used)
     tl.store(loss_ptr + row64, row_loss)
 
 
