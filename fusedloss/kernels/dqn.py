@@ -52,9 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, as_loadable, cdiv, constexpr_namespace, double_backward_error, last_dim_contiguous,
-                      launcher, nanmax, nanmin, next_power_of_2, no_double_backward, online_lse_update,
-                      reject_grad_transforms, signature, stored_grad_dtype)
+from ._common import (AotVariant, as_loadable, cdiv, constexpr_namespace, double_backward_error, fast_exp, fast_log,
+                      last_dim_contiguous, launcher, nanmax, nanmin, next_power_of_2, no_double_backward,
+                      online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["DqnPartial", "DqnMetric", "dqn_fwd", "dqn_bwd", "dqn_fused", "n_step_window", "compile_variants"]
 
@@ -328,7 +328,7 @@ def _td_loss(q_sa, target, lse_m, lse_s, cql_weight, cql_eps, huber_delta, CQL: 
         per = d * d
         dsa = 2.0 * d
     q_scale = tl.abs(target) + cql_eps
-    pen = lse_m + tl.log(nanmax(lse_s, 1e-30)) - q_sa
+    pen = lse_m + fast_log(nanmax(lse_s, 1e-30)) - q_sa
     if CQL:
         per = per + cql_weight * q_scale * pen
         dsa = dsa - cql_weight * q_scale
@@ -349,7 +349,7 @@ def _grad_pass(g_row, q_row, a, tv, valid, in_seq, coef_sa, coef_sm, lse_m, A, C
         if CQL:
             lm = tv[:, None] & (cols < A)[None, :]
             qv = tl.load(q_row + cols[None, :], mask=lm, other=float("-inf")).to(tl.float32)
-            g += tl.where(valid[:, None], coef_sm[:, None] * tl.exp(qv - lse_m[:, None]), 0.0)
+            g += tl.where(valid[:, None], coef_sm[:, None] * fast_exp(qv - lse_m[:, None]), 0.0)
         tl.store(g_row + cols[None, :], g.to(g_row.dtype.element_ty), mask=sm)
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, cdiv, launcher, next_power_of_2, signature
+from ._common import AotVariant, cdiv, fast_exp, fast_log, launcher, next_power_of_2, signature
 
 __all__ = ["lm_head_stats", "lm_head_grad", "stats_op", "grad_op", "compile_variants", "HOT_TILES"]
 
@@ -39,7 +39,7 @@ HOT_TILES = {"_lm_head_stats_kernel": ("BLOCK_V",), "_lm_head_grad_kernel": ("BL
 def _transform(z, inv_t, cap, HAS_SOFTCAP: tl.constexpr):
     """``u = softcap(z)/T`` and ``du/dz``; tanh as ``1 - 2/(e^(2x) + 1)``, exact at ±inf."""
     if HAS_SOFTCAP:
-        t = 1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0)
+        t = 1.0 - 2.0 / (fast_exp(2.0 * z / cap) + 1.0)
         u = cap * t * inv_t
         du = (1.0 - t * t) * inv_t
     else:
@@ -70,9 +70,9 @@ def _lm_head_stats_kernel(z_ptr, labels_ptr, out_ptr, V, stride_z, inv_t, cap,
         # 0 stands in for an infinite max: nothing finite seen yet, or a +inf logit, whose lse is
         # then +inf (as torch.logsumexp), not NaN from inf - inf
         m_safe = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)
-        alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_safe))
+        alpha = tl.where(m == float("-inf"), 0.0, fast_exp(m - m_safe))
         shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
-        w = tl.where(inside, tl.exp(u - m_safe), 0.0)
+        w = tl.where(inside, fast_exp(u - m_safe), 0.0)
         e = alpha * (e + shift * s) + w * tl.where(w > 0.0, u - m_safe, 0.0)
         s = alpha * s + w
         m = m_new
@@ -80,12 +80,12 @@ def _lm_head_stats_kernel(z_ptr, labels_ptr, out_ptr, V, stride_z, inv_t, cap,
     nan_probe = tl.sum(tl.where(s != s, s, 0.0), axis=0)  # tl.max skips NaN on the GPU
     mx = tl.max(m, axis=0)
     mx_safe = tl.where(tl.abs(mx) == float("inf"), 0.0, mx)
-    alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - mx_safe))
+    alpha = tl.where(m == float("-inf"), 0.0, fast_exp(m - mx_safe))
     shift = tl.where(m == float("-inf"), 0.0, m - mx_safe)
     total = tl.sum(alpha * s, axis=0) + nan_probe
     ent_sum = tl.sum(alpha * (e + shift * s), axis=0)
-    lse = mx_safe + tl.log(total)
-    entropy = -ent_sum / total + tl.log(total)  # H = lse - Σ s u = log S - E/S in units of the max
+    lse = mx_safe + fast_log(total)
+    entropy = -ent_sum / total + fast_log(total)  # H = lse - Σ s u = log S - E/S in units of the max
     label = tl.load(labels_ptr + row).to(tl.int64)
     ok = (label >= 0) & (label < V)
     z_y = tl.load(z_row + tl.where(ok, label, 0)).to(tl.float32)
@@ -113,7 +113,7 @@ def _lm_head_grad_kernel(z_ptr, labels_ptr, stats_ptr, coef_ptr, dz_ptr, V, stri
     a, b, g, d = tl.load(c), tl.load(c + 1), tl.load(c + 2), tl.load(c + 3)
     label = tl.load(labels_ptr + row).to(tl.int64)
     log_s = u - lse
-    p = tl.exp(log_s)
+    p = fast_exp(log_s)
     # γ = 0 (cross-entropy) skips the entropy term, so that 0·(log s + H) never meets an inf
     ent = tl.where(g == 0.0, 0.0, g * tl.where(p == 0.0, 0.0, p * (log_s + entropy)))  # NaN stays NaN
     grad = a * p + tl.where(cols == label, b, 0.0) + ent + d
