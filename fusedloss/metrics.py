@@ -91,18 +91,23 @@ class LazyMetrics(Mapping):
     vector is taken before a read, so a ``torch.compile`` graph returns the vector itself, and
     everything held is detached: the mapping deep-copies and keeps no autograd graph alive."""
 
-    def __init__(self, named: Mapping[str, torch.Tensor], checks: list[Check]):
+    def __init__(self, named: Mapping[str, torch.Tensor], checks: list[Check], count=None):
         self._named = {k: v.detach() for k, v in named.items()}
         self._checks = [(f.detach(), message) for f, message in checks]
         self._buffer = None
         self._host: dict[str, float] | None = None
+        self._count = count.detach() if isinstance(count, torch.Tensor) else count
+        self._count_slot = None
 
     @classmethod
     def from_buffer(cls, buffer: torch.Tensor, slots: Mapping[str, int],
-                    checks: list[tuple[int, str]]) -> "LazyMetrics":
+                    checks: list[tuple[int, str]], count_slot: int | None = None,
+                    extra_checks: list[Check] = ()) -> "LazyMetrics":
         """Metrics at ``buffer[slots[name]]`` and input checks that fail where ``buffer[index]``
-        is non-zero, for ``(index, message)`` in ``checks``."""
-        self = cls({}, [])
+        is non-zero, for ``(index, message)`` in ``checks``, plus ``extra_checks`` of their own
+        flags; ``buffer[count_slot]`` is the :attr:`count`."""
+        self = cls({}, list(extra_checks))
+        self._count_slot = count_slot
         self._buffer = buffer.detach()
         self._slots = dict(slots)
         self._check_slots = list(checks)
@@ -112,9 +117,7 @@ class LazyMetrics(Mapping):
         # Packing happens here, on first read, so that the loss call itself launches nothing.
         if self._host is None:
             if self._buffer is not None:
-                host = _to_host(self._buffer)
-                self._host = _unpack(list(self._slots), [m for _, m in self._check_slots],
-                                     [host[i] for i in self._slots.values()], [host[i] for i, _ in self._check_slots])
+                self._host = _unpack_buffer(self._buffer, self._slots, self._check_slots, self._checks)
             else:
                 host = _to_host(_pack(self._named, self._checks))
                 n = len(self._named)
@@ -130,6 +133,75 @@ class LazyMetrics(Mapping):
         if self._buffer is not None:
             return {k: self._buffer[i] for k, i in self._slots.items()}
         return dict(self._named)
+
+    @property
+    def count(self):
+        """What the metrics are means over (this rank's tokens, rows or valid transitions), or
+        None: the weight of this rank's values in :meth:`all_reduce`."""
+        if self._buffer is not None and self._count_slot is not None:
+            return self._buffer[self._count_slot]
+        return self._count
+
+    def all_reduce(self, group=None) -> "LazyMetrics":
+        """These metrics combined over a ``torch.distributed`` process group, as one process would
+        compute them on every rank's data together: still lazy, after one all-gather of this
+        rank's values, its :attr:`count` and its check flags, with no host sync.
+
+        By name: ``*_min`` and ``*_max`` are the group's min and max; ``*_std`` (the unbiased std of
+        the values whose mean is ``*_mean``) is pooled from each rank's mean, std and count;
+        everything else is a mean weighted by each rank's :attr:`count` (equal weights when the
+        loss gave none). A rank with a count of 0 adds nothing, even a NaN. A check that failed on
+        any rank fails on every rank. Every rank must call it, with the same metrics."""
+        import torch.distributed as dist
+
+        named, flags = self.tensors(), self._flags()
+        keys = list(named)
+        values = [t.reshape(()).to(torch.float64) for t in named.values()]
+        like = values[0] if values else (flags[0] if flags else torch.zeros(()))
+        count = self.count
+        weighted = count is not None
+        n = (count.to(torch.float64) if isinstance(count, torch.Tensor)
+             else torch.tensor(float(1 if count is None else count), dtype=torch.float64)).to(like.device).reshape(())
+        local = torch.stack([n] + values + [f.reshape(()).to(torch.float64) for f in flags])
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        every = torch.stack(parts)  # [world, 1 + metrics + flags]
+        counts, has = every[:, 0], every[:, 0] > 0
+        total = counts.sum()
+        zero = torch.zeros((), dtype=torch.float64, device=every.device)
+
+        def col(key):
+            return every[:, 1 + keys.index(key)]
+
+        def mean_of(key):
+            v = torch.where(has, col(key), zero)
+            return (counts * v).sum() / total
+
+        out = {}
+        for key in keys:
+            v = col(key)
+            if key.endswith("_min"):
+                out[key] = torch.where(has, v, float("inf")).amin()
+            elif key.endswith("_max"):
+                out[key] = torch.where(has, v, float("-inf")).amax()
+            elif key.endswith("_std") and key[:-4] + "_mean" in keys and weighted:
+                mu_r = torch.where(has, col(key[:-4] + "_mean"), zero)
+                mu = (counts * mu_r).sum() / total
+                m2 = torch.where(has, v * v * (counts - 1).clamp(min=0) + counts * (mu_r - mu) ** 2, zero).sum()
+                out[key] = (m2 / (total - 1).clamp(min=1)).sqrt()
+            else:
+                out[key] = mean_of(key)
+        out = {k: t.to(named[k].dtype) for k, t in out.items()}
+        reduced = every[:, 1 + len(keys):].amax(dim=0)
+        checks = [(reduced[i], message) for i, (_, message) in enumerate(self._check_list())]
+        return LazyMetrics(out, checks, total if weighted else None)
+
+    def _check_list(self) -> list[tuple[object, str]]:
+        return (list(self._check_slots) if self._buffer is not None else []) + list(self._checks)
+
+    def _flags(self) -> list[torch.Tensor]:
+        slots = [self._buffer[i] for i, _ in self._check_slots] if self._buffer is not None else []
+        return slots + [f.flag() if isinstance(f, AnyEqual) else f for f, _ in self._checks]
 
     def _keys(self) -> list[str]:
         return list(self._slots) if self._buffer is not None else list(self._named)
@@ -148,21 +220,35 @@ class LazyMetrics(Mapping):
         return f"LazyMetrics({self._keys()}, {state})"
 
 
-def finalize_metrics(named: Mapping[str, torch.Tensor], checks: list[Check], mode: str):
-    """Turn named 0-dim tensors and input checks into the metrics the caller asked for."""
+def finalize_metrics(named: Mapping[str, torch.Tensor], checks: list[Check], mode: str, count=None):
+    """Turn named 0-dim tensors and input checks into the metrics the caller asked for; ``count``
+    (lazy mode): what the metrics are means over, for :meth:`LazyMetrics.all_reduce`."""
     if mode == "lazy":
-        return LazyMetrics(named, checks)
+        return LazyMetrics(named, checks, count)
     host = _to_host(_pack(named, checks))
     n = len(named)
     return _unpack(list(named), [m for _, m in checks], host[:n], host[n:])
 
 
+def _unpack_buffer(buffer: torch.Tensor, slots: Mapping[str, int], checks: list[tuple[int, str]],
+                   extra_checks: list[Check]) -> dict[str, float]:
+    """One transfer of ``buffer`` (and of ``extra_checks``' flags after it, when there are any)."""
+    vec = buffer.detach()
+    if extra_checks:
+        flags = [(f.flag() if isinstance(f, AnyEqual) else f).detach().reshape(()).to(vec.dtype)
+                 for f, _ in extra_checks]
+        vec = torch.cat([vec.reshape(-1), torch.stack(flags)])
+    host = _to_host(vec)
+    n = buffer.numel()
+    messages = [m for _, m in checks] + [m for _, m in extra_checks]
+    return _unpack(list(slots), messages, [host[i] for i in slots.values()], [host[i] for i, _ in checks] + host[n:])
+
+
 def finalize_buffer_metrics(buffer: torch.Tensor, slots: Mapping[str, int], checks: list[tuple[int, str]],
-                            mode: str):
+                            mode: str, count_slot: int | None = None, extra_checks: list[Check] = ()):
     """:func:`finalize_metrics` for metrics and check flags that are entries of one device vector
-    (``buffer[slots[name]]``; a check fails where ``buffer[index]`` is non-zero)."""
+    (``buffer[slots[name]]``; a check fails where ``buffer[index]`` is non-zero), plus
+    ``extra_checks`` with flags of their own; ``buffer[count_slot]`` is the metrics' count."""
     if mode == "lazy":
-        return LazyMetrics.from_buffer(buffer, slots, checks)
-    host = _to_host(buffer.detach())
-    return _unpack(list(slots), [m for _, m in checks], [host[i] for i in slots.values()],
-                   [host[i] for i, _ in checks])
+        return LazyMetrics.from_buffer(buffer, slots, checks, count_slot, extra_checks)
+    return _unpack_buffer(buffer, slots, checks, list(extra_checks))

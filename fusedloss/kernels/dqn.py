@@ -531,7 +531,8 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
     tl.store(metrics_ptr + _M.Q_TARGET, tl.sum(s_tgt, axis=0) / total)
     tl.store(metrics_ptr + _M.LOSS, loss)
     tl.store(metrics_ptr + _M.CQL_PENALTY, tl.sum(s_cql, axis=0) / total)
-    tl.store(metrics_ptr + _M.INV_COUNT, 1.0 / total)
+    # backward's scale: 1 with no valid transition, whose gradient is then 0 (every stored entry is), not 0·inf
+    tl.store(metrics_ptr + _M.INV_COUNT, 1.0 / tl.maximum(total, 1.0))
     tl.store(metrics_ptr + _M.BAD_ACTION, tl.sum(s_ba, axis=0))
     tl.store(metrics_ptr + _M.BAD_DONE, tl.sum(s_bd, axis=0))
     tl.store(metrics_ptr + _M.COUNT, total)

@@ -208,9 +208,12 @@ class ConfigLoss(nn.Module):
 
     config_cls: type
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg=None, group=None):
         super().__init__()
         self.cfg = check_loss_config(cfg, self.config_cls, type(self).__name__)
+        self.group = group
+        """The data-parallel process group of the losses that take one (a config cannot hold it):
+        given here, set after :func:`fusedloss.build_loss`, or passed to each call."""
 
     def extra_repr(self) -> str:
         return repr(self.cfg)

@@ -37,6 +37,7 @@ from ._common import (
     stream_get,
     transform_rewards,
 )
+from ._data_parallel import check_dp, check_grad_reduction, dp_share, global_counts, scale_grad
 
 __all__ = ["DqnLossConfig", "dqn_loss", "dqn_reference", "DqnLoss", "TD_LOSSES", "sequence_priority"]
 
@@ -125,8 +126,11 @@ class DqnLossConfig(LossConfig):
     """R2D2's invertible value rescaling: bootstrap through ``h^-1``, target through ``h``."""
     value_rescaling_eps: float = 1e-3
     """The ``eps`` of ``h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps·x`` (> 0)."""
+    grad_reduction: str = "sum"
+    """With a data-parallel ``group``: ``"sum"`` (the ranks' gradients sum to the batch's) or ``"mean"`` (scaled by the group's size, for DDP/FSDP's averaging)."""
 
     def check_values(self) -> None:
+        check_grad_reduction(self.grad_reduction)
         for name in ("gamma", "gamma_terminal", "gamma_truncated", "cql_scale_q_eps"):
             check_finite_number(getattr(self, name), name)
         if self.n_step < 1:
@@ -338,7 +342,19 @@ def _kernel_scalars(cfg: DqnLossConfig) -> dict:
                 value_rescaling=bool(cfg.value_rescaling), rescale_eps=float(cfg.value_rescaling_eps))
 
 
-def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
+def _dp_loss(loss: torch.Tensor, count, group, cfg: DqnLossConfig, masked_batch: bool, msg_mask: str):
+    """This rank's share of the group's mean (``loss`` itself without a group), and the check that
+    the whole batch has a valid transition."""
+    if group is None:
+        return loss, []
+    n_global = global_counts([count], group, loss.device)[0]
+    share = scale_grad(dp_share(loss, count, n_global), group, cfg.grad_reduction)
+    if not masked_batch:
+        return share, []
+    return share, [(n_global == 0, msg_mask.replace("leaves", "leaves the whole group's batch"))]
+
+
+def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None, group=None):
     """TD loss on ``out["dqn"]`` against ``out["dqn_target"]`` (both ``[B, S, A]``): one-step by
     default, n-step or Peng's Q(lambda) with ``cfg.n_step`` / ``cfg.td_lambda`` (see
     :class:`DqnLossConfig`), optionally in R2D2's rescaled value space.
@@ -352,8 +368,16 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
     ``cql_weight > 0``.
 
     Returns ``(loss, metrics)`` (and ``|TD error|`` ``[B, S-1]`` when ``cfg.return_td_error``).
+
+    ``group``: a ``torch.distributed`` process group over which the batch's sequences are split
+    (data parallel). The loss is then this rank's share of the whole batch's mean, its sum over
+    the group's count of valid transitions (a rank with none contributes 0), so the ranks' losses
+    and gradients sum to the whole batch's; ``cfg.grad_reduction="mean"`` scales the gradient by
+    the group's size for DDP/FSDP's averaging. The metrics stay this rank's own statistics
+    (:meth:`fusedloss.LazyMetrics.all_reduce` combines them over the group).
     """
     cfg = check_loss_config(cfg, DqnLossConfig, "dqn_loss")
+    check_dp(group, cfg.grad_reduction)
     q = stream_get(out, "dqn", "out")
     q_target = stream_get(out, "dqn_target", "out")
     require_float(q, "out['dqn']")
@@ -389,6 +413,8 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
     msg_action = f"step_stream['action'] holds a value outside [0, A) = [0, {A}) at a used step (t >= 1)."
     msg_done = "step_stream['done'] holds a value outside {0, 1, 2} (running, terminal, truncated) at a used step (t >= 1)."
     msg_mask = f"step_stream[{cfg.mask_key!r}] leaves no valid transition (steps t and t+1 both valid)."
+    # With a group, "no valid transition" is the whole batch's check: a rank may hold none.
+    local_mask_check = mask is not None and group is None
     if resolve_backend(cfg.backend, "dqn", q, q_target) is Backend.TRITON:
         from ..kernels import dqn as kernels
 
@@ -398,17 +424,25 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None):
         names = list(_KERNEL_METRICS) if cfg.cql_weight > 0.0 else list(_KERNEL_METRICS)[:-1]
         slots = {k: int(slot[_KERNEL_METRICS[k]]) for k in names}
         check_slots = [(int(slot.BAD_ACTION), msg_action), (int(slot.BAD_DONE), msg_done)]
-        if mask is not None:
+        if local_mask_check:
             check_slots.append((int(slot.NO_VALID), msg_mask))
-        metrics = finalize_buffer_metrics(buf, slots, check_slots, cfg.metrics_mode)
+        count = None if group is None else buf[int(slot.COUNT)]
+        share, group_checks = _dp_loss(loss, count, group, cfg, mask is not None, msg_mask)
+        metrics = finalize_buffer_metrics(buf, slots, check_slots, cfg.metrics_mode, count_slot=int(slot.COUNT),
+                                          extra_checks=group_checks)
     else:
         action, bad_action = clamp_index(action, A, slice(1, None))
         terminal, truncated, bad_done = split_done(done)
         checks = [(bad_action, msg_action), (bad_done, msg_done)]
-        if mask is not None:
+        if local_mask_check:
             checks.append(((mask[:, :-1] & mask[:, 1:]).sum() == 0, msg_mask))
         loss, named, td_abs = dqn_reference(q, q_target, action, reward, terminal, truncated, cfg, weight, mask)
-        metrics = finalize_metrics(named, checks, cfg.metrics_mode)
+        count = None
+        if group is not None or cfg.metrics_mode == "lazy":
+            count = B * (S - 1) if mask is None else (mask[:, :-1] & mask[:, 1:]).sum()
+        share, group_checks = _dp_loss(loss, count, group, cfg, mask is not None, msg_mask)
+        metrics = finalize_metrics(named, checks + group_checks, cfg.metrics_mode, count=count)
+    loss = share
     if cfg.return_td_error:
         return loss, metrics, td_abs
     return loss, metrics
@@ -457,12 +491,13 @@ def sequence_priority(td_error: torch.Tensor, mask: torch.Tensor | None = None, 
 
 
 class DqnLoss(ConfigLoss):
-    """``nn.Module`` form of :func:`dqn_loss`; ``forward(step_stream, out)``."""
+    """``nn.Module`` form of :func:`dqn_loss`; ``forward(step_stream, out, group=None)``
+    (``group``: this call's, else the module's)."""
 
     config_cls = DqnLossConfig
 
-    def forward(self, step_stream: Any, out: Any):
-        return dqn_loss(step_stream, out, self.cfg)
+    def forward(self, step_stream: Any, out: Any, group=None):
+        return dqn_loss(step_stream, out, self.cfg, self.group if group is None else group)
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:

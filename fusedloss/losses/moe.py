@@ -9,6 +9,7 @@ from torch import nn
 
 from .._families import Family, VerifyCase
 from ._common import LossConfig, compute_dtype, require_float, require_same_device
+from ._data_parallel import check_dp, check_grad_reduction, scale_grad
 
 __all__ = ["router_z_loss", "switch_load_balancing_loss", "RouterZLoss", "SwitchLoadBalancingLoss"]
 
@@ -25,9 +26,6 @@ def _router_rows(router_logits: torch.Tensor) -> torch.Tensor:
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE z-loss: the mean over tokens of ``logsumexp(router_logits)²``; logits ``[..., E]``."""
     return _router_rows(router_logits).logsumexp(dim=-1).square().mean()
-
-
-GRAD_REDUCTIONS = ("sum", "mean")
 
 
 def switch_load_balancing_loss(router_logits: torch.Tensor, top_k: int = 1, mask: torch.Tensor | None = None, *,
@@ -52,10 +50,7 @@ def switch_load_balancing_loss(router_logits: torch.Tensor, top_k: int = 1, mask
     T, E = x.shape
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an integer in [1, E] = [1, {E}], got {top_k!r}.")
-    if grad_reduction not in GRAD_REDUCTIONS:
-        raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}.")
-    if grad_reduction == "mean" and group is None:
-        raise ValueError("grad_reduction='mean' needs group=: the group whose gradient average it corrects.")
+    check_dp(group, grad_reduction)
     if mask is None:
         m = torch.ones(T, dtype=x.dtype, device=x.device)
     else:
@@ -71,13 +66,9 @@ def switch_load_balancing_loss(router_logits: torch.Tensor, top_k: int = 1, mask
     chosen = probs.detach().topk(top_k, dim=-1).indices
     slots = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
     counts, psum, n = (slots * m[:, None]).sum(dim=0), (probs * m[:, None]).sum(dim=0), m.sum()
-    world = 1
     if group is not None:
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("group= needs torch.distributed initialised (torch.distributed.init_process_group).")
-        world = dist.get_world_size(group)
         local = torch.cat([counts, psum.detach(), n[None]])
         total = local.clone()
         dist.all_reduce(total, group=group)
@@ -87,9 +78,7 @@ def switch_load_balancing_loss(router_logits: torch.Tensor, top_k: int = 1, mask
     f = counts / (n * top_k)
     P = psum / n
     loss = E * (f * P).sum()
-    if grad_reduction == "mean":
-        loss = loss + (world - 1) * (loss - loss.detach())  # the value stays; the gradient is world times larger
-    return loss
+    return scale_grad(loss, group, grad_reduction)  # "mean": the value stays, the gradient is world times larger
 
 
 class RouterZLoss(nn.Module):
@@ -136,8 +125,7 @@ class SwitchLoadBalancingLossFactory(LossConfig):
     def check_values(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"switch_load_balancing top_k must be an integer >= 1, got {self.top_k!r}.")
-        if self.grad_reduction not in GRAD_REDUCTIONS:
-            raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {self.grad_reduction!r}.")
+        check_grad_reduction(self.grad_reduction)
 
     def build(self) -> nn.Module:
         return SwitchLoadBalancingLoss(self.top_k, grad_reduction=self.grad_reduction)

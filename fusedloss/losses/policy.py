@@ -43,6 +43,7 @@ import torch
 from .._families import Family, VerifyCase
 from ..metrics import check_metrics_mode, finalize_metrics
 from ._common import ConfigLoss, LossConfig, check_loss_config, compute_dtype, require_float, require_same_device
+from ._data_parallel import check_dp, check_grad_reduction, dp_share, global_counts, scale_grad
 
 __all__ = ["LOSS_AGG_MODES", "KL_ESTIMATORS", "PolicyLossConfig", "policy_loss", "PolicyLoss", "group_advantages",
            "aggregate"]
@@ -72,8 +73,11 @@ class PolicyLossConfig(LossConfig):
     """The entropy bonus's weight (>= 0); non-zero needs ``entropy``."""
     metrics_mode: str = "float"
     """``"float"``: metrics as a ``dict[str, float]`` with one host transfer; ``"lazy"``: a :class:`fusedloss.LazyMetrics`, no host sync."""
+    grad_reduction: str = "sum"
+    """With a data-parallel ``group``: ``"sum"`` (the ranks' gradients sum to the batch's) or ``"mean"`` (scaled by the group's size, for DDP/FSDP's averaging)."""
 
     def check_values(self) -> None:
+        check_grad_reduction(self.grad_reduction)
         for name in ("clip_low", "kl_coef", "entropy_coef"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -135,7 +139,8 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
                 *, clip_low: float = 0.2, clip_high: float | None = None, dual_clip: float | None = None,
                 loss_agg: str = "token-mean", ref_logprob: torch.Tensor | None = None, kl_coef: float = 0.0,
                 kl_estimator: str = "k3", entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
-                metrics_mode: str = "float", cfg: PolicyLossConfig | None = None):
+                metrics_mode: str = "float", cfg: PolicyLossConfig | None = None, group=None,
+                grad_reduction: str = "sum"):
     """PPO's clipped policy loss and its GRPO, DAPO and Dr. GRPO variants (formulas in the module
     docstring). Returns ``(loss, metrics)``.
 
@@ -150,11 +155,19 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
     where the clipped term wins strictly, verl's), ``ppo_kl`` (the token mean of ``old_logprob -
     logprob``, clamped as the ratio's log), and ``kl`` and ``entropy`` (aggregated as the loss) when given. No host sync with
     ``metrics_mode="lazy"``. Computed in fp32 (fp64 for fp64 inputs).
+
+    ``group``: a ``torch.distributed`` process group over which the batch's sequences are split
+    (data parallel). The loss is then this rank's share of the whole batch's aggregate: its sum
+    over the group's count of valid tokens (``token-mean``) or of rows with one (the ``seq-mean``
+    modes; ``Σ x / T`` needs no count), so the ranks' losses and gradients sum to the whole
+    batch's. The metrics stay this rank's own (:meth:`fusedloss.LazyMetrics.all_reduce` combines
+    them, weighted by the valid tokens). ``grad_reduction="mean"`` (or ``cfg.grad_reduction``)
+    scales the gradient by the group's size for a trainer that averages gradients (DDP, FSDP).
     """
     if cfg is None:
         cfg = PolicyLossConfig(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, loss_agg=loss_agg,
                                kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-                               metrics_mode=metrics_mode)
+                               metrics_mode=metrics_mode, grad_reduction=grad_reduction)
     else:
         cfg = check_loss_config(cfg, PolicyLossConfig, "policy_loss")
     require_float(logprob, "logprob")
@@ -178,6 +191,7 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
     require_same_device({"logprob": logprob, "old_logprob": old_logprob, "advantages": advantages, "mask": mask,
                          **extra})
 
+    check_dp(group, cfg.grad_reduction)
     cd = compute_dtype(logprob, old_logprob, advantages, *extra.values())
     zero = torch.zeros((), dtype=cd, device=logprob.device)
 
@@ -208,7 +222,12 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
         loss = loss - cfg.entropy_coef * ent
         named["entropy"] = ent.detach()
     named["policy_loss"] = loss.detach()
-    return loss, finalize_metrics(named, [], cfg.metrics_mode)
+    if group is not None and cfg.loss_agg != "seq-mean-token-sum-norm":  # Σ x / T: its share is the local value
+        # every term is aggregated by cfg.loss_agg, over the valid tokens or the rows holding one
+        n_local = mask.sum() if cfg.loss_agg == "token-mean" else (mask.sum(dim=-1) > 0).sum()
+        loss = dp_share(loss, n_local, global_counts([n_local], group, loss.device)[0])
+    count = mask.sum() if cfg.metrics_mode == "lazy" else None  # the metrics' weight in LazyMetrics.all_reduce
+    return scale_grad(loss, group, cfg.grad_reduction), finalize_metrics(named, [], cfg.metrics_mode, count=count)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6,
@@ -245,13 +264,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, normalize_std: b
 
 class PolicyLoss(ConfigLoss):
     """``nn.Module`` form of :func:`policy_loss`: ``forward(logprob, old_logprob, advantages, mask,
-    ref_logprob=None, entropy=None)``."""
+    ref_logprob=None, entropy=None, group=None)`` (``group``: this call's, else the module's)."""
 
     config_cls = PolicyLossConfig
 
-    def forward(self, logprob, old_logprob, advantages, mask, ref_logprob=None, entropy=None):
+    def forward(self, logprob, old_logprob, advantages, mask, ref_logprob=None, entropy=None, group=None):
         return policy_loss(logprob, old_logprob, advantages, mask, ref_logprob=ref_logprob, entropy=entropy,
-                           cfg=self.cfg)
+                           cfg=self.cfg, group=self.group if group is None else group)
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:

@@ -38,6 +38,7 @@ from ._common import (
     require_same_device,
     stream_get,
 )
+from ._data_parallel import check_dp, check_grad_reduction, global_counts, scale_grad
 
 __all__ = [
     "SP_LOSS_TYPES",
@@ -82,9 +83,12 @@ class SpLossConfig(LossConfig):
     """``"teacher"`` (``temperature`` divides the teacher only, the reference semantics), ``"both"`` (the student too, as TRL's GKD and Liger) or ``"both_t2"`` (both, times ``T²``)."""
     teacher_vocab: str = "strict"
     """``"strict"`` (``q_star`` has the student's ``A``) or ``"align"`` (a wider teacher truncated to ``A``, a narrower one padded with ``-inf``)."""
+    grad_reduction: str = "sum"
+    """With a data-parallel ``group``: ``"sum"`` (the ranks' gradients sum to the batch's) or ``"mean"`` (scaled by the group's size, for DDP/FSDP's averaging)."""
 
     def check_values(self) -> None:
         check_sp_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
+        check_grad_reduction(self.grad_reduction)
         check_temperature_mode(self.temperature_mode)
         check_teacher_vocab(self.teacher_vocab)
         check_config_common(self.backend, self.metrics_mode)
@@ -309,9 +313,19 @@ def status_checks(status: torch.Tensor, name: str):
     return [(AnyEqual(status, 1), bad_msg), (AnyEqual(status, 2), empty_msg)]
 
 
-def _reduce(per_row: torch.Tensor, reduction: str, weight: torch.Tensor | None) -> torch.Tensor:
+def _reduce(per_row: torch.Tensor, reduction: str, weight: torch.Tensor | None, group=None,
+            grad_reduction: str = "sum") -> torch.Tensor:
+    """``reduction`` of the per-row losses (times ``weight``); with ``group`` the mean is this
+    rank's share, its sum over the global count of rows (:mod:`fusedloss.losses._data_parallel`)."""
     if weight is not None:
         per_row = per_row * weight.to(per_row.dtype)
+    if group is not None:
+        if reduction == "mean":
+            n = global_counts([per_row.shape[0]], group, per_row.device)[0]
+            per_row = per_row.sum() / n.to(per_row.dtype)
+        elif reduction == "sum":
+            per_row = per_row.sum()
+        return scale_grad(per_row, group, grad_reduction)
     if reduction == "mean":
         return per_row.mean()
     if reduction == "sum":
@@ -365,16 +379,18 @@ def _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend
 
 
 def _dense_loss(q_targets, logits, *, loss_type, temperature, label_smoothing, reduction, weight, backend,
-                check_inputs, js_beta=0.5, temperature_mode="teacher", teacher_vocab="strict"):
+                check_inputs, js_beta=0.5, temperature_mode="teacher", teacher_vocab="strict", group=None,
+                grad_reduction="sum"):
     """The reduced loss of the functional forms (``sp_soft_ce_loss``, ``sp_kl_loss``, ``sp_js_loss``)."""
     if isinstance(logits, torch.Tensor) and logits.dim() >= 1:
         q_targets = align_teacher(q_targets, logits.shape[-1], teacher_vocab)
     _check_rows(q_targets, logits, loss_type, temperature, label_smoothing, reduction, weight, js_beta)
     check_temperature_mode(temperature_mode)
-    mean = reduction == "mean" and weight is None
+    check_dp(group, grad_reduction)
+    mean = reduction == "mean" and weight is None and group is None
     rows, checks = _sp_rows(q_targets, logits, loss_type, temperature, label_smoothing, backend, js_beta,
                             temperature_mode, mean=mean)
-    loss = rows if mean else _reduce(rows, reduction, weight)
+    loss = rows if mean else _reduce(rows, reduction, weight, group, grad_reduction)
     if check_inputs:
         finalize_metrics({}, checks(), "float")
     return loss
@@ -388,7 +404,8 @@ def _direction(direction: str, fn: str) -> str:
 
 def sp_soft_ce_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, direction: str = "fwd",
                     *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
-                    temperature_mode: str = "teacher", teacher_vocab: str = "strict"):
+                    temperature_mode: str = "teacher", teacher_vocab: str = "strict", group=None,
+                    grad_reduction: str = "sum"):
     """Soft cross-entropy between teacher ``P = softmax(q_targets / T)`` (smoothed) and student
     ``Q = softmax(logits)``: ``"fwd"`` is ``H(P, Q) = -Σ P log Q``, ``"bwd"`` is ``H(Q, P) = -Σ Q log P``.
 
@@ -401,27 +418,36 @@ def sp_soft_ce_loss(q_targets, logits, temperature: float, label_smoothing: floa
     ``teacher_vocab``: ``"strict"`` (the default: ``q_targets`` must have the student's ``A``) or
     ``"align"`` (a wider teacher is truncated to the first ``A`` columns, a narrower one padded
     with ``-inf``: see :func:`fusedloss.losses.sp.align_teacher`).
+    ``group``: a ``torch.distributed`` process group over which the batch's rows are split (data
+    parallel): ``"mean"`` then returns this rank's share, its rows' sum over the global row count,
+    so the ranks' losses and gradients sum to the whole batch's; ``grad_reduction="mean"`` scales
+    the gradient by the group's size for a trainer that averages gradients (DDP, FSDP). See
+    :mod:`fusedloss.losses._data_parallel`.
     """
     loss_type = "ce-soft-" + _direction(direction, "sp_soft_ce_loss")
     return _dense_loss(q_targets, logits, loss_type=loss_type, temperature=temperature, label_smoothing=label_smoothing,
                        reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs,
-                       temperature_mode=temperature_mode, teacher_vocab=teacher_vocab)
+                       temperature_mode=temperature_mode, teacher_vocab=teacher_vocab, group=group,
+                       grad_reduction=grad_reduction)
 
 
 def sp_kl_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, direction: str = "fwd",
                *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
-               temperature_mode: str = "teacher", teacher_vocab: str = "strict"):
+               temperature_mode: str = "teacher", teacher_vocab: str = "strict", group=None,
+               grad_reduction: str = "sum"):
     """KL divergence: ``"fwd"`` is ``KL(P_teacher ‖ Q_student)``, ``"bwd"`` is ``KL(Q ‖ P)``.
     Temperature on the teacher only, no ``T²``. Other arguments as :func:`sp_soft_ce_loss`."""
     loss_type = "kl-" + _direction(direction, "sp_kl_loss")
     return _dense_loss(q_targets, logits, loss_type=loss_type, temperature=temperature, label_smoothing=label_smoothing,
                        reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs,
-                       temperature_mode=temperature_mode, teacher_vocab=teacher_vocab)
+                       temperature_mode=temperature_mode, teacher_vocab=teacher_vocab, group=group,
+                       grad_reduction=grad_reduction)
 
 
 def sp_js_loss(q_targets, logits, temperature: float, label_smoothing: float = 0.0, beta: float = 0.5,
                *, reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
-               temperature_mode: str = "teacher", teacher_vocab: str = "strict"):
+               temperature_mode: str = "teacher", teacher_vocab: str = "strict", group=None,
+               grad_reduction: str = "sum"):
     """Generalized Jensen–Shannon divergence ``β KL(P ‖ M) + (1 − β) KL(Q ‖ M)``, ``M = βP + (1 − β)Q``
     (GKD's JSD_β), ``P`` the teacher and ``Q`` the student. ``beta`` is strictly inside ``(0, 1)``;
     0.5 is the symmetric JS, in ``[0, log 2]``. Temperature on the teacher only, no ``T²``. Other
@@ -429,14 +455,18 @@ def sp_js_loss(q_targets, logits, temperature: float, label_smoothing: float = 0
     check_js_beta(beta, "beta")
     return _dense_loss(q_targets, logits, loss_type="js", temperature=temperature, label_smoothing=label_smoothing,
                        reduction=reduction, weight=weight, backend=backend, check_inputs=check_inputs, js_beta=beta,
-                       temperature_mode=temperature_mode, teacher_vocab=teacher_vocab)
+                       temperature_mode=temperature_mode, teacher_vocab=teacher_vocab, group=group,
+                       grad_reduction=grad_reduction)
 
 
-def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = None):
+def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = None, group=None):
     """Supervised policy loss over all ``[B, S]`` positions: ``logits`` ``[..., A]`` against
     ``step_stream["q_star"]`` of the same shape, mean over rows. Returns ``(loss, metrics)``
-    with the metric ``sp_loss``."""
+    with the metric ``sp_loss``. ``group``: the data-parallel process group; the loss (and the
+    metric) is then this rank's share of the global mean, as in :func:`sp_kl_loss`, with
+    ``cfg.grad_reduction``."""
     cfg = check_loss_config(cfg, SpLossConfig, "sp_loss")
+    check_dp(group, cfg.grad_reduction)
     require_float(logits, "logits")
     q_star = stream_get(step_stream, "q_star")
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -455,8 +485,12 @@ def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = N
         raise ValueError("sp_loss: the batch is empty (no tokens).")
     q_rows, l_rows = q_star.reshape(-1, A), logits.reshape(-1, A)
     loss, checks = _sp_rows(q_rows, l_rows, cfg.loss_type, cfg.temperature, cfg.label_smoothing, cfg.backend,
-                            cfg.js_beta, cfg.temperature_mode, "step_stream['q_star']", mean=True)
-    return loss, finalize_metrics({"sp_loss": loss}, checks(), cfg.metrics_mode)
+                            cfg.js_beta, cfg.temperature_mode, "step_stream['q_star']", mean=group is None)
+    named = {"sp_loss": loss}
+    if group is not None:  # the loss is this rank's share of the group's mean; the metric stays this rank's mean
+        named["sp_loss"] = loss.mean()
+        loss = _reduce(loss, "mean", None, group, cfg.grad_reduction)
+    return loss, finalize_metrics(named, checks(), cfg.metrics_mode, count=q_rows.shape[0])
 
 
 TOPK_LOSS_TYPES = ("kl-fwd", "ce-soft-fwd")
@@ -554,7 +588,8 @@ def _check_topk_options(loss_type: str, temperature: float, reduction: str) -> N
 
 def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fwd", temperature: float = 1.0, *,
                  reduction: str = "mean", weight=None, backend: str = "auto", check_inputs: bool = True,
-                 temperature_mode: str = "teacher", teacher_vocab: str = "strict"):
+                 temperature_mode: str = "teacher", teacher_vocab: str = "strict", group=None,
+                 grad_reduction: str = "sum"):
     """Distillation from a teacher that stored only its top-k log-probabilities per token.
 
     ``teacher_index``: int ``[N, k]``, the teacher's actions, ``-1`` for an unused slot;
@@ -573,6 +608,7 @@ def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fw
     ``temperature_mode`` as in :func:`sp_soft_ce_loss`. ``teacher_vocab="align"`` (for a teacher
     with a wider vocabulary) makes a slot naming an id ``>= V`` unused, so ``check_inputs`` accepts
     it; the default ``"strict"`` counts it as an error. A narrower teacher needs no option.
+    ``group``, ``grad_reduction``: data-parallel means, as in :func:`sp_soft_ce_loss`.
     """
     require_float(logits, "logits")
     if logits.dim() != 2 or logits.shape[1] < 1 or logits.shape[0] == 0:
@@ -583,10 +619,11 @@ def sp_topk_loss(teacher_index, teacher_logprob, logits, loss_type: str = "kl-fw
     _check_topk_options(loss_type, temperature, reduction)
     check_temperature_mode(temperature_mode)
     check_row_weight(weight, logits)
-    mean = reduction == "mean" and weight is None
+    check_dp(group, grad_reduction)
+    mean = reduction == "mean" and weight is None and group is None
     rows = _topk_rows(teacher_index, teacher_logprob, logits, loss_type, temperature, backend, temperature_mode,
                       mean=mean)
-    loss = rows if mean else _reduce(rows, reduction, weight)
+    loss = rows if mean else _reduce(rows, reduction, weight, group, grad_reduction)
     if check_inputs:
         finalize_metrics({}, topk_checks(teacher_index, teacher_logprob, V), "float")
     return loss
@@ -610,9 +647,12 @@ class SpTopKLossConfig(LossConfig):
     """``"teacher"``, ``"both"`` or ``"both_t2"``, as :attr:`SpLossConfig.temperature_mode`."""
     teacher_vocab: str = "strict"
     """``"strict"`` or ``"align"`` (slots naming an id ``>= V`` are unused), as in :func:`fusedloss.sp_topk_loss`."""
+    grad_reduction: str = "sum"
+    """With a data-parallel ``group``: ``"sum"`` or ``"mean"`` (for DDP/FSDP's averaging), as :attr:`SpLossConfig.grad_reduction`."""
 
     def check_values(self) -> None:
         _check_topk_options(self.loss_type, self.temperature, self.reduction)
+        check_grad_reduction(self.grad_reduction)
         check_temperature_mode(self.temperature_mode)
         check_teacher_vocab(self.teacher_vocab)
         check_config_common(self.backend)
@@ -624,24 +664,26 @@ class SpTopKLossConfig(LossConfig):
 
 class SpTopKLoss(ConfigLoss):
     """``nn.Module`` form of :func:`fusedloss.sp_topk_loss`: ``forward(teacher_index,
-    teacher_logprob, logits, weight=None)``."""
+    teacher_logprob, logits, weight=None, group=None)`` (``group``: this call's, else the module's)."""
 
     config_cls = SpTopKLossConfig
 
-    def forward(self, teacher_index, teacher_logprob, logits, weight=None):
+    def forward(self, teacher_index, teacher_logprob, logits, weight=None, group=None):
         c = self.cfg
         return sp_topk_loss(teacher_index, teacher_logprob, logits, c.loss_type, c.temperature, reduction=c.reduction,
                             weight=weight, backend=c.backend, check_inputs=c.check_inputs,
-                            temperature_mode=c.temperature_mode, teacher_vocab=c.teacher_vocab)
+                            temperature_mode=c.temperature_mode, teacher_vocab=c.teacher_vocab,
+                            group=self.group if group is None else group, grad_reduction=c.grad_reduction)
 
 
 class SpLoss(ConfigLoss):
-    """``nn.Module`` form of :func:`sp_loss`; ``forward(step_stream, logits)``."""
+    """``nn.Module`` form of :func:`sp_loss`; ``forward(step_stream, logits, group=None)``
+    (``group``: this call's, else the module's)."""
 
     config_cls = SpLossConfig
 
-    def forward(self, step_stream: Any, logits: torch.Tensor):
-        return sp_loss(step_stream, logits, self.cfg)
+    def forward(self, step_stream: Any, logits: torch.Tensor, group=None):
+        return sp_loss(step_stream, logits, self.cfg, self.group if group is None else group)
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:

@@ -27,6 +27,7 @@ from ._common import (
     stream_get,
     transform_rewards,
 )
+from ._data_parallel import check_dp, check_grad_reduction, dp_share, global_counts, scale_grad
 from .rope import check_even_d, rope_rotate, rope_rotate_reference  # noqa: F401  (rope_rotate: its old home)
 
 __all__ = [
@@ -65,9 +66,12 @@ class VecDqnLossConfig(LossConfig):
     """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
     metrics_mode: str = "float"
     """``"float"``: metrics as a ``dict[str, float]`` with one host transfer (and the input checks raised then); ``"lazy"``: a :class:`fusedloss.LazyMetrics`, no host sync."""
+    grad_reduction: str = "sum"
+    """With a data-parallel ``group``: ``"sum"`` (the ranks' gradients sum to the batch's) or ``"mean"`` (scaled by the group's size, for DDP/FSDP's averaging)."""
 
     def check_values(self) -> None:
         check_config_common(self.backend, self.metrics_mode)
+        check_grad_reduction(self.grad_reduction)
 
     def build(self) -> VecDqnLoss:
         """The :class:`VecDqnLoss` of this config (the registry's factory interface)."""
@@ -135,15 +139,18 @@ def _metrics(loss: torch.Tensor, last_scores: torch.Tensor) -> dict[str, torch.T
 
 
 def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch.Tensor,
-                 cfg: VecDqnLossConfig | None = None):
+                 cfg: VecDqnLossConfig | None = None, group=None):
     """Cosine loss between the online vector of the taken action at ``t`` and the target vector
     of the greedy action at ``t+1`` rotated by ``theta = r' `` (the transformed reward, detached).
 
     ``online_vecs``, ``target_vecs``: ``[B, S, A, D]``, ``D`` even; ``step_stream["action"]`` and
     ``["reward"]``: ``[B, S]``, the transition out of ``t`` stored at ``t+1``.
-    Returns ``(loss, metrics)``.
+    Returns ``(loss, metrics)``. ``group``: the data-parallel process group; the loss is then this
+    rank's share of the whole batch's mean over transitions, as in :func:`fusedloss.dqn_loss`
+    (the metrics stay this rank's own).
     """
     cfg = check_loss_config(cfg, VecDqnLossConfig, "vec_dqn_loss")
+    check_dp(group, cfg.grad_reduction)
     require_float(online_vecs, "online_vecs")
     require_float(target_vecs, "target_vecs")
     if online_vecs.dim() != 4:
@@ -178,16 +185,20 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
         action, bad_action = clamp_index(action, A, used=slice(1, None))
         loss, named = vec_dqn_reference(online_vecs, target_vecs, action, reward, cfg)
         checks = [(bad_action, bad_msg)]
-    return loss, finalize_metrics(named, checks, cfg.metrics_mode)
+    if group is not None:
+        n_global = global_counts([B * (S - 1)], group, loss.device)[0]
+        loss = scale_grad(dp_share(loss, B * (S - 1), n_global), group, cfg.grad_reduction)
+    return loss, finalize_metrics(named, checks, cfg.metrics_mode, count=B * (S - 1))
 
 
 class VecDqnLoss(ConfigLoss):
-    """``nn.Module`` form of :func:`vec_dqn_loss`; ``forward(step_stream, online_vecs, target_vecs)``."""
+    """``nn.Module`` form of :func:`vec_dqn_loss`; ``forward(step_stream, online_vecs, target_vecs, group=None)``
+    (``group``: this call's, else the module's)."""
 
     config_cls = VecDqnLossConfig
 
-    def forward(self, step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch.Tensor):
-        return vec_dqn_loss(step_stream, online_vecs, target_vecs, self.cfg)
+    def forward(self, step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch.Tensor, group=None):
+        return vec_dqn_loss(step_stream, online_vecs, target_vecs, self.cfg, self.group if group is None else group)
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:
