@@ -328,10 +328,42 @@ def _dp_ddp(rank, world):
         torch.testing.assert_close(p.grad, g_ref, rtol=1e-5, atol=1e-6)
 
 
+def _dp_lm_head(rank, world, backend):
+    """linear_cross_entropy(dp_group=) (ignored labels, shift) and sp_linear_loss(dp_group=): each
+    rank's share of the whole batch's token mean, on a whole head."""
+    sizes, group = BATCH[world], dist.group.WORLD
+    hidden, weight, bias, _, _ = _inputs(torch.float32, seed=13, N=sum(sizes) * 3)
+    hidden = hidden.reshape(sum(sizes), 3, -1).requires_grad_(True)
+    labels = torch.randint(0, V, (sum(sizes), 3), generator=torch.Generator().manual_seed(14))
+    labels[::3, 1] = -100
+    if world == 3:
+        labels[sum(sizes[:2]):] = -100  # a rank with no scored token
+    h_r = _split(hidden, sizes, rank)
+    for shift in (False, True):
+        kw = dict(bias=bias, label_smoothing=0.1, z_loss=1e-3, shift=shift, chunk_size=4, backend=backend,
+                  check_inputs=False)
+        h = hidden if shift else hidden.reshape(-1, hidden.shape[-1])
+        full = fl.linear_cross_entropy(h, weight, labels if shift else labels.reshape(-1), **kw)
+        mine = h_r if shift else h_r.reshape(-1, h_r.shape[-1])
+        y_r = _split(labels, sizes, rank)
+        share = fl.linear_cross_entropy(mine, weight, y_r if shift else y_r.reshape(-1), dp_group=group, **kw)
+        _assert_share(rank, sizes, share, full, h_r, hidden, what=f"linear_cross_entropy shift={shift} {backend}")
+    h2 = hidden.detach().reshape(-1, hidden.shape[-1])[: 2 * sum(sizes)].reshape(sum(sizes), 2, -1)[:, 0]
+    h2 = h2.clone().requires_grad_(True)
+    teacher_h = torch.randn(sum(sizes), 5, generator=torch.Generator().manual_seed(15))
+    teacher_w = torch.randn(V, 5, generator=torch.Generator().manual_seed(16))
+    full = fl.sp_linear_loss(h2, weight, fl.LinearTeacher(teacher_h, teacher_w), "js", 1.3, backend=backend)
+    h2_r = _split(h2, sizes, rank)
+    share = fl.sp_linear_loss(h2_r, weight, fl.LinearTeacher(_split(teacher_h, sizes, rank), teacher_w), "js", 1.3,
+                              backend=backend, dp_group=group)
+    _assert_share(rank, sizes, share, full, h2_r, h2, what=f"sp_linear_loss {backend}")
+
+
 def _data_parallel(rank, world):
     for backend in PATHS:
         _dp_sp(rank, world, backend)
         _dp_dqn(rank, world, backend)
+        _dp_lm_head(rank, world, backend)
     _dp_policy(rank, world)
     _dp_vec_dqn(rank, world)
     _dp_ddp(rank, world)

@@ -54,7 +54,26 @@ def test_grpo_digits_reward_rises(tmp_path):
     assert (tmp_path / "grpo.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("name", ["dqn_cartpole", "distill_lm", "sinkhorn_clouds", "grpo_digits"])
+def test_tp_distill_under_torchrun_prints_the_one_process_losses():
+    """The vocabulary-parallel example under torchrun (two gloo ranks, and three with uneven
+    shards) prints the losses of one process holding the whole head, and they fall."""
+    import subprocess
+
+    pytest.importorskip("torch.distributed")
+    script, args = str(EXAMPLES / "tp_distill.py"), ["--steps", "21", "--vocab", "301"]
+
+    def losses(*launcher):
+        res = subprocess.run([sys.executable, *launcher, script, *args], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        return [line.split()[-1] for line in res.stdout.splitlines() if line.startswith("step")]
+
+    one = losses()
+    assert len(one) == 3 and float(one[-1]) < 0.8 * float(one[0]), one  # steps 0, 10 and 20
+    for n in (2, 3):
+        assert losses("-m", "torch.distributed.run", "--nproc-per-node", str(n)) == one
+
+
+@pytest.mark.parametrize("name", ["dqn_cartpole", "distill_lm", "sinkhorn_clouds", "grpo_digits", "tp_distill"])
 def test_example_help_shows_every_option_with_its_default(name):
     import subprocess
 

@@ -30,8 +30,9 @@ import torch
 from .._dispatch import Backend, resolve_backend
 from .._families import Family, VerifyCase
 from ._common import ConfigLoss, LossConfig, check_config_common, require_float, require_same_device
-from .sp import check_reduction
+from ._data_parallel import check_dp, check_grad_reduction, global_counts, scale_grad
 from ._vocab_parallel import _check_replicated, resolve_vocab_shard
+from .sp import check_reduction
 from .sp_linear import default_chunk_size
 
 __all__ = ["linear_logprob", "linear_cross_entropy", "LinearCrossEntropyConfig", "LinearCrossEntropyLoss"]
@@ -388,7 +389,8 @@ def linear_logprob(hidden, weight, labels, *, bias=None, temperature: float = 1.
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, reduction: str = "mean", label_smoothing: float = 0.0,
                          z_loss: float = 0.0, ignore_index: int = -100, softcap: float | None = None,
                          shift: bool = False, return_lse: bool = False, chunk_size: int | None = None,
-                         backend: str = "auto", check_inputs: bool = True, group=None, vocab_offset: int | None = None):
+                         backend: str = "auto", check_inputs: bool = True, group=None, vocab_offset: int | None = None,
+                         dp_group=None, grad_reduction: str = "sum"):
     """Cross-entropy of the LM head ``z = hidden @ weight.T + bias`` on hard ``labels``, without the
     ``[N, V]`` logits.
 
@@ -405,10 +407,34 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, reduction: str = 
     backward; for ``none`` backward recomputes the chunks. ``check_inputs``, ``group=`` and
     ``vocab_offset=`` (a vocabulary-parallel head: label smoothing and z-loss keep their global
     meaning) as in :func:`linear_logprob`.
+
+    ``dp_group``: the *data-parallel* process group (``group`` is the vocabulary one): ``"mean"``
+    then returns this rank's share, its tokens' sum over the whole group's count of tokens that are
+    not ignored, so the ranks' losses and gradients sum to the whole batch's; ``grad_reduction="mean"``
+    scales the gradient by the group's size for DDP/FSDP's averaging. See the Distributed guide.
     """
     weight, bias, shard = resolve_vocab_shard(weight, bias, group, vocab_offset)
     _check_head(hidden, weight, bias, labels, ignore_index, chunk_size)
     _check_ce_options(reduction, label_smoothing, z_loss, softcap, shift)
+    check_dp(dp_group, grad_reduction)
+    if dp_group is not None and reduction == "mean":
+        out = linear_cross_entropy(hidden, weight, labels, bias=bias, reduction="sum", label_smoothing=label_smoothing,
+                                   z_loss=z_loss, ignore_index=ignore_index, softcap=softcap, shift=shift,
+                                   return_lse=return_lse, chunk_size=chunk_size, backend=backend,
+                                   check_inputs=check_inputs, group=group, vocab_offset=vocab_offset)
+        total, lse = out if return_lse else (out, None)
+        scored = labels[..., 1:] if shift else labels
+        n = global_counts([(scored != ignore_index).sum()], dp_group, total.device)[0]
+        loss = scale_grad(total / n.clamp(min=1).to(total.dtype), dp_group, grad_reduction)
+        return (loss, lse) if return_lse else loss
+    if dp_group is not None:
+        out = linear_cross_entropy(hidden, weight, labels, bias=bias, reduction=reduction,
+                                   label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
+                                   softcap=softcap, shift=shift, return_lse=return_lse, chunk_size=chunk_size,
+                                   backend=backend, check_inputs=check_inputs, group=group, vocab_offset=vocab_offset)
+        if return_lse:
+            return scale_grad(out[0], dp_group, grad_reduction), out[1]
+        return scale_grad(out, dp_group, grad_reduction)
     out_shape = labels.shape
     if shift:
         if hidden.dim() != 3:
@@ -461,9 +487,12 @@ class LinearCrossEntropyConfig(LossConfig):
     """``"auto"`` (the fused kernels on CUDA, else the reference), ``"triton"`` (the kernels or a clear error) or ``"torch"`` (the reference)."""
     check_inputs: bool = True
     """Check the labels' range with one host sync (False: no sync; pass False under ``torch.compile(fullgraph=True)``)."""
+    grad_reduction: str = "sum"
+    """With a data-parallel group (the module's ``group``, or ``dp_group`` at the call): ``"sum"`` or ``"mean"`` (scaled by the group's size, for DDP/FSDP's averaging)."""
 
     def check_values(self) -> None:
         _check_ce_options(self.reduction, self.label_smoothing, self.z_loss, self.softcap, self.shift)
+        check_grad_reduction(self.grad_reduction)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be None or an integer >= 1, got {self.chunk_size!r}.")
         check_config_common(self.backend)
@@ -475,16 +504,19 @@ class LinearCrossEntropyConfig(LossConfig):
 
 class LinearCrossEntropyLoss(ConfigLoss):
     """``nn.Module`` form of :func:`linear_cross_entropy`: ``forward(hidden, weight, labels,
-    bias=None)``; pass the LM head's ``weight`` (and ``bias``) so that their gradients flow."""
+    bias=None, dp_group=None)``; pass the LM head's ``weight`` (and ``bias``) so that their gradients
+    flow. The module's :attr:`group` is its data-parallel group (``dp_group``), as for every loss
+    module."""
 
     config_cls = LinearCrossEntropyConfig
 
-    def forward(self, hidden, weight, labels, bias=None):
+    def forward(self, hidden, weight, labels, bias=None, dp_group=None):
         c = self.cfg
         return linear_cross_entropy(hidden, weight, labels, bias=bias, reduction=c.reduction,
                                     label_smoothing=c.label_smoothing, z_loss=c.z_loss, ignore_index=c.ignore_index,
                                     softcap=c.softcap, shift=c.shift, chunk_size=c.chunk_size, backend=c.backend,
-                                    check_inputs=c.check_inputs)
+                                    check_inputs=c.check_inputs, dp_group=self.group if dp_group is None else dp_group,
+                                    grad_reduction=c.grad_reduction)
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:

@@ -26,6 +26,7 @@ from .._dispatch import Backend, resolve_backend
 from .._families import Family, VerifyCase
 from ..metrics import finalize_metrics
 from ._common import ConfigLoss, LossConfig, check_config_common, require_float, require_same_device
+from ._data_parallel import check_dp, check_grad_reduction, global_counts, scale_grad
 from ._vocab_parallel import _check_replicated, resolve_vocab_shard, sharded_q_star_checks, sp_sharded_rows_grad
 from .sp import (
     align_teacher,
@@ -317,7 +318,7 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
                    js_beta: float = 0.5, *, bias=None, reduction: str = "mean", row_weight=None,
                    chunk_size: int | None = None, backend: str = "auto", check_inputs: bool = True,
                    temperature_mode: str = "teacher", teacher_vocab: str = "strict", group=None,
-                   vocab_offset: int | None = None):
+                   vocab_offset: int | None = None, dp_group=None, grad_reduction: str = "sum"):
     """Distillation loss of the student head ``logits = hidden @ weight.T + bias`` against
     ``teacher``, without ever holding the ``[N, V]`` logits or their gradient.
 
@@ -345,7 +346,23 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     ``TopKTeacher``'s ids are global. Each chunk all-gathers a few numbers per row and all-reduces
     two; every rank returns the same loss, the full gradient of ``hidden``, and its rows of the
     head's gradient. That path runs the PyTorch formulas per chunk, not the fused kernel.
+
+    **Data parallel.** ``dp_group`` (``group`` is the vocabulary one): ``"mean"`` then returns this
+    rank's share, its rows' (weighted) sum over the whole group's count of rows, so the ranks'
+    losses and gradients sum to the whole batch's; ``grad_reduction="mean"`` scales the gradient
+    by the group's size for DDP/FSDP's averaging.
     """
+    check_dp(dp_group, grad_reduction)
+    if dp_group is not None:
+        total = sp_linear_loss(hidden, weight, teacher, loss_type, temperature, label_smoothing, js_beta, bias=bias,
+                               reduction="sum" if reduction == "mean" else reduction, row_weight=row_weight,
+                               chunk_size=chunk_size, backend=backend, check_inputs=check_inputs,
+                               temperature_mode=temperature_mode, teacher_vocab=teacher_vocab, group=group,
+                               vocab_offset=vocab_offset)
+        if reduction == "mean":
+            n = global_counts([hidden.shape[0]], dp_group, total.device)[0]
+            total = total / n.to(total.dtype)
+        return scale_grad(total, dp_group, grad_reduction)
     weight, bias, shard = resolve_vocab_shard(weight, bias, group, vocab_offset)
     if shard is not None and teacher_vocab != "strict":
         raise ValueError("teacher_vocab='align' is not supported with a vocabulary-sharded head: shard the teacher "
@@ -417,8 +434,11 @@ class SpLinearLossConfig(LossConfig):
     """``"teacher"``, ``"both"`` or ``"both_t2"``, as :attr:`fusedloss.SpLossConfig.temperature_mode`."""
     teacher_vocab: str = "strict"
     """``"strict"`` or ``"align"`` (truncate a wider teacher, pad a narrower one), as in :func:`sp_linear_loss`."""
+    grad_reduction: str = "sum"
+    """With a data-parallel group (the module's ``group``, or ``dp_group`` at the call): ``"sum"`` or ``"mean"`` (scaled by the group's size, for DDP/FSDP's averaging)."""
 
     def check_values(self) -> None:
+        check_grad_reduction(self.grad_reduction)
         check_temperature_mode(self.temperature_mode)
         check_teacher_vocab(self.teacher_vocab)
         check_sp_options(self.loss_type, self.temperature, self.label_smoothing, self.js_beta)
@@ -434,16 +454,18 @@ class SpLinearLossConfig(LossConfig):
 
 class SpLinearLoss(ConfigLoss):
     """``nn.Module`` form of :func:`sp_linear_loss`: ``forward(hidden, weight, teacher, bias=None,
-    row_weight=None)``; pass the LM head's ``weight`` (and ``bias``) so their gradients flow."""
+    row_weight=None, dp_group=None)``; pass the LM head's ``weight`` (and ``bias``) so their
+    gradients flow. The module's :attr:`group` is its data-parallel group (``dp_group``)."""
 
     config_cls = SpLinearLossConfig
 
-    def forward(self, hidden, weight, teacher, bias=None, row_weight=None):
+    def forward(self, hidden, weight, teacher, bias=None, row_weight=None, dp_group=None):
         c = self.cfg
         return sp_linear_loss(hidden, weight, teacher, c.loss_type, c.temperature, c.label_smoothing, c.js_beta,
                               bias=bias, reduction=c.reduction, row_weight=row_weight, chunk_size=c.chunk_size,
                               backend=c.backend, check_inputs=c.check_inputs, temperature_mode=c.temperature_mode,
-                              teacher_vocab=c.teacher_vocab)
+                              teacher_vocab=c.teacher_vocab, dp_group=self.group if dp_group is None else dp_group,
+                              grad_reduction=c.grad_reduction)
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:
