@@ -289,8 +289,8 @@ def clamp_index(t: torch.Tensor, upper: int, used: slice = slice(None)):
     """``t`` as int64 clamped to ``[0, upper)``, and a device flag: any value in ``t[:, used]``
     out of range. Only the used steps are checked (step 0's action is never read)."""
     idx = t.to(torch.long)
-    u = idx[:, used]
-    return idx.clamp(0, upper - 1), ((u < 0) | (u >= upper)).any()
+    clamped = idx.clamp(0, upper - 1)
+    return clamped, (clamped[:, used] != idx[:, used]).any()
 
 
 def index_tensor(t: torch.Tensor, name: str, shape: tuple[int, ...], form: str, upper: int,
@@ -315,9 +315,14 @@ def check_done(t: torch.Tensor, shape: tuple[int, ...], form: str) -> None:
 def split_done(t: torch.Tensor):
     """A checked ``done`` (:func:`check_done`) as (terminal, truncated) bool masks plus a flag for
     values outside {0, 1, 2} in the used steps ``[:, 1:]``."""
-    d = t.to(torch.int64) if t.dtype == torch.bool else t
-    bad = ~((d == 0) | (d == 1) | (d == 2))
-    return d == 1, d == 2, bad[:, 1:].any()
+    if t.dtype == torch.bool:  # 0 or 1: never out of range, never truncated
+        return t, torch.zeros_like(t), torch.zeros((), dtype=torch.bool, device=t.device)
+    u = t[:, 1:]
+    if t.is_floating_point():
+        bad = ~((u == 0) | (u == 1) | (u == 2))  # 0.5 and NaN too
+    else:
+        bad = (u < 0) | (u > 2)
+    return t == 1, t == 2, bad.any()
 
 
 def reward_tensor(stream: Any, use_xformed: bool, shape: tuple[int, ...], form: str) -> torch.Tensor:

@@ -172,6 +172,26 @@ def _td_target(rewards, discount, next_v, running, m, cfg: DqnLossConfig) -> tor
     return target.detach()
 
 
+def _masked_mean(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``x`` over the entries where ``m`` (float 0/1) is 1, as the kernel sums it."""
+    return x.mean() if m is None else masked(x, m).sum() / m.sum()
+
+
+def _q_stats(x: torch.Tensor, m: torch.Tensor | None):
+    """``(mean, std, min, max)`` of ``x`` over the valid entries: :func:`_masked_moments` and a
+    masked min and max; without a mask, one ``aminmax`` gives the scale as well."""
+    if m is not None:
+        mean, std = _masked_moments(x, m)
+        return (mean, std, torch.where(m > 0, x, float("inf")).amin(), torch.where(m > 0, x, float("-inf")).amax())
+    lo, hi = x.aminmax()
+    scale = safe_scale(torch.maximum(hi, -lo))  # max |x|; NaN or inf: 1
+    if x.numel() == 1:  # the std of one entry is 0, not NaN; NaN where it is NaN or infinite, as the kernel's
+        return x.reshape(()), (x - x).reshape(()), lo, hi
+    xs = x / scale
+    # a sum, not std_mean's running mean: an infinite value makes the mean infinite, as the kernel's sum
+    return xs.mean() * scale, xs.std() * scale, lo, hi
+
+
 def _masked_moments(x: torch.Tensor, m: torch.Tensor | None):
     """Mean and unbiased std of ``x`` over the entries where ``m`` (float 0/1) is 1; the std of a
     single entry is 0, not NaN. Computed on ``x / max|x|``, so sums and squares of values near the
@@ -286,8 +306,7 @@ def dqn_reference(
     curr_q = q[:, :-1]
     next_q_target = q_target[:, 1:].to(cd)
     a = action[:, 1:]
-    term = terminal[:, 1:].to(cd)
-    trunc = truncated[:, 1:].to(cd)
+    term, trunc = terminal[:, 1:], truncated[:, 1:]
     m = None if mask is None else (mask[:, :-1] & mask[:, 1:]).to(cd)
     # Masked transitions must not reach the loss or the gradient, not even as 0·NaN in a backward:
     # their q rows, targets and weights are replaced by zeros before anything is computed on them.
@@ -300,8 +319,12 @@ def dqn_reference(
     else:
         next_v = next_q_target.amax(dim=-1)
     rewards = transform_rewards(reward[:, 1:].to(cd), cfg, m)
-    discount = cfg.gamma * (1.0 - term - trunc) + cfg.gamma_terminal * term + cfg.gamma_truncated * trunc
-    td_target = masked(_td_target(rewards, discount, next_v.detach(), term + trunc == 0, m, cfg), m)
+    if cd == torch.float32:  # each discount exactly as given: a select of the fp32 scalars
+        discount = torch.where(term, cfg.gamma_terminal, torch.where(trunc, cfg.gamma_truncated, cfg.gamma))
+    else:  # where() of Python scalars is fp32: the fp64 path selects in arithmetic, exact for 0/1 masks
+        t, u = term.to(cd), trunc.to(cd)
+        discount = cfg.gamma * (1.0 - t - u) + cfg.gamma_terminal * t + cfg.gamma_truncated * u
+    td_target = masked(_td_target(rewards, discount, next_v.detach(), ~(term | trunc), m, cfg), m)
 
     diff = q_values - td_target
     if cfg.td_loss == "huber":
@@ -317,18 +340,17 @@ def dqn_reference(
 
     loss = per.mean() if m is None else masked(per, m).sum() / m.sum()
 
-    q_det = q_values.detach()
-    q_mean, q_std = _masked_moments(q_det, m)
+    q_mean, q_std, q_min, q_max = _q_stats(q_values.detach(), m)
     named = {
         "q_values_mean": q_mean,
         "q_values_std": q_std,
-        "q_values_min": q_det.amin() if m is None else torch.where(m > 0, q_det, float("inf")).amin(),
-        "q_values_max": q_det.amax() if m is None else torch.where(m > 0, q_det, float("-inf")).amax(),
-        "q_values_target": _masked_moments(td_target, m)[0],
+        "q_values_min": q_min,
+        "q_values_max": q_max,
+        "q_values_target": _masked_mean(td_target, m),
         "dqn_loss": loss.detach(),
     }
     if cfg.cql_weight > 0.0:
-        named["cql_penalty"] = _masked_moments(cql_penalty.detach(), m)[0]
+        named["cql_penalty"] = _masked_mean(cql_penalty.detach(), m)
     return loss, named, masked(diff.detach().abs(), m)
 
 
