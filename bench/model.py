@@ -180,6 +180,41 @@ CASES = {
 }
 
 
+def _textbook_dqn(step, out, gamma):
+    """A minimal one-step DQN loss on the same tensors, for the reference path's yardstick: the
+    taken action's value against ``r + γ·max q_target`` (0 after a terminal), squared, mean; no
+    input checks, no metrics, no truncation."""
+    a, r, d = step["action"][:, 1:], step["reward"][:, 1:], step["done"][:, 1:]
+    q, qt = out["dqn"], out["dqn_target"]
+    q_sa = q[:, :-1].gather(-1, a.unsqueeze(-1)).squeeze(-1)
+    target = (r + torch.where(d == 1, 0.0, gamma) * qt[:, 1:].amax(-1)).detach()
+    return ((q_sa - target) ** 2).mean()
+
+
+def reference_vs_textbook(repeat: int, B: int = 32, S: int = 80, A: int = 18) -> dict:
+    """``dqn_loss(backend="torch")`` (the path CPU users get, metrics included, lazy) against
+    :func:`_textbook_dqn` at an RL shape: aten ops and the median host µs of fwd+bwd, on one thread."""
+    from fusedloss.testing import make_dqn_inputs
+
+    step, out = make_dqn_inputs(B, S, A, seed=0)
+    cfg = fl.DqnLossConfig(backend="torch", metrics_mode="lazy")
+    calls = {"fusedloss reference": lambda: fl.dqn_loss(step, out, cfg)[0],
+             "textbook": lambda: _textbook_dqn(step, out, cfg.gamma)}
+    result = {"shape": f"B={B} S={S} A={A}"}
+    for name, call in calls.items():
+        with _Recorder() as rec:
+            call().backward()
+        out["dqn"].grad = None
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            call().backward()
+            times.append(time.perf_counter() - start)
+            out["dqn"].grad = None
+        result[name] = {"aten ops": sum(rec.ops.values()), "host us": 1e6 * statistics.median(times) if times else None}
+    return result
+
+
 # The GPUs the prediction is made for. Assumptions of the model, not measurements: copy bandwidth
 # (H200: the figure issue 24 works with; H100 SXM: about 90% of its 3.35 TB/s), 132 SMs issuing 4
 # warp instructions per clock at a sustained 1.755 GHz, and 3 µs per dependent launch in eager
@@ -309,9 +344,15 @@ def main(argv=None) -> int:
             print(f"{'':<32}{k['kernel']}: {k['regs']} regs, {k['spill_stores'] + k['spill_loads']} B spilled, "
                   f"{k['shared']} B shared, occupancy {k['occupancy']:.2f}, {k['programs']} programs, {k['loops']} loop(s), {ipe}; "
                   f"H200 {bound}-bound")
+    ref = reference_vs_textbook(args.repeat)
+    ours, book = ref["fusedloss reference"], ref["textbook"]
+    ratio = f", {ours['host us'] / book['host us']:.2f}× its host time" if args.repeat else ""
+    print(f"dqn reference path {ref['shape']} (backend='torch', lazy metrics): {ours['aten ops']} aten ops fwd+bwd "
+          f"against a textbook one-step loss's {book['aten ops']}{ratio}"
+          + (f" ({ours['host us']:.0f} against {book['host us']:.0f} µs)" if args.repeat else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "torch": torch.__version__, "python": sys.version.split()[0],
+            json.dump({"rows": rows, "reference": ref, "torch": torch.__version__, "python": sys.version.split()[0],
                        "gpus": GPUS if args.sass else {}}, f, indent=1)
     return 0
 
