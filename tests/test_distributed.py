@@ -359,6 +359,45 @@ def _dp_lm_head(rank, world, backend):
     _assert_share(rank, sizes, share, full, h2_r, h2, what=f"sp_linear_loss {backend}")
 
 
+class _TinyLM(torch.nn.Module):
+    """A body and an LM head whose loss is taken inside forward, where FSDP2 has gathered the head."""
+
+    def __init__(self, H=8):
+        super().__init__()
+        self.body = torch.nn.Linear(H, H)
+        self.head = torch.nn.Linear(H, V, bias=False)
+
+    def forward(self, x, labels, dp_group=None, grad_reduction="sum"):
+        return fl.linear_cross_entropy(torch.tanh(self.body(x)), self.head.weight, labels, chunk_size=4,
+                                       check_inputs=False, dp_group=dp_group, grad_reduction=grad_reduction)
+
+
+def _fsdp2(rank, world):
+    """FSDP2 end to end: the head is sharded over the data-parallel ranks (a Shard(0) DTensor, not
+    a vocabulary shard); the loss runs inside the module's forward, where the weight is whole, with
+    dp_group= and grad_reduction="mean"; FSDP's reduce-scatter averages the gradients, and each
+    rank's gradient shard is its rows of one process's gradient on the whole batch."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    sizes = BATCH[world]
+    g = torch.Generator().manual_seed(17)
+    x, y = torch.randn(sum(sizes), 8, generator=g), torch.randint(0, V, (sum(sizes),), generator=g)
+    y[::3] = -100
+    torch.manual_seed(0)
+    model = _TinyLM()
+    ref = copy.deepcopy(model)
+    ref(x, y).backward()
+    sharded = copy.deepcopy(model)
+    fully_shard(sharded.body)
+    fully_shard(sharded)
+    sharded(_split(x, sizes, rank), _split(y, sizes, rank), dist.group.WORLD, "mean").backward()
+    for (name, p), p_ref in zip(sharded.named_parameters(), ref.parameters()):
+        assert type(p.grad).__name__ == "DTensor", name
+        torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def _data_parallel(rank, world):
     for backend in PATHS:
         _dp_sp(rank, world, backend)
@@ -370,6 +409,9 @@ def _data_parallel(rank, world):
 
 
 def _worker(rank, world, init_file):
+    import faulthandler
+
+    faulthandler.enable()  # a C++ abort in a collective shows the Python stack it came from
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
@@ -383,10 +425,10 @@ def _worker(rank, world, init_file):
         _compare(rank, shard, _ce_losses, "torch", torch.float32, {**group_kw, "vocab_offset": shard[0]})
         _errors(rank, world, shard)
         _sp_linear(rank, shard)
-        _moe(rank, world)
+        if world == 2:  # before any DistributedDataParallel: a DDP reducer alive while the device mesh forms its
+            _dtensor(rank, world)  # groups aborted the process now and then (std::terminate in a native thread)
         _data_parallel(rank, world)
-        if world == 2:
-            _dtensor(rank, world)
+        _moe(rank, world)
     except BaseException:  # the other ranks would wait in a collective until the timeout: say why at once
         import traceback
 
@@ -399,3 +441,23 @@ def _worker(rank, world, init_file):
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_lm_head_matches_one_process(world, tmp_path):
     torch.multiprocessing.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+
+
+def _fsdp2_worker(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        _fsdp2(rank, world)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_lm_head_loss_matches_one_process(world, tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    torch.multiprocessing.spawn(_fsdp2_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
