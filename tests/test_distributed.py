@@ -461,3 +461,36 @@ def _fsdp2_worker(rank, world, init_file):
 def test_fsdp2_lm_head_loss_matches_one_process(world, tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
     torch.multiprocessing.spawn(_fsdp2_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+
+
+def _nccl_worker(rank, world, init_file):
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.cuda.set_device(rank)
+        group = dist.group.WORLD
+        hidden, weight, bias, labels, _ = (t.cuda() for t in _inputs(torch.float32))
+        for backend in ("torch", "triton"):
+            whole = fl.linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend, check_inputs=False)
+            sharded = fl.linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend, check_inputs=False,
+                                              group=group, dp_group=group)
+            torch.testing.assert_close(sharded, whole, rtol=1e-5, atol=1e-6)
+        q, z = (t.cuda() for t in fl.testing.make_sp_inputs(7, 11, seed=3))
+        torch.testing.assert_close(fl.sp_kl_loss(q, z, 1.3, check_inputs=False, group=group),
+                                   fl.sp_kl_loss(q, z, 1.3, check_inputs=False), rtol=1e-5, atol=1e-6)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+def test_nccl_single_rank_smoke(tmp_path):
+    """The vocabulary- and data-parallel paths over NCCL on one GPU: a group of one gives the
+    ungrouped result (multi-GPU parity is for a machine with several)."""
+    if not (torch.cuda.is_available() and dist.is_nccl_available()):
+        pytest.skip("needs CUDA and NCCL")
+    torch.multiprocessing.spawn(_nccl_worker, args=(1, str(tmp_path / "store")), nprocs=1, join=True)
