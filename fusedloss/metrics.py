@@ -45,6 +45,11 @@ class AnyEqual:
 Check = tuple["torch.Tensor | AnyEqual", str]
 
 
+def _flag(f: "torch.Tensor | AnyEqual") -> torch.Tensor:
+    """A check's flag as a tensor (an :class:`AnyEqual` computed now)."""
+    return f.flag() if isinstance(f, AnyEqual) else f
+
+
 def check_metrics_mode(mode: str) -> None:
     if mode not in METRICS_MODES:
         raise ValueError(f"metrics_mode must be one of {METRICS_MODES}, got {mode!r}.")
@@ -70,9 +75,7 @@ def _to_host(packed: torch.Tensor) -> list[float]:
 def _pack(named: Mapping[str, torch.Tensor], checks: list[Check]) -> torch.Tensor:
     values = [t.detach().reshape(()).to(torch.float64 if t.dtype == torch.float64 else torch.float32)
               for t in named.values()]
-    flags = [(f.flag() if isinstance(f, AnyEqual) else f).detach().reshape(()).to(values[0].dtype if values
-                                                                                    else torch.float32)
-             for f, _ in checks]
+    flags = [_flag(f).detach().reshape(()).to(values[0].dtype if values else torch.float32) for f, _ in checks]
     return torch.stack(values + flags)
 
 
@@ -154,15 +157,15 @@ class LazyMetrics(Mapping):
         any rank fails on every rank. Every rank must call it, with the same metrics."""
         import torch.distributed as dist
 
-        named, flags = self.tensors(), self._flags()
+        named = self.tensors()
         keys = list(named)
-        values = [t.reshape(()).to(torch.float64) for t in named.values()]
-        like = values[0] if values else (flags[0] if flags else torch.zeros(()))
+        slot_flags = [self._buffer[i] for i, _ in self._check_slots] if self._buffer is not None else []
+        columns = list(named.values()) + slot_flags + [_flag(f) for f, _ in self._checks]
+        device = columns[0].device if columns else torch.device("cpu")
         count = self.count
         weighted = count is not None
-        n = (count.to(torch.float64) if isinstance(count, torch.Tensor)
-             else torch.tensor(float(1 if count is None else count), dtype=torch.float64)).to(like.device).reshape(())
-        local = torch.stack([n] + values + [f.reshape(()).to(torch.float64) for f in flags])
+        n = count if isinstance(count, torch.Tensor) else torch.tensor(float(1 if count is None else count))
+        local = torch.stack([t.reshape(()).to(device=device, dtype=torch.float64) for t in [n] + columns])
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, local, group=group)
         every = torch.stack(parts)  # [world, 1 + metrics + flags]
@@ -186,22 +189,15 @@ class LazyMetrics(Mapping):
                 out[key] = torch.where(has, v, float("-inf")).amax()
             elif key.endswith("_std") and key[:-4] + "_mean" in keys and weighted:
                 mu_r = torch.where(has, col(key[:-4] + "_mean"), zero)
-                mu = (counts * mu_r).sum() / total
+                mu = mean_of(key[:-4] + "_mean")
                 m2 = torch.where(has, v * v * (counts - 1).clamp(min=0) + counts * (mu_r - mu) ** 2, zero).sum()
                 out[key] = (m2 / (total - 1).clamp(min=1)).sqrt()
             else:
                 out[key] = mean_of(key)
         out = {k: t.to(named[k].dtype) for k, t in out.items()}
         reduced = every[:, 1 + len(keys):].amax(dim=0)
-        checks = [(reduced[i], message) for i, (_, message) in enumerate(self._check_list())]
-        return LazyMetrics(out, checks, total if weighted else None)
-
-    def _check_list(self) -> list[tuple[object, str]]:
-        return (list(self._check_slots) if self._buffer is not None else []) + list(self._checks)
-
-    def _flags(self) -> list[torch.Tensor]:
-        slots = [self._buffer[i] for i, _ in self._check_slots] if self._buffer is not None else []
-        return slots + [f.flag() if isinstance(f, AnyEqual) else f for f, _ in self._checks]
+        messages = [m for _, m in (self._check_slots if self._buffer is not None else [])] + [m for _, m in self._checks]
+        return LazyMetrics(out, list(zip(reduced, messages)), total if weighted else None)
 
     def _keys(self) -> list[str]:
         return list(self._slots) if self._buffer is not None else list(self._named)
@@ -235,8 +231,7 @@ def _unpack_buffer(buffer: torch.Tensor, slots: Mapping[str, int], checks: list[
     """One transfer of ``buffer`` (and of ``extra_checks``' flags after it, when there are any)."""
     vec = buffer.detach()
     if extra_checks:
-        flags = [(f.flag() if isinstance(f, AnyEqual) else f).detach().reshape(()).to(vec.dtype)
-                 for f, _ in extra_checks]
+        flags = [_flag(f).detach().reshape(()).to(vec.dtype) for f, _ in extra_checks]
         vec = torch.cat([vec.reshape(-1), torch.stack(flags)])
     host = _to_host(vec)
     n = buffer.numel()

@@ -408,27 +408,15 @@ def _data_parallel(rank, world):
     _dp_ddp(rank, world)
 
 
-def _worker(rank, world, init_file):
+def _spawned(rank, world, init_file, backend, body):
+    """One rank of a spawned group: ``body(rank, world)`` between the group's set-up and tear-down."""
     import faulthandler
 
     faulthandler.enable()  # a C++ abort in a collective shows the Python stack it came from
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        sizes = SHARDS[world]
-        shard = (sum(sizes[:rank]), sizes[rank])
-        group_kw = {"group": dist.group.WORLD}
-        for backend in PATHS:
-            for dtype in (torch.float32, torch.bfloat16):
-                _compare(rank, shard, _logprob_loss, backend, dtype, group_kw)
-                _compare(rank, shard, _ce_losses, backend, dtype, group_kw)
-        _compare(rank, shard, _ce_losses, "torch", torch.float32, {**group_kw, "vocab_offset": shard[0]})
-        _errors(rank, world, shard)
-        _sp_linear(rank, shard)
-        if world == 2:  # before any DistributedDataParallel: a DDP reducer alive while the device mesh forms its
-            _dtensor(rank, world)  # groups aborted the process now and then (std::terminate in a native thread)
-        _data_parallel(rank, world)
-        _moe(rank, world)
+        body(rank, world)
     except BaseException:  # the other ranks would wait in a collective until the timeout: say why at once
         import traceback
 
@@ -438,53 +426,51 @@ def _worker(rank, world, init_file):
         dist.destroy_process_group()
 
 
+def _spawn(body, world, tmp_path, backend="gloo"):
+    torch.multiprocessing.spawn(_spawned, args=(world, str(tmp_path / "store"), backend, body), nprocs=world,
+                                join=True)
+
+
+def _vocab_parallel(rank, world):
+    sizes = SHARDS[world]
+    shard = (sum(sizes[:rank]), sizes[rank])
+    group_kw = {"group": dist.group.WORLD}
+    for backend in PATHS:
+        for dtype in (torch.float32, torch.bfloat16):
+            _compare(rank, shard, _logprob_loss, backend, dtype, group_kw)
+            _compare(rank, shard, _ce_losses, backend, dtype, group_kw)
+    _compare(rank, shard, _ce_losses, "torch", torch.float32, {**group_kw, "vocab_offset": shard[0]})
+    _errors(rank, world, shard)
+    _sp_linear(rank, shard)
+    if world == 2:  # before any DistributedDataParallel: a DDP reducer alive while the device mesh forms its
+        _dtensor(rank, world)  # groups aborted the process now and then (std::terminate in a native thread)
+    _data_parallel(rank, world)
+    _moe(rank, world)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_lm_head_matches_one_process(world, tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
-
-
-def _fsdp2_worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        _fsdp2(rank, world)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        os._exit(1)
-    finally:
-        dist.destroy_process_group()
+    _spawn(_vocab_parallel, world, tmp_path)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_lm_head_loss_matches_one_process(world, tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
-    torch.multiprocessing.spawn(_fsdp2_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+    _spawn(_fsdp2, world, tmp_path)
 
 
-def _nccl_worker(rank, world, init_file):
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.cuda.set_device(rank)
-        group = dist.group.WORLD
-        hidden, weight, bias, labels, _ = (t.cuda() for t in _inputs(torch.float32))
-        for backend in ("torch", "triton"):
-            whole = fl.linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend, check_inputs=False)
-            sharded = fl.linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend, check_inputs=False,
-                                              group=group, dp_group=group)
-            torch.testing.assert_close(sharded, whole, rtol=1e-5, atol=1e-6)
-        q, z = (t.cuda() for t in fl.testing.make_sp_inputs(7, 11, seed=3))
-        torch.testing.assert_close(fl.sp_kl_loss(q, z, 1.3, check_inputs=False, group=group),
-                                   fl.sp_kl_loss(q, z, 1.3, check_inputs=False), rtol=1e-5, atol=1e-6)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        os._exit(1)
-    finally:
-        dist.destroy_process_group()
+def _nccl_smoke(rank, world):
+    torch.cuda.set_device(rank)
+    group = dist.group.WORLD
+    hidden, weight, bias, labels, _ = (t.cuda() for t in _inputs(torch.float32))
+    for backend in ("torch", "triton"):
+        whole = fl.linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend, check_inputs=False)
+        sharded = fl.linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend, check_inputs=False,
+                                          group=group, dp_group=group)
+        torch.testing.assert_close(sharded, whole, rtol=1e-5, atol=1e-6)
+    q, z = (t.cuda() for t in fl.testing.make_sp_inputs(7, 11, seed=3))
+    torch.testing.assert_close(fl.sp_kl_loss(q, z, 1.3, check_inputs=False, group=group),
+                               fl.sp_kl_loss(q, z, 1.3, check_inputs=False), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda
@@ -493,4 +479,4 @@ def test_nccl_single_rank_smoke(tmp_path):
     ungrouped result (multi-GPU parity is for a machine with several)."""
     if not (torch.cuda.is_available() and dist.is_nccl_available()):
         pytest.skip("needs CUDA and NCCL")
-    torch.multiprocessing.spawn(_nccl_worker, args=(1, str(tmp_path / "store")), nprocs=1, join=True)
+    _spawn(_nccl_smoke, 1, tmp_path, backend="nccl")

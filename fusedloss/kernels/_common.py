@@ -16,8 +16,8 @@ import triton.language as tl
 from .._dispatch import interpreter_enabled
 
 __all__ = ["constexpr_namespace", "AotVariant", "signature", "last_dim_contiguous", "as_loadable", "stored_grad_dtype",
-           "no_double_backward", "double_backward_error", "reject_grad_transforms", "launcher", "nanmax", "nanmin",
-           "online_lse_update", "fast_exp", "fast_log", "cdiv", "next_power_of_2"]
+           "no_double_backward", "double_backward_error", "fused_backward", "reject_grad_transforms", "launcher",
+           "nanmax", "nanmin", "online_lse_update", "fast_exp", "fast_log", "cdiv", "next_power_of_2"]
 
 _INTERPRETER_LOCK = threading.RLock()
 
@@ -122,6 +122,30 @@ def no_double_backward(op, family: str) -> None:
         raise double_backward_error(family)
 
     op.register_autograd(backward)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """A fused backward run under ``create_graph=True``: its result joins the graph through an
+    empty anchor that requires a gradient, and a second backward through it raises the clear error."""
+
+    @staticmethod
+    def forward(ctx, family, fn, anchor, *args):
+        ctx.family = family
+        return fn(*args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise double_backward_error(ctx.family)
+
+
+def fused_backward(family: str, fn, *args):
+    """``fn(*args)``, the eager backward of a fused loss; under ``create_graph=True`` (grad mode on
+    inside a backward) through :class:`_NoDoubleBackward`, so that a double backward raises
+    :func:`double_backward_error` instead of silently returning nothing."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    return _NoDoubleBackward.apply(family, fn, torch.empty(0, device=device, requires_grad=True), *args)
 
 
 def reject_grad_transforms(family: str, *tensors: torch.Tensor) -> None:

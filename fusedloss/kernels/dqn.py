@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, as_loadable, cdiv, constexpr_namespace, double_backward_error, fast_exp, fast_log,
+from ._common import (AotVariant, as_loadable, cdiv, constexpr_namespace, fast_exp, fast_log, fused_backward,
                       last_dim_contiguous, launcher, nanmax, nanmin, next_power_of_2, no_double_backward,
                       online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
@@ -801,18 +801,6 @@ no_double_backward(_dqn_bwd_op, "dqn")
 
 # Eager calls skip the custom ops, whose dispatch costs far more host time than the launches at RL shapes; the
 # custom ops are what torch.compile traces and what torch.func transforms fall back on.
-class _DqnBwdFunction(torch.autograd.Function):
-    """:func:`dqn_bwd` under ``create_graph=True``: the graph it joins raises on a second backward."""
-
-    @staticmethod
-    def forward(ctx, g, grad_output, inv_count, dtype, anchor):
-        return dqn_bwd(g, grad_output, inv_count, dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise double_backward_error("dqn")
-
-
 class _DqnFwdFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, q_target, action, reward, done, weight, mask, scalars):
@@ -829,12 +817,7 @@ class _DqnFwdFunction(torch.autograd.Function):
             return (None,) * 8
         grad, metrics = ctx.saved_tensors
         inv_count = metrics[DqnMetric.INV_COUNT:DqnMetric.INV_COUNT + 1]
-        if torch.is_grad_enabled():  # create_graph=True
-            anchor = torch.empty(0, device=grad.device, requires_grad=True)
-            dq = _DqnBwdFunction.apply(grad, grad_loss, inv_count, ctx.dtype, anchor)
-        else:
-            dq = dqn_bwd(grad, grad_loss, inv_count, ctx.dtype)
-        return (dq,) + (None,) * 7
+        return (fused_backward("dqn", dqn_bwd, grad, grad_loss, inv_count, ctx.dtype),) + (None,) * 7
 
 
 def dqn_fused(q, q_target, action, reward, done, weight=None, mask=None, **scalars):

@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, cdiv, constexpr_namespace, double_backward_error, fast_exp, fast_log,
-                      last_dim_contiguous, launcher, nanmax, nanmin, next_power_of_2, no_double_backward,
-                      online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
+from ._common import (AotVariant, cdiv, constexpr_namespace, fast_exp, fast_log, fused_backward, last_dim_contiguous,
+                      launcher, nanmax, nanmin, next_power_of_2, no_double_backward, online_lse_update,
+                      reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "sp_op", "sp_topk_fwd", "sp_topk_fused", "sp_topk_op",
            "compile_variants"]
@@ -561,36 +561,15 @@ class _RowsBackward:
         if grad_rows is None:
             return (None,) * ctx.n_inputs
         (g,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: dz joins a graph whose backward raises
-            anchor = torch.empty(0, device=g.device, requires_grad=True)
-            dz = _SpBwdFunction.apply(g, grad_rows, ctx.dtype, ctx.mult, anchor)
-        else:
-            dz = sp_bwd(g, grad_rows, ctx.dtype, ctx.mult)
+        dz = fused_backward("sp", sp_bwd, g, grad_rows, ctx.dtype, ctx.mult)
         return tuple(dz if i == ctx.z_index else None for i in range(ctx.n_inputs))
 
 
-class _SpBwdFunction(torch.autograd.Function):
-    """:func:`sp_bwd` under ``create_graph=True``: the graph it joins raises a clear error on a second
-    backward."""
-
-    @staticmethod
-    def forward(ctx, g, scale, dtype, mult, anchor):
-        return sp_bwd(g, scale, dtype, mult)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise double_backward_error("sp")
-
-
 def _rows_or_mean(ctx, rows: torch.Tensor, mean_scale: float | None) -> torch.Tensor:
-    """The per-row losses, or with ``mean_scale`` their mean times it: one aten op in the forward
-    (two when the factor is not 1) and none in the backward, whose kernel takes the factor."""
-    if mean_scale is None:
-        ctx.mult = 1.0
-        return rows
-    ctx.mult = float(mean_scale) / rows.shape[0]
-    out = rows.mean()
-    return out if mean_scale == 1.0 else out * mean_scale
+    """:func:`_mean_times` in an eager forward, with the backward kernel's factor in ``ctx.mult``:
+    the mean is one aten op in the forward (two when the factor is not 1) and none in the backward."""
+    ctx.mult = 1.0 if mean_scale is None else float(mean_scale) / rows.shape[0]
+    return _mean_times(rows, mean_scale)
 
 
 class _SpFwdFunction(_RowsBackward, torch.autograd.Function):
@@ -620,7 +599,8 @@ def _transformed(z: torch.Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(z)
 
 
-def _traced_mean(rows: torch.Tensor, mean_scale: float | None) -> torch.Tensor:
+def _mean_times(rows: torch.Tensor, mean_scale: float | None) -> torch.Tensor:
+    """The per-row losses, or with ``mean_scale`` their mean times it."""
     if mean_scale is None:
         return rows
     return rows.mean() * mean_scale if mean_scale != 1.0 else rows.mean()
@@ -636,7 +616,7 @@ def sp_fused(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: floa
         reject_grad_transforms("sp", z)
         rows, _, status = _sp_fwd_op(q.detach(), z, loss_type, float(temperature), float(label_smoothing),
                                      float(js_beta))
-        return _traced_mean(rows, mean_scale), status
+        return _mean_times(rows, mean_scale), status
     return _SpFwdFunction.apply(q.detach(), z, loss_type, float(temperature), float(label_smoothing), float(js_beta),
                                 mean_scale)
 
@@ -662,7 +642,7 @@ def sp_topk_fused(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, l
     if torch.compiler.is_compiling() or _transformed(z):
         reject_grad_transforms("sp", z)
         rows, _ = _sp_topk_fwd_op(index, logprob.detach(), z, loss_type, float(temperature))
-        return _traced_mean(rows, mean_scale)
+        return _mean_times(rows, mean_scale)
     return _SpTopkFwdFunction.apply(index, logprob.detach(), z, loss_type, float(temperature), mean_scale)
 
 

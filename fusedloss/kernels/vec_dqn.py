@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, cdiv, double_backward_error, last_dim_contiguous, launcher, nanmax, next_power_of_2,
+from ._common import (AotVariant, cdiv, fused_backward, last_dim_contiguous, launcher, nanmax, next_power_of_2,
                       no_double_backward, reject_grad_transforms, signature)
 
 __all__ = ["vec_dqn_scores_fwd", "vec_dqn_scores_fused", "vec_dqn_fwd", "vec_dqn_bwd", "vec_dqn_fused",
@@ -317,18 +317,6 @@ def vec_dqn_scores_fused(vecs: torch.Tensor) -> torch.Tensor:
 
 # Eager calls skip the custom ops, whose dispatch costs far more host time than the launches at RL shapes; the
 # custom ops are what torch.compile traces and what torch.func transforms fall back on.
-class _VecDqnBwdFunction(torch.autograd.Function):
-    """:func:`vec_dqn_bwd` under ``create_graph=True``: the graph it joins raises on a second backward."""
-
-    @staticmethod
-    def forward(ctx, g, action, grad_rows, shape, dtype, mult, anchor):
-        return vec_dqn_bwd(g, action, grad_rows, *shape[:3], dtype, mult)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise double_backward_error("vec_dqn")
-
-
 class _VecDqnFwdFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, online, target, action, theta, mean):
@@ -345,11 +333,8 @@ class _VecDqnFwdFunction(torch.autograd.Function):
         if grad_rows is None:
             return (None,) * 5
         g, action = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True
-            anchor = torch.empty(0, device=g.device, requires_grad=True)
-            d = _VecDqnBwdFunction.apply(g, action, grad_rows, ctx.shape, ctx.dtype, ctx.mult, anchor)
-        else:
-            d = vec_dqn_bwd(g, action, grad_rows, *ctx.shape[:3], ctx.dtype, ctx.mult)
+        B, S, A, _ = ctx.shape
+        d = fused_backward("vec_dqn", vec_dqn_bwd, g, action, grad_rows, B, S, A, ctx.dtype, ctx.mult)
         return d, None, None, None, None
 
 

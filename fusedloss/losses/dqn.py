@@ -456,14 +456,13 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None, group
         action, bad_action = clamp_index(action, A, slice(1, None))
         terminal, truncated, bad_done = split_done(done)
         checks = [(bad_action, msg_action), (bad_done, msg_done)]
+        # the valid transitions: the local check (without a group), the share (with one), the metrics' weight
+        n_valid = B * (S - 1) if mask is None else (mask[:, :-1] & mask[:, 1:]).sum()
         if local_mask_check:
-            checks.append(((mask[:, :-1] & mask[:, 1:]).sum() == 0, msg_mask))
+            checks.append((n_valid == 0, msg_mask))
         loss, named, td_abs = dqn_reference(q, q_target, action, reward, terminal, truncated, cfg, weight, mask)
-        count = None
-        if group is not None or cfg.metrics_mode == "lazy":
-            count = B * (S - 1) if mask is None else (mask[:, :-1] & mask[:, 1:]).sum()
-        share, group_checks = _dp_loss(loss, count, group, cfg, mask is not None, msg_mask)
-        metrics = finalize_metrics(named, checks + group_checks, cfg.metrics_mode, count=count)
+        share, group_checks = _dp_loss(loss, n_valid, group, cfg, mask is not None, msg_mask)
+        metrics = finalize_metrics(named, checks + group_checks, cfg.metrics_mode, count=n_valid)
     loss = share
     if cfg.return_td_error:
         return loss, metrics, td_abs

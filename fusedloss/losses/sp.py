@@ -462,9 +462,9 @@ def sp_js_loss(q_targets, logits, temperature: float, label_smoothing: float = 0
 def sp_loss(step_stream: Any, logits: torch.Tensor, cfg: SpLossConfig | None = None, group=None):
     """Supervised policy loss over all ``[B, S]`` positions: ``logits`` ``[..., A]`` against
     ``step_stream["q_star"]`` of the same shape, mean over rows. Returns ``(loss, metrics)``
-    with the metric ``sp_loss``. ``group``: the data-parallel process group; the loss (and the
-    metric) is then this rank's share of the global mean, as in :func:`sp_kl_loss`, with
-    ``cfg.grad_reduction``."""
+    with the metric ``sp_loss``. ``group``: the data-parallel process group; the loss is then
+    this rank's share of the global mean, as in :func:`sp_kl_loss`, with ``cfg.grad_reduction``;
+    the metric stays this rank's mean (:meth:`fusedloss.LazyMetrics.all_reduce` combines it)."""
     cfg = check_loss_config(cfg, SpLossConfig, "sp_loss")
     check_dp(group, cfg.grad_reduction)
     require_float(logits, "logits")
