@@ -8,6 +8,7 @@ group has a 60 s timeout and the spawn joins its processes."""
 
 import datetime
 import os
+import sys
 
 import pytest
 import torch
@@ -186,11 +187,21 @@ def _moe(rank, world):
     for g_r, g_ref in zip(torch.autograd.grad(loss, list(mine.parameters())), grads_ref):
         dist.all_reduce(g_r)
         torch.testing.assert_close(g_r, g_ref, rtol=1e-5, atol=1e-7)
-    ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(router))
+    ddp = _keep(torch.nn.parallel.DistributedDataParallel(copy.deepcopy(router)))
     module = fl.SwitchLoadBalancingLoss(top_k=2, group=dist.group.WORLD, grad_reduction="mean")
     module(ddp(xs[rank]), masks[rank]).backward()
     for p, g_ref in zip(ddp.module.parameters(), grads_ref):
         torch.testing.assert_close(p.grad, g_ref, rtol=1e-5, atol=1e-7)
+
+
+# DDP and FSDP wrappers live until the worker exits: their native threads, torn down while the group was
+# still in use, aborted a process now and then here ("terminate called without an active exception").
+_KEPT = []
+
+
+def _keep(module):
+    _KEPT.append(module)
+    return module
 
 
 BATCH = {2: [5, 8], 3: [5, 8, 3]}  # each rank's rows (sequences) of the data-parallel batch, uneven
@@ -321,7 +332,7 @@ def _dp_ddp(rank, world):
     student = torch.nn.Linear(6, 9)
     ref = copy.deepcopy(student)
     grads_ref = torch.autograd.grad(fl.sp_kl_loss(q, ref(x), 1.5, check_inputs=False), list(ref.parameters()))
-    ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(student))
+    ddp = _keep(torch.nn.parallel.DistributedDataParallel(copy.deepcopy(student)))
     fl.sp_kl_loss(_split(q, sizes, rank), ddp(_split(x, sizes, rank)), 1.5, check_inputs=False,
                   group=dist.group.WORLD, grad_reduction="mean").backward()
     for p, g_ref in zip(ddp.module.parameters(), grads_ref):
@@ -391,7 +402,7 @@ def _fsdp2(rank, world):
     ref(x, y).backward()
     sharded = copy.deepcopy(model)
     fully_shard(sharded.body)
-    fully_shard(sharded)
+    _keep(fully_shard(sharded))
     sharded(_split(x, sizes, rank), _split(y, sizes, rank), dist.group.WORLD, "mean").backward()
     for (name, p), p_ref in zip(sharded.named_parameters(), ref.parameters()):
         assert type(p.grad).__name__ == "DTensor", name
@@ -417,13 +428,16 @@ def _spawned(rank, world, init_file, backend, body):
                             timeout=datetime.timedelta(seconds=60))
     try:
         body(rank, world)
+        dist.barrier()
     except BaseException:  # the other ranks would wait in a collective until the timeout: say why at once
         import traceback
 
         traceback.print_exc()
         os._exit(1)
-    finally:
-        dist.destroy_process_group()
+    # every rank is done: leave without the native destructors of the group and the kept wrappers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(body, world, tmp_path, backend="gloo"):
