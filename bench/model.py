@@ -27,8 +27,8 @@ the aten ops) runs as it would. It reports:
 Everything here is a count, a static figure or a CPU time, not a GPU measurement;
 ``tests/test_model.py`` asserts the counts (launch budgets, bytes, instruction budgets, no spills),
 never the times. A limit: the dispatch mode does not see the aten ops run
-inside fusedloss's own custom ops (a copy of a non-contiguous input, the DQN ticket counter's
-first-call fill), so those are not counted; the bench inputs are contiguous.
+inside fusedloss's own custom ops (a copy of a non-contiguous input), so those are not counted;
+the bench inputs are contiguous.
 """
 
 from __future__ import annotations
@@ -171,6 +171,8 @@ def _vec_dqn_case(B, S, A, D):
 CASES = {
     "dqn B=256 S=64 A=18": lambda: _dqn_case(256, 64, 18),
     "dqn B=32 S=80 A=18": lambda: _dqn_case(32, 80, 18, rl=True),
+    "dqn B=1024 S=32 A=1024": lambda: _dqn_case(1024, 32, 1024),
+    "dqn B=64 S=64 A=32768": lambda: _dqn_case(64, 64, 32768),
     "sp kl-fwd N=8192 V=32768": lambda: _sp_case(8192, 32768, "kl-fwd"),
     "sp kl-fwd N=1024 V=131072": lambda: _sp_case(1024, 131072, "kl-fwd"),
     "sp js N=2048 V=32768": lambda: _sp_case(2048, 32768, "js"),
@@ -269,7 +271,7 @@ def measure(name: str, repeat: int = 0, sass: bool = False) -> dict:
     case = CASES[name]()
     leaf = case["leaf"]
     row = {"case": name, "byte_model": case["model_text"], "model_bytes": case["model"]}
-    with stubbed_launches([]):  # one call first: what a first call sets up once (the DQN ticket counter) is not per call
+    with stubbed_launches([]):  # one call first: what a first call sets up once (caches) is not per call
         case["call"]().backward()
     leaf.grad = None
     for phase in ("fwd", "fwd+bwd"):

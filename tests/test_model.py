@@ -1,11 +1,12 @@
 """The launch budgets of the fused paths, from bench/model.py's counts (real calls, every Triton
 launch stubbed, aten ops counted under a dispatch mode). Counts only: no time is asserted.
 
-A budget below is the issue's target where it is met (DQN: at most 2 launches forward and 3 for
-forward+backward; sp: 2 forward, the kernel and the mean, now that the teacher's checks come from
-the kernel's per-row status) and today's count where it is not yet (sp fwd+bwd: 4, against 3:
-autograd's seed, the kernel, the mean and the backward launch, which reads the mean's upstream
-scalar in place), so that nothing grows unnoticed. The same holds for the SASS instructions
+A budget below is the issue's target where it is met (DQN and sp: at most 2 launches forward; sp:
+the kernel and the mean, now that the teacher's checks come from the kernel's per-row status) and
+today's count where it is not yet (fwd+bwd 4 against 3: for sp, autograd's seed, the kernel, the
+mean and the backward launch, which reads the mean's upstream scalar in place; for DQN, the seed,
+the walk, the fold and the backward: the fold is the deterministic, stateless reduction that
+replaced the last-program ticket, whose counter was global state), so that nothing grows unnoticed. The same holds for the SASS instructions
 per element of each launch's sm_90 compile: issue 24's targets are 45 for kl-fwd and 100 for js,
 summed over a row's passes; the budgets hold today's counts (Triton 3.9) until the kernels reach them."""
 
@@ -46,8 +47,10 @@ LOOPS = {"sp kl-fwd N=8192 V=32768": {"_sp_fwd_kernel": 2}, "sp kl-fwd N=1024 V=
           "sp js N=2048 V=32768": {"_sp_fwd_kernel": 3}, "sp kl-fwd N=256 V=18": {"_sp_fwd_kernel": 0}}
 # case: (max launches forward, max launches forward+backward)
 BUDGETS = {
-    "dqn B=256 S=64 A=18": (2, 3),
-    "dqn B=32 S=80 A=18": (2, 3),
+    "dqn B=256 S=64 A=18": (2, 4),
+    "dqn B=32 S=80 A=18": (2, 4),
+    "dqn B=1024 S=32 A=1024": (2, 4),
+    "dqn B=64 S=64 A=32768": (2, 4),
     "sp kl-fwd N=8192 V=32768": (2, 4),
     "sp kl-fwd N=1024 V=131072": (2, 4),
     "sp js N=2048 V=32768": (2, 4),
@@ -120,6 +123,15 @@ def test_passes_over_a_row(rows, case):
     by_kernel = {k["kernel"]: k for k in rows[case]["sass"]}
     for kernel, loops in LOOPS[case].items():
         assert by_kernel[kernel]["loops"] == loops, (kernel, by_kernel[kernel])
+
+
+@needs_sass
+@pytest.mark.parametrize("case", ["dqn B=1024 S=32 A=1024", "dqn B=64 S=64 A=32768"])
+def test_dqn_wide_actions_fill_the_gpu(rows, case):
+    """Wide action spaces: the walk's grid covers the 132 SMs of an H100/H200 several times over
+    (64 sequences of 32768 actions ran on 64 programs before they were split over time chunks)."""
+    walk = next(k for k in rows[case]["sass"] if k["kernel"] == "_dqn_fwd_kernel")
+    assert walk["programs"] >= 4 * 132, walk
 
 
 @needs_sass

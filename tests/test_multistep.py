@@ -284,10 +284,10 @@ def test_kernel_nan_beyond_a_cut_does_not_leak(device):
 @pytest.mark.parametrize("opts", [{"n_step": 5, "double_dqn": True, "value_rescaling": True},
                                   {"td_lambda": 0.95, "double_dqn": True, "value_rescaling": True}],
                          ids=["n5", "lam0.95"])
-def test_multistep_two_launches_graph_and_compile(opts):
-    """R2D2-like shapes: at most two launches a step (forward and backward), CUDA-graph capture,
-    and compile fullgraph."""
-    from test_kernels_dqn import two_launches_and_graph_replay
+def test_multistep_launches_graph_and_compile(opts):
+    """R2D2-like shapes: at most STEP_LAUNCHES launches a step (the forward's two, autograd's seed,
+    the backward), CUDA-graph capture, and compile fullgraph."""
+    from test_kernels_dqn import step_launches_and_graph_replay
 
     step, out = multistep_inputs(32, 80, 18, torch.bfloat16, "cuda")
     q = out["dqn"]
@@ -298,7 +298,7 @@ def test_multistep_two_launches_graph_and_compile(opts):
         (g,) = torch.autograd.grad(loss, q)
         return loss, g
 
-    want, got = two_launches_and_graph_replay(lambda: call(q))
+    want, got = step_launches_and_graph_replay(lambda: call(q))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
     loss_c = torch.compile(lambda q: fl.dqn_loss(step, {"dqn": q, "dqn_target": out["dqn_target"]}, cfg)[0],

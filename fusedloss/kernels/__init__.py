@@ -42,8 +42,8 @@ Who does what:
   reduction that must see a NaN adds a probe sum; running logsumexps use
   ``_common.online_lse_update``.
 - Per-row results come back per row and the loss reduces them (sp, vec_dqn). A kernel computes
-  a reduction itself only where it is part of the one pass (dqn's masked mean and metrics, which
-  its last program folds in a fixed order).
+  a reduction itself only where it is part of the one pass (dqn's masked mean and metrics: each
+  program stores a row of partials, which a one-program fold launch reduces in row order).
 - Output slots and loss codes are ``IntEnum`` s, mirrored for the kernels by
   :func:`constexpr_namespace`, so the kernel, the host and the tests read one table.
 """

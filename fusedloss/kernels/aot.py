@@ -54,6 +54,8 @@ def runtime_attrs(v: AotVariant) -> dict:
     attrs = {}
     for i, name in enumerate(v.kernel.arg_names):
         kind = v.signature[name]
+        if not isinstance(kind, str):
+            continue  # a tuple of float scalars: nothing to specialise
         if kind.startswith("*") or (kind in ("i32", "i64") and name in v.ints and v.ints[name] % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return attrs
@@ -160,7 +162,8 @@ def analyse(v: AotVariant, arch: int = 90) -> dict:
 def launch_variant(fn, args: tuple, kwargs: dict, name: str | None = None) -> AotVariant:
     """The variant a real launch ``fn[grid](*args, **kwargs)`` compiles: tensors become pointers
     of their dtype, floats ``fp32``, integers ``i32`` (``i64`` past 2^31, and 1 a constant, as the
-    runtime specialises them), and ``num_warps`` comes from the launch."""
+    runtime specialises them), a tuple of floats a tuple of ``fp32``, and ``num_warps`` comes from
+    the launch."""
     values = dict(zip(fn.arg_names, args))
     values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
     sig, constexprs, ints = {}, {}, {}
@@ -182,6 +185,9 @@ def launch_variant(fn, args: tuple, kwargs: dict, name: str | None = None) -> Ao
                 ints[p.name] = val
         elif isinstance(val, float):
             sig[p.name] = "fp32"
+        elif isinstance(val, tuple) and all(isinstance(x, float) for x in val):
+            fp32 = ["fp32"] * len(val)
+            sig[p.name] = type(val)(*fp32) if hasattr(val, "_fields") else tuple(fp32)  # a NamedTuple keeps its names
         elif val is None:
             constexprs[p.name] = None
             sig[p.name] = "constexpr"

@@ -1,26 +1,30 @@
-"""Fused Triton DQN kernel: TD target, CQL logsumexp, loss, gradient and metrics in one launch.
+"""Fused Triton DQN kernels: TD target, CQL logsumexp, loss, gradient and metrics in two launches.
 
-One program owns one sequence ``b`` (reward normalisation needs the sequence's statistics). It
-reads the rewards (and mask) of the sequence for its mean and std, then walks the steps in chunks
-of ``T_BLOCK`` and the actions in tiles of ``BLOCK_A``:
+The walk: program ``(b, c)`` owns steps ``[c·t_chunk, (c+1)·t_chunk)`` of sequence ``b``
+(:func:`time_chunks`: a one-step target splits each sequence until the grid has about
+``TARGET_PROGRAMS`` programs, so a few sequences of wide action spaces still fill the GPU). Where
+reward normalisation is on, it first reads the sequence's rewards (and mask) for their mean and std
+(``S`` numbers, a small fraction of the ``t_chunk·A`` q values it then reads; skipped otherwise).
+It walks its steps in tiles of ``T_BLOCK`` and the actions in tiles of ``BLOCK_A``:
 
 - pass 1 over the action tiles: ``q_sa = q[b, t, a]`` with ``a = action[b, t+1]``; the max of
   ``q_target[b, t+1, :]`` (or, with ``double_dqn``, ``q_target`` at the argmax of ``q[b, t+1, :]``);
   the online logsumexp of ``q[b, t, :]`` for CQL;
-- the TD target, the per-transition loss, ``|TD error|``, and the per-sequence partial metrics;
+- the TD target, the per-transition loss, ``|TD error|``, and the program's partial metrics;
 - pass 2 over the action tiles: the gradient of the per-transition loss with respect to
   ``q[b, t, :]``: ``dl/dq_sa·onehot(a) + cql_weight·q_scale·softmax(q[b, t, :])`` times the
   importance weight, where ``dl/dq_sa`` is ``2d`` (l2) or ``clamp(d, ±delta)`` (huber) minus
   ``cql_weight·q_scale``. Row ``S-1`` and masked transitions get 0.
 
-The partials of each sequence (count, Chan mean and M2 of ``q_sa``, min, max, sums of loss, target
-and CQL penalty, bad-index counts) go to a ``[B, len(DqnPartial)]`` buffer; the last program to finish (an
-integer ticket counter, so the order of the float sums never depends on scheduling) reduces them
-in a fixed order into the loss and the metrics. The gradient stays unscaled; backward multiplies it
-by ``grad_output / count`` in one launch.
+Each program stores its partials (count, Chan mean and M2 of ``q_sa``, min, max, sums of loss,
+target and CQL penalty, bad-index counts) as one row of a ``[B·n_chunks, len(DqnPartial)]``
+buffer. The fold, a second launch of one program, reduces the rows in row order into the loss and
+the metrics. The split into programs depends on the shape alone and nothing outlives a call (no
+counter, no global state), so the result is the same bit for bit on every call, thread and stream.
+The gradient stays unscaled; backward multiplies it by ``grad_output / count`` in one launch.
 
 Multi-step targets (``n_step > 1`` or ``td_lambda``) add a sweep before the walk, in the same
-program and so the same launch: it computes the bootstrap value ``V[t+1]`` of every transition
+program (one per sequence) and so the same launch: it computes the bootstrap value ``V[t+1]`` of every transition
 (through ``h^-1`` with value rescaling) into a ``[B, S-1]`` fp32 scratch row. For the n-step
 return the walk then sums a window of at most ``n_step`` transformed rewards and one of those
 values; for Peng's Q(lambda) the sweep itself runs the backward recurrence
@@ -33,7 +37,8 @@ Actions outside ``[0, A)`` and ``done`` values outside ``{0, 1, 2}`` are clamped
 counted in the metrics buffer, so they never read out of bounds; the caller raises on the count.
 
 Byte model: read ``q`` and the ``t+1`` rows of ``q_target`` once (``q[t+1]`` too with
-``double_dqn``) and write the gradient once: ``(3 + double)·B·S·A·b + small``; backward reads and
+``double_dqn``) and write the gradient once: ``(3 + double)·B·S·A·b + small`` (the partials are
+``44·B·n_chunks`` bytes); backward reads and
 writes the gradient (``2·B·S·A·b``). With CQL, pass 2 re-reads ``q[b, t, :]``, normally from L1/L2.
 A multi-step target moves the ``q_target`` (and double-DQN ``q``) reads into the sweep and adds
 ``8·B·S`` bytes of scratch traffic; the n-step window re-reads ``n_step`` step values per
@@ -46,7 +51,7 @@ the kernel reads them through their constexpr mirrors ``_P`` and ``_M``.
 from __future__ import annotations
 
 import enum
-import threading
+from typing import NamedTuple
 
 import torch
 import triton
@@ -56,11 +61,12 @@ from ._common import (AotVariant, as_loadable, cdiv, constexpr_namespace, fast_e
                       last_dim_contiguous, launcher, nanmax, nanmin, next_power_of_2, no_double_backward,
                       online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
-__all__ = ["DqnPartial", "DqnMetric", "dqn_fwd", "dqn_bwd", "dqn_fused", "n_step_window", "compile_variants"]
+__all__ = ["DqnPartial", "DqnMetric", "TdScalars", "dqn_fwd", "dqn_bwd", "dqn_fused", "n_step_window", "time_chunks",
+           "compile_variants"]
 
 
 class DqnPartial(enum.IntEnum):
-    """Per-sequence partials, ``[B, len(DqnPartial)]``: folded by the last program."""
+    """Per-program partials, ``[B·n_chunks, len(DqnPartial)]``: reduced by the fold."""
 
     COUNT = 0
     MEAN = 1  # Chan mean of q_sa over the valid transitions
@@ -96,16 +102,35 @@ _P = constexpr_namespace(DqnPartial)
 _M = constexpr_namespace(DqnMetric)
 _NP = tl.constexpr(len(DqnPartial))
 
-# The float scalars and compile-time flags of the forward, in the order the custom op carries them.
-PARAMS = ("gamma", "gamma_terminal", "gamma_truncated", "reward_scale", "reward_shift", "norm_eps", "norm_target",
-          "cql_weight", "cql_eps", "huber_delta", "rescale_eps")
+
+
+class TdScalars(NamedTuple):
+    """The float scalars of the TD target and loss. The forward kernel takes them as one tuple
+    argument and reads them by name (``sc.gamma``), so no call site matches them by position."""
+
+    gamma: float
+    gamma_terminal: float
+    gamma_truncated: float
+    reward_scale: float
+    reward_shift: float
+    norm_eps: float
+    norm_target: float
+    cql_weight: float
+    cql_eps: float
+    huber_delta: float
+    td_lambda: float  # read only with a lambda-return (0 otherwise)
+    rescale_eps: float
+
+
+# :func:`dqn_fwd`'s float keywords (``td_lambda`` apart: None selects no lambda-return) and its flags.
+PARAMS = tuple(f for f in TdScalars._fields if f != "td_lambda")
 FLAGS = ("norm_mean", "norm_std", "huber", "double", "value_rescaling")
 MAX_BLOCK_A = 1024
 HOT_TILES = {"_dqn_bwd_kernel": ("BLOCK",)}  # elements per tile, for fusedloss.kernels.aot; the forward walks steps
 MAX_UNROLL = 16  # longest n-step window unrolled at compile time; longer ones loop (one variant for every S)
 TILE_ELEMS = 1024
 TILE_WARPS = 8
-_LOCAL = threading.local()  # each thread's ticket counters, by (device, stream)
+TARGET_PROGRAMS = 1024  # programs a one-step launch aims for (about 8 per SM of an H100/H200's 132)
 
 
 @triton.jit
@@ -170,46 +195,42 @@ def _reward_stats(m_ptr, rew_ptr, step, n_tr, HAS_MASK: tl.constexpr, NORM_STD: 
 
 
 @triton.jit
-def _transform_reward(r, r_mean, r_std, reward_scale, reward_shift, norm_eps, norm_target,
-                      NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
+def _transform_reward(r, r_mean, r_std, sc, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
     """The reward transform: per-sequence normalisation, then ``r·reward_scale + reward_shift``."""
     if NORM_MEAN:
         r = r - r_mean
     if NORM_STD:
-        r = r / (r_std + norm_eps) * norm_target
-    return r * reward_scale + reward_shift
+        r = r / (r_std + sc.norm_eps) * sc.norm_target
+    return r * sc.reward_scale + sc.reward_shift
 
 
 @triton.jit
-def _discount(d_raw, gamma, gamma_terminal, gamma_truncated):
+def _discount(d_raw, sc):
     """``gamma``, ``gamma_terminal`` or ``gamma_truncated`` by ``done`` (compared in its own dtype,
     as the reference does)."""
     term = (d_raw == 1).to(tl.float32)
     trunc = (d_raw == 2).to(tl.float32)
-    return gamma * (1.0 - term - trunc) + gamma_terminal * term + gamma_truncated * trunc
+    return sc.gamma * (1.0 - term - trunc) + sc.gamma_terminal * term + sc.gamma_truncated * trunc
 
 
 @triton.jit
-def _reward_discount(done_ptr, rew_ptr, m_ptr, step, t, tv, r_mean, r_std,
-                     gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
-                     HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
+def _reward_discount(done_ptr, rew_ptr, m_ptr, step, t, tv, r_mean, r_std, sc, HAS_MASK: tl.constexpr,
+                     NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
     """Per transition: validity, transformed reward ``r'``, discount and the raw ``done[t+1]``."""
     d_raw = tl.load(done_ptr + step + t + 1, mask=tv, other=0)
     valid, r = _transition(m_ptr, rew_ptr, step, t, tv, HAS_MASK)
-    r = _transform_reward(r, r_mean, r_std, reward_scale, reward_shift, norm_eps, norm_target, NORM_MEAN, NORM_STD)
-    return valid, r, _discount(d_raw, gamma, gamma_terminal, gamma_truncated), d_raw
+    r = _transform_reward(r, r_mean, r_std, sc, NORM_MEAN, NORM_STD)
+    return valid, r, _discount(d_raw, sc), d_raw
 
 
 @triton.jit
-def _step_inputs(act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean, r_std,
-                 gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
-                 HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
+def _step_inputs(act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean, r_std, sc, HAS_MASK: tl.constexpr,
+                 NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
     """Per transition: the clamped action, validity, transformed reward and discount, and flags
     for an action outside ``[0, A)`` or a ``done`` outside ``{0, 1, 2}``."""
     a_raw = tl.load(act_ptr + step + t + 1, mask=tv, other=0).to(tl.int64)
-    valid, r, disc, d_raw = _reward_discount(done_ptr, rew_ptr, m_ptr, step, t, tv, r_mean, r_std, gamma,
-                                             gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps,
-                                             norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
+    valid, r, disc, d_raw = _reward_discount(done_ptr, rew_ptr, m_ptr, step, t, tv, r_mean, r_std, sc, HAS_MASK,
+                                             NORM_MEAN, NORM_STD)
     bad_a = (tv & ((a_raw < 0) | (a_raw >= A))).to(tl.float32)
     bad_d = (tv & (d_raw != 0) & (d_raw != 1) & (d_raw != 2)).to(tl.float32)
     a = tl.minimum(tl.maximum(a_raw, 0), A - 1)
@@ -315,23 +336,23 @@ def _compose(a_acc, b_acc, c_acc, a_y, b_y, c_y):
 
 
 @triton.jit
-def _td_loss(q_sa, target, lse_m, lse_s, cql_weight, cql_eps, huber_delta, CQL: tl.constexpr, HUBER: tl.constexpr):
+def _td_loss(q_sa, target, lse_m, lse_s, sc, CQL: tl.constexpr, HUBER: tl.constexpr):
     """Per-transition loss, its derivative with respect to ``q[t, a]``, the CQL penalty
     ``logsumexp q[t] - q[t, a]`` and the CQL scale ``|target| + cql_eps``."""
     d = q_sa - target
     if HUBER:
         ad = tl.abs(d)
-        per = tl.where(ad <= huber_delta, 0.5 * d * d, huber_delta * (ad - 0.5 * huber_delta))
+        per = tl.where(ad <= sc.huber_delta, 0.5 * d * d, sc.huber_delta * (ad - 0.5 * sc.huber_delta))
         # GPU min/max would return the number where d is NaN; the reference's gradient is NaN there.
-        dsa = nanmin(nanmax(d, -huber_delta), huber_delta)
+        dsa = nanmin(nanmax(d, -sc.huber_delta), sc.huber_delta)
     else:
         per = d * d
         dsa = 2.0 * d
-    q_scale = tl.abs(target) + cql_eps
+    q_scale = tl.abs(target) + sc.cql_eps
     pen = lse_m + fast_log(nanmax(lse_s, 1e-30)) - q_sa
     if CQL:
-        per = per + cql_weight * q_scale * pen
-        dsa = dsa - cql_weight * q_scale
+        per = per + sc.cql_weight * q_scale * pen
+        dsa = dsa - sc.cql_weight * q_scale
     return d, per, dsa, pen, q_scale
 
 
@@ -355,9 +376,7 @@ def _grad_pass(g_row, q_row, a, tv, valid, in_seq, coef_sa, coef_sm, lse_m, A, C
 
 @triton.jit
 def _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, step, n_tr, A,
-                     stride_qb, stride_qs, stride_tb, stride_ts, r_mean, r_std,
-                     gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
-                     td_lambda, rescale_eps, HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr,
+                     stride_qb, stride_qs, stride_tb, stride_ts, r_mean, r_std, sc, HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr,
                      DOUBLE: tl.constexpr, LAMBDA: tl.constexpr, RESCALE: tl.constexpr,
                      T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr):
     """Sweep 1 of a multi-step target: ``boot[b, t] = V[t+1]`` (through ``h^-1`` with ``RESCALE``)
@@ -377,15 +396,14 @@ def _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, ste
         _, _, _, v = _action_pass(qn_row, qn_row, qt_ptr + b64 * stride_tb + t_next[:, None] * stride_ts, t_next, tv,
                                   A, False, True, False, DOUBLE, T_BLOCK, BLOCK_A)
         if RESCALE:
-            v = _h_inv(v, rescale_eps)
+            v = _h_inv(v, sc.rescale_eps)
         if LAMBDA:
-            valid, r, disc, d_raw = _reward_discount(done_ptr, rew_ptr, m_ptr, step, t, tv, r_mean, r_std, gamma,
-                                                     gamma_terminal, gamma_truncated, reward_scale, reward_shift,
-                                                     norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
+            valid, r, disc, d_raw = _reward_discount(done_ptr, rew_ptr, m_ptr, step, t, tv, r_mean, r_std, sc,
+                                                     HAS_MASK, NORM_MEAN, NORM_STD)
             cont = (d_raw == 0) & _valid(m_ptr, step, t + 1, tv & (t + 1 < n_tr), HAS_MASK)
-            a = tl.where(valid, r + tl.where(cont, _discounted(disc * (1.0 - td_lambda), v), _discounted(disc, v)),
+            a = tl.where(valid, r + tl.where(cont, _discounted(disc * (1.0 - sc.td_lambda), v), _discounted(disc, v)),
                          0.0)
-            b = td_lambda * disc
+            b = sc.td_lambda * disc
             ga, gb, gc = tl.associative_scan((a, b, (cont & (b != 0.0)).to(tl.int32)), 0, _compose)
             v = tl.where(gc != 0, ga + _times_positive(gb, carry), ga)
             carry = tl.zeros([T_BLOCK], tl.float32) + tl.sum(tl.where(offs_t == T_BLOCK - 1, v, 0.0), axis=0)
@@ -393,23 +411,20 @@ def _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, ste
 
 
 @triton.jit
-def _window_step(boot_row, done_ptr, rew_ptr, m_ptr, step, t, j, n_tr, acc, boot, alive, gpow, r_mean, r_std,
-                 gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
+def _window_step(boot_row, done_ptr, rew_ptr, m_ptr, step, t, j, n_tr, acc, boot, alive, gpow, r_mean, r_std, sc,
                  HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr):
     """Term ``j`` of the n-step window: ``gamma^j r'[t+j]`` into ``acc``, the bootstrap candidate
     ``gamma^j disc[t+j] V[t+j+1]`` into ``boot``, and whether the window goes on past ``t+j``."""
     tj = t + j
     alive, r, disc, d_raw = _reward_discount(done_ptr, rew_ptr, m_ptr, step, tj, alive & (tj < n_tr), r_mean,
-                                             r_std, gamma, gamma_terminal, gamma_truncated, reward_scale,
-                                             reward_shift, norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
+                                             r_std, sc, HAS_MASK, NORM_MEAN, NORM_STD)
     acc += tl.where(alive, gpow * r, 0.0)
     boot = tl.where(alive, _discounted(gpow * disc, tl.load(boot_row + tj, mask=alive, other=0.0)), boot)
-    return acc, boot, alive & (d_raw == 0), gpow * gamma
+    return acc, boot, alive & (d_raw == 0), gpow * sc.gamma
 
 
 @triton.jit
-def _n_step_target(boot_row, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, n_window, r_mean, r_std,
-                   gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
+def _n_step_target(boot_row, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, n_window, r_mean, r_std, sc,
                    HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr, N_STEP: tl.constexpr):
     """``sum_{j<m} gamma^j r'[t+j] + gamma^(m-1) disc[t+m-1] V[t+m]``: a window over the step inputs
     and the bootstrap values of sweep 1 (``boot_row[t] = V[t+1]``), summed in the reference's order;
@@ -423,15 +438,11 @@ def _n_step_target(boot_row, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, n_w
     if N_STEP > 0:
         for j in tl.static_range(N_STEP):
             acc, boot, alive, gpow = _window_step(boot_row, done_ptr, rew_ptr, m_ptr, step, t, j, n_tr, acc, boot,
-                                                  alive, gpow, r_mean, r_std, gamma, gamma_terminal, gamma_truncated,
-                                                  reward_scale, reward_shift, norm_eps, norm_target, HAS_MASK,
-                                                  NORM_MEAN, NORM_STD)
+                                                  alive, gpow, r_mean, r_std, sc, HAS_MASK, NORM_MEAN, NORM_STD)
     else:
         for j in range(0, n_window):
             acc, boot, alive, gpow = _window_step(boot_row, done_ptr, rew_ptr, m_ptr, step, t, j, n_tr, acc, boot,
-                                                  alive, gpow, r_mean, r_std, gamma, gamma_terminal, gamma_truncated,
-                                                  reward_scale, reward_shift, norm_eps, norm_target, HAS_MASK,
-                                                  NORM_MEAN, NORM_STD)
+                                                  alive, gpow, r_mean, r_std, sc, HAS_MASK, NORM_MEAN, NORM_STD)
     return acc + boot
 
 
@@ -479,28 +490,28 @@ def _load_partial(part_ptr, bb, bm, SLOT: tl.constexpr, other):
 
 
 @triton.jit
-def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
-    """Fold every sequence's partials, in a fixed order, into the loss and the metrics. The q
+def _finalize(part_ptr, metrics_ptr, loss_ptr, P, P_BLOCK: tl.constexpr):
+    """Fold the ``P`` rows of partials (one per program of the walk), in row order, into the loss and the metrics. The q
     moments are combined in units of the largest sequence scale, found first, so neither the
     count-weighted means nor the squared deviations overflow."""
-    offs_b = tl.arange(0, B_BLOCK)
-    s_sc = tl.zeros([B_BLOCK], tl.float32)
-    for b0 in range(0, B, B_BLOCK):
+    offs_b = tl.arange(0, P_BLOCK)
+    s_sc = tl.zeros([P_BLOCK], tl.float32)
+    for b0 in range(0, P, P_BLOCK):
         bb = (b0 + offs_b).to(tl.int64)
-        s_sc = nanmax(s_sc, _load_partial(part_ptr, bb, bb < B, _P.SCALE, 0.0))
+        s_sc = nanmax(s_sc, _load_partial(part_ptr, bb, bb < P, _P.SCALE, 0.0))
     g_unit = _safe_scale(tl.max(s_sc, axis=0))
-    s_n = tl.zeros([B_BLOCK], tl.float32)
-    s_nm = tl.zeros([B_BLOCK], tl.float32)
-    s_min = tl.full([B_BLOCK], float("inf"), tl.float32)
-    s_max = tl.full([B_BLOCK], float("-inf"), tl.float32)
-    s_loss = tl.zeros([B_BLOCK], tl.float32)
-    s_tgt = tl.zeros([B_BLOCK], tl.float32)
-    s_cql = tl.zeros([B_BLOCK], tl.float32)
-    s_ba = tl.zeros([B_BLOCK], tl.float32)
-    s_bd = tl.zeros([B_BLOCK], tl.float32)
-    for b0 in range(0, B, B_BLOCK):
+    s_n = tl.zeros([P_BLOCK], tl.float32)
+    s_nm = tl.zeros([P_BLOCK], tl.float32)
+    s_min = tl.full([P_BLOCK], float("inf"), tl.float32)
+    s_max = tl.full([P_BLOCK], float("-inf"), tl.float32)
+    s_loss = tl.zeros([P_BLOCK], tl.float32)
+    s_tgt = tl.zeros([P_BLOCK], tl.float32)
+    s_cql = tl.zeros([P_BLOCK], tl.float32)
+    s_ba = tl.zeros([P_BLOCK], tl.float32)
+    s_bd = tl.zeros([P_BLOCK], tl.float32)
+    for b0 in range(0, P, P_BLOCK):
         bb = (b0 + offs_b).to(tl.int64)
-        bm = bb < B
+        bm = bb < P
         pn = _load_partial(part_ptr, bb, bm, _P.COUNT, 0.0)
         s_n += pn
         s_nm += pn * (_load_partial(part_ptr, bb, bm, _P.MEAN, 0.0) / g_unit)
@@ -513,10 +524,10 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
         s_bd += _load_partial(part_ptr, bb, bm, _P.BAD_DONE, 0.0)
     total = tl.sum(s_n, axis=0)
     g_mean = tl.sum(s_nm, axis=0) / total * g_unit
-    s_m2 = tl.zeros([B_BLOCK], tl.float32)
-    for b0 in range(0, B, B_BLOCK):
+    s_m2 = tl.zeros([P_BLOCK], tl.float32)
+    for b0 in range(0, P, P_BLOCK):
         bb = (b0 + offs_b).to(tl.int64)
-        bm = bb < B
+        bm = bb < P
         dm = _load_partial(part_ptr, bb, bm, _P.MEAN, 0.0) / g_unit - g_mean / g_unit
         ratio = _load_partial(part_ptr, bb, bm, _P.SCALE, 0.0) / g_unit
         s_m2 += (_load_partial(part_ptr, bb, bm, _P.M2, 0.0) * ratio * ratio
@@ -541,30 +552,33 @@ def _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK: tl.constexpr):
 
 @triton.jit
 def _dqn_fwd_kernel(
-    q_ptr, qt_ptr, act_ptr, rew_ptr, done_ptr, w_ptr, m_ptr,
-    grad_ptr, td_ptr, boot_ptr, part_ptr, metrics_ptr, loss_ptr, counter_ptr,
-    B, S, A, n_window,
-    stride_qb, stride_qs, stride_tb, stride_ts, stride_gb, stride_gs,
-    gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
-    cql_weight, cql_eps, huber_delta, td_lambda, rescale_eps,
+    q_ptr, qt_ptr, act_ptr, rew_ptr, done_ptr, w_ptr, m_ptr, grad_ptr, td_ptr, boot_ptr, part_ptr,
+    S, A, n_window, t_chunk, stride_qb, stride_qs, stride_tb, stride_ts, sc,
     HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr, NORM_MEAN: tl.constexpr, NORM_STD: tl.constexpr,
     CQL: tl.constexpr, HUBER: tl.constexpr, DOUBLE: tl.constexpr,
     N_STEP: tl.constexpr, LAMBDA: tl.constexpr, RESCALE: tl.constexpr,
-    T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr, B_BLOCK: tl.constexpr,
+    T_BLOCK: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
+    """Program ``(b, c)``: steps ``[c·t_chunk, (c+1)·t_chunk)`` of sequence ``b`` (``t_chunk`` a
+    multiple of ``T_BLOCK``; a multi-step target runs one chunk per sequence). ``sc`` is a
+    :class:`TdScalars`. Writes the gradient and ``|td|`` rows of its steps and one row of partials."""
     b64 = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     n_tr = S - 1
     step = b64 * S
     offs_t = tl.arange(0, T_BLOCK)
-    r_mean, r_std = _reward_stats(m_ptr, rew_ptr, step, n_tr, HAS_MASK, NORM_STD, T_BLOCK)
+    if NORM_MEAN or NORM_STD:
+        r_mean, r_std = _reward_stats(m_ptr, rew_ptr, step, n_tr, HAS_MASK, NORM_STD, T_BLOCK)
+    else:
+        r_mean = 0.0
+        r_std = 0.0
     if N_STEP != 1 or LAMBDA:
         _bootstrap_sweep(q_ptr, qt_ptr, done_ptr, rew_ptr, m_ptr, boot_ptr, b64, step, n_tr, A,
-                         stride_qb, stride_qs, stride_tb, stride_ts, r_mean, r_std, gamma, gamma_terminal,
-                         gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target, td_lambda, rescale_eps,
+                         stride_qb, stride_qs, stride_tb, stride_ts, r_mean, r_std, sc,
                          HAS_MASK, NORM_MEAN, NORM_STD, DOUBLE, LAMBDA, RESCALE, T_BLOCK, BLOCK_A)
         tl.debug_barrier()  # sweep 2 reads values other threads of this program stored
 
-    # Per-sequence partials, accumulated per lane and combined at the end.
+    # This program's partials, accumulated per lane and combined at the end.
     c_n = tl.zeros([T_BLOCK], tl.float32)
     c_mean = tl.zeros([T_BLOCK], tl.float32)
     c_m2 = tl.zeros([T_BLOCK], tl.float32)
@@ -576,13 +590,13 @@ def _dqn_fwd_kernel(
     c_cql = tl.zeros([T_BLOCK], tl.float32)
     c_bad_a = tl.zeros([T_BLOCK], tl.float32)
     c_bad_d = tl.zeros([T_BLOCK], tl.float32)
-    for t0 in range(0, S, T_BLOCK):
+    t_lo = chunk * t_chunk
+    for t0 in range(t_lo, tl.minimum(t_lo + t_chunk, S), T_BLOCK):
         t = t0 + offs_t
         tv = t < n_tr  # rows with a transition t -> t+1
         t64 = t.to(tl.int64)
-        a, valid, r, disc, bad_a, bad_d = _step_inputs(
-            act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean, r_std, gamma, gamma_terminal, gamma_truncated,
-            reward_scale, reward_shift, norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD)
+        a, valid, r, disc, bad_a, bad_d = _step_inputs(act_ptr, done_ptr, rew_ptr, m_ptr, step, t, tv, A, r_mean,
+                                                       r_std, sc, HAS_MASK, NORM_MEAN, NORM_STD)
         c_bad_a += bad_a
         c_bad_d += bad_d
         q_row = q_ptr + b64 * stride_qb + t64[:, None] * stride_qs
@@ -593,15 +607,14 @@ def _dqn_fwd_kernel(
             target = tl.load(boot_ptr + b64 * n_tr + t, mask=tv, other=0.0)
         elif N_STEP != 1:
             target = _n_step_target(boot_ptr + b64 * n_tr, done_ptr, rew_ptr, m_ptr, step, t, valid, n_tr, n_window,
-                                    r_mean, r_std, gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift,
-                                    norm_eps, norm_target, HAS_MASK, NORM_MEAN, NORM_STD, N_STEP)
+                                    r_mean, r_std, sc, HAS_MASK, NORM_MEAN, NORM_STD, N_STEP)
         else:
             if RESCALE:
-                next_v = _h_inv(next_v, rescale_eps)
+                next_v = _h_inv(next_v, sc.rescale_eps)
             target = r + _discounted(disc, next_v)
         if RESCALE:
-            target = _h(target, rescale_eps)
-        d, per, dsa, pen, q_scale = _td_loss(q_sa, target, lse_m, lse_s, cql_weight, cql_eps, huber_delta, CQL, HUBER)
+            target = _h(target, sc.rescale_eps)
+        d, per, dsa, pen, q_scale = _td_loss(q_sa, target, lse_m, lse_s, sc, CQL, HUBER)
         w = tl.full([T_BLOCK], 1.0, tl.float32)
         if HAS_WEIGHT:
             w = tl.load(w_ptr + step + t + 1, mask=tv, other=0.0).to(tl.float32)
@@ -615,17 +628,19 @@ def _dqn_fwd_kernel(
         c_cql += tl.where(valid, pen, 0.0)
 
         coef_sa = tl.where(valid, dsa * w, 0.0)
-        coef_sm = tl.where(valid, cql_weight * q_scale * w / nanmax(lse_s, 1e-30), 0.0)
-        _grad_pass(grad_ptr + b64 * stride_gb + t64[:, None] * stride_gs, q_row, a, tv, valid, t < S, coef_sa, coef_sm,
-                   lse_m, A, CQL, BLOCK_A)
+        coef_sm = tl.where(valid, sc.cql_weight * q_scale * w / nanmax(lse_s, 1e-30), 0.0)
+        # the gradient is contiguous [B, S, A] (the launcher allocates it)
+        _grad_pass(grad_ptr + (step + t64[:, None]) * A, q_row, a, tv, valid, t < S, coef_sa, coef_sm, lse_m, A, CQL,
+                   BLOCK_A)
 
-    _write_partials(part_ptr + b64 * _NP, c_n, c_mean, c_m2, c_sc, c_min, c_max, c_loss, c_tgt, c_cql, c_bad_a,
-                    c_bad_d)
-    # The last program to finish reduces all partials in a fixed order.
-    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    if ticket == B - 1:
-        _finalize(part_ptr, metrics_ptr, loss_ptr, B, B_BLOCK)
-        tl.atomic_xchg(counter_ptr, 0)  # ready for the next call (and for CUDA-graph replays)
+    _write_partials(part_ptr + (b64 * tl.num_programs(1) + chunk) * _NP, c_n, c_mean, c_m2, c_sc, c_min, c_max,
+                    c_loss, c_tgt, c_cql, c_bad_a, c_bad_d)
+
+
+@triton.jit
+def _dqn_fold_kernel(part_ptr, metrics_ptr, loss_ptr, P, P_BLOCK: tl.constexpr):
+    """One program folds the ``P`` rows of partials, in row order, into the loss and the metrics."""
+    _finalize(part_ptr, metrics_ptr, loss_ptr, P, P_BLOCK)
 
 
 @triton.jit
@@ -641,14 +656,15 @@ def _dqn_bwd_kernel(g_ptr, out_ptr, gout_ptr, inv_ptr, numel, BLOCK: tl.constexp
 _BWD_BLOCK = 4096
 
 
-def _tiles(A: int, S: int, max_block_a: int = MAX_BLOCK_A, n_step: int = 1):
+def _tiles(A: int, S: int, max_block_a: int = MAX_BLOCK_A, n_step: int = 1, lam: bool = False):
     """(BLOCK_A, T_BLOCK, num_warps): a [T_BLOCK, BLOCK_A] tile of TILE_ELEMS elements over enough
     warps that the kernel's dozen live tiles stay in registers (checked by tests/compile_check.py).
     The unrolled n-step window takes at most 32 transitions a chunk (Triton 3.6 spilled 8 bytes at
-    A = 4 with 64). An n-step window over rows of 1024 or more actions runs on 4 warps: with the
+    A = 4 with 64), and so does the lambda-return's scan (Triton 3.9 spilled 4 bytes at A = 4 with
+    64 on 4 warps). An n-step window over rows of 1024 or more actions runs on 4 warps: with the
     runtime's divisibility specialisation, 8 warps spilled 20 bytes on sm_90 (Triton 3.9)."""
     block_a = min(next_power_of_2(A), max_block_a)
-    t_block = max(1, min(64 if n_step == 1 else 32, TILE_ELEMS // block_a, next_power_of_2(S)))
+    t_block = max(1, min(64 if n_step == 1 and not lam else 32, TILE_ELEMS // block_a, next_power_of_2(S)))
     if n_step > 1 and block_a >= 1024:
         return block_a, t_block, 4
     return block_a, t_block, TILE_WARPS if t_block * block_a > 256 else 4
@@ -663,32 +679,16 @@ def n_step_window(n_step: int, S: int) -> tuple[int, int]:
     return window, 1 if window == 1 else (n_step if n_step <= MAX_UNROLL else 0)
 
 
-def _counters() -> dict:
-    if not hasattr(_LOCAL, "counters"):
-        _LOCAL.counters = {}
-    return _LOCAL.counters
-
-
-def _counter_key(device: torch.device):
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
-    return device.type, device.index, stream
-
-
-def _counter(device: torch.device) -> torch.Tensor:
-    """The int32 ticket counter of this thread on this device and stream, zero between calls (the
-    last program resets it). Calls from two threads, or on two streams, never share one; kernels
-    on one stream run in order, so they never overlap on one."""
-    counters = _counters()
-    key = _counter_key(device)
-    if key not in counters:
-        counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counters[key]
-
-
-def _drop_counter(device: torch.device) -> None:
-    """Forget the counter of a launch that did not finish (an interrupt or an error while it was
-    being launched or interpreted): it may hold a partial count, so the next call takes a new one."""
-    _counters().pop(_counter_key(device), None)
+def time_chunks(B: int, S: int, t_block: int, multi: bool) -> tuple[int, int]:
+    """``(t_chunk, n_chunks)``: the steps each program walks (whole ``t_block`` tiles) and the
+    programs per sequence. A one-step target splits each sequence into about ``TARGET_PROGRAMS / B``
+    chunks (at most one per tile), so a few wide sequences still fill the GPU; a multi-step target
+    keeps one program per sequence, whose sweep runs the whole sequence. It depends on the shape
+    alone, so the order of every float sum, and the result, is the same on every call."""
+    blocks = cdiv(S, t_block)
+    want = 1 if multi else min(blocks, max(1, cdiv(TARGET_PROGRAMS, B)))
+    t_chunk = cdiv(blocks, want) * t_block
+    return t_chunk, cdiv(S, t_chunk)
 
 
 @launcher
@@ -709,35 +709,35 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
     q, q_target = last_dim_contiguous(q), last_dim_contiguous(q_target)
     B, S, A = q.shape
     dev = q.device
+    if n_step < 1 or (td_lambda is not None and n_step > 1):
+        raise ValueError(f"n_step must be >= 1, and td_lambda needs n_step == 1; got n_step={n_step}, "
+                         f"td_lambda={td_lambda}.")
     grad = torch.empty(q.shape, dtype=stored_grad_dtype(q.dtype), device=dev) if grad_out is None else grad_out
+    if not grad.is_contiguous():
+        raise ValueError("grad_out must be a contiguous [B, S, A] tensor.")
     td = torch.empty((B, S - 1), dtype=torch.float32, device=dev) if td_out is None else td_out
-    part = torch.empty((B, len(DqnPartial)), dtype=torch.float32, device=dev)
+    window, unroll = n_step_window(n_step, S)
+    multi = window > 1 or td_lambda is not None
+    block_a, t_block, warps = _tiles(A, S, max_block_a, window, td_lambda is not None)
+    t_chunk, n_chunks = time_chunks(B, S, t_block, multi)
+    n_part = B * n_chunks
+    part = torch.empty((n_part, len(DqnPartial)), dtype=torch.float32, device=dev)
     metrics = torch.empty(len(DqnMetric), dtype=torch.float32, device=dev)
     loss = torch.empty((), dtype=torch.float32, device=dev)
     action, reward, done = as_loadable(action), as_loadable(reward), as_loadable(done)
     w = as_loadable(weight) if weight is not None else reward
     m = as_loadable(mask) if mask is not None else done
-    if n_step < 1 or (td_lambda is not None and n_step > 1):
-        raise ValueError(f"n_step must be >= 1, and td_lambda needs n_step == 1; got n_step={n_step}, "
-                         f"td_lambda={td_lambda}.")
-    window, unroll = n_step_window(n_step, S)
-    multi = window > 1 or td_lambda is not None
     boot = torch.empty((B, S - 1), dtype=torch.float32, device=dev) if multi else td
-    block_a, t_block, warps = _tiles(A, S, max_block_a, window)
-    try:
-        _dqn_fwd_kernel[(B,)](
-            q, q_target, action, reward, done, w, m, grad, td, boot, part, metrics, loss, _counter(dev),
-            B, S, A, window, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), grad.stride(0),
-            grad.stride(1), gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
-            cql_weight, cql_eps, huber_delta, 0.0 if td_lambda is None else td_lambda, rescale_eps,
-            HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, NORM_MEAN=norm_mean, NORM_STD=norm_std,
-            CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, N_STEP=unroll, LAMBDA=td_lambda is not None,
-            RESCALE=value_rescaling, T_BLOCK=t_block, BLOCK_A=block_a,
-            B_BLOCK=min(next_power_of_2(B), 1024), num_warps=warps,
-        )
-    except BaseException:
-        _drop_counter(dev)
-        raise
+    sc = TdScalars(gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target, cql_weight,
+                   cql_eps, huber_delta, 0.0 if td_lambda is None else td_lambda, rescale_eps)
+    _dqn_fwd_kernel[(B, n_chunks)](
+        q, q_target, action, reward, done, w, m, grad, td, boot, part,
+        S, A, window, t_chunk, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), sc,
+        HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, NORM_MEAN=norm_mean, NORM_STD=norm_std,
+        CQL=cql_weight > 0.0, HUBER=huber, DOUBLE=double, N_STEP=unroll, LAMBDA=td_lambda is not None,
+        RESCALE=value_rescaling, T_BLOCK=t_block, BLOCK_A=block_a, num_warps=warps,
+    )
+    _dqn_fold_kernel[(1,)](part, metrics, loss, n_part, P_BLOCK=min(next_power_of_2(n_part), 1024), num_warps=4)
     return loss, metrics, grad, td
 
 
@@ -753,15 +753,23 @@ def dqn_bwd(g: torch.Tensor, grad_output: torch.Tensor, inv_count: torch.Tensor,
 
 @torch.library.custom_op("fusedloss::dqn_fwd", mutates_args=())
 def _dqn_fwd_op(q: torch.Tensor, q_target: torch.Tensor, action: torch.Tensor, reward: torch.Tensor,
-                done: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor | None, params: list[float],
-                flags: list[bool], n_step: int,
-                td_lambda: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dqn_fwd(q, q_target, action, reward, done, weight, mask, **dict(zip(PARAMS, params)),
-                   **dict(zip(FLAGS, flags)), n_step=n_step, td_lambda=td_lambda)
+                done: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor | None, gamma: float,
+                gamma_terminal: float, gamma_truncated: float, reward_scale: float, reward_shift: float,
+                norm_eps: float, norm_target: float, cql_weight: float, cql_eps: float, huber_delta: float,
+                rescale_eps: float, norm_mean: bool, norm_std: bool, huber: bool, double: bool, value_rescaling: bool,
+                n_step: int, td_lambda: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dqn_fwd(q, q_target, action, reward, done, weight, mask, gamma=gamma, gamma_terminal=gamma_terminal,
+                   gamma_truncated=gamma_truncated, reward_scale=reward_scale, reward_shift=reward_shift,
+                   norm_eps=norm_eps, norm_target=norm_target, cql_weight=cql_weight, cql_eps=cql_eps,
+                   huber_delta=huber_delta, rescale_eps=rescale_eps, norm_mean=norm_mean, norm_std=norm_std,
+                   huber=huber, double=double, value_rescaling=value_rescaling, n_step=n_step, td_lambda=td_lambda)
+
+
+_OP_INPUTS = 7 + len(PARAMS) + len(FLAGS) + 2  # the tensors, then the named scalars, n_step and td_lambda
 
 
 @_dqn_fwd_op.register_fake
-def _(q, q_target, action, reward, done, weight, mask, params, flags, n_step, td_lambda):
+def _(q, q_target, *_args, **_kwargs):
     B, S, _ = q.shape
     f32 = dict(dtype=torch.float32, device=q.device)
     return (torch.empty((), **f32), torch.empty(len(DqnMetric), **f32),
@@ -790,9 +798,9 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_metrics, grad_grad, grad_td):
     grad, metrics = ctx.saved_tensors
     if grad_loss is None:
-        return (None,) * 11
+        return (None,) * _OP_INPUTS
     inv_count = metrics[DqnMetric.INV_COUNT:DqnMetric.INV_COUNT + 1]
-    return (_dqn_bwd_op(grad, grad_loss, inv_count, ctx.dtype),) + (None,) * 10
+    return (_dqn_bwd_op(grad, grad_loss, inv_count, ctx.dtype),) + (None,) * (_OP_INPUTS - 1)
 
 
 _dqn_fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -827,40 +835,39 @@ def dqn_fused(q, q_target, action, reward, done, weight=None, mask=None, **scala
     n_step = min(int(scalars["n_step"]), 2**31 - 1)  # any longer window is the whole sequence
     td_lambda = scalars["td_lambda"]
     td_lambda = None if td_lambda is None else float(td_lambda)
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(q):
-        reject_grad_transforms("dqn", q)
-        params = [float(scalars[k]) for k in PARAMS]
-        flags = [bool(scalars[k]) for k in FLAGS]
-        loss, metrics, _, td = _dqn_fwd_op(q, q_target.detach(), action, reward, done, weight, mask, params, flags,
-                                           n_step, td_lambda)
-        return loss, metrics, td
     kw = {k: float(scalars[k]) for k in PARAMS}
     kw.update({k: bool(scalars[k]) for k in FLAGS}, n_step=n_step, td_lambda=td_lambda)
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(q):
+        reject_grad_transforms("dqn", q)
+        loss, metrics, _, td = _dqn_fwd_op(q, q_target.detach(), action, reward, done, weight, mask, **kw)
+        return loss, metrics, td
     return _DqnFwdFunction.apply(q, q_target.detach(), action, reward, done, weight, mask, kw)
 
 
 def compile_variants():
     """The tiles the launcher picks for small and wide action spaces, with CQL alone, with every
     one-step option on (the most live registers), and with each multi-step target (n-step and
-    lambda, both with value rescaling and every option)."""
-    types = {name: "fp32" for name in PARAMS}
-    types.update(q_ptr="*bf16", qt_ptr="*bf16", act_ptr="*i64", rew_ptr="*fp32", done_ptr="*i64", w_ptr="*fp32",
-                 m_ptr="*u8", grad_ptr="*bf16", td_ptr="*fp32", boot_ptr="*fp32", part_ptr="*fp32",
-                 metrics_ptr="*fp32", loss_ptr="*fp32", counter_ptr="*i32", td_lambda="fp32")
+    lambda, both with value rescaling and every option); the fold and the backward."""
+    types = {"q_ptr": "*bf16", "qt_ptr": "*bf16", "act_ptr": "*i64", "rew_ptr": "*fp32", "done_ptr": "*i64",
+             "w_ptr": "*fp32", "m_ptr": "*u8", "grad_ptr": "*bf16", "td_ptr": "*fp32", "boot_ptr": "*fp32",
+             "part_ptr": "*fp32", "sc": TdScalars(*["fp32"] * len(TdScalars._fields))}
     kinds = {"cql": (False, None), "all options": (True, None), "all options n-step": (True, "N_STEP"),
              "all options lambda": (True, "LAMBDA")}
     for A, S in ((4, 512), (18, 64), (18, 80), (1024, 32), (32768, 64)):
         for kind, (every, multi) in kinds.items():
-            block_a, t_block, warps = _tiles(A, S, n_step=5 if multi == "N_STEP" else 1)
+            block_a, t_block, warps = _tiles(A, S, n_step=5 if multi == "N_STEP" else 1, lam=multi == "LAMBDA")
             if S == 80 and multi is None:
                 continue  # the R2D2 shape is there for the multi-step targets
             c = {"HAS_WEIGHT": every, "HAS_MASK": every, "NORM_MEAN": every, "NORM_STD": every, "CQL": True,
                  "HUBER": every, "DOUBLE": every, "N_STEP": 5 if multi == "N_STEP" else 1, "LAMBDA": multi == "LAMBDA",
-                 "RESCALE": multi is not None, "T_BLOCK": t_block, "BLOCK_A": block_a, "B_BLOCK": 256}
-            ints = {"B": 256, "S": S, "A": A, "n_window": 5, "stride_qb": S * A, "stride_qs": A, "stride_tb": S * A,
-                    "stride_ts": A, "stride_gb": S * A, "stride_gs": A}
+                 "RESCALE": multi is not None, "T_BLOCK": t_block, "BLOCK_A": block_a}
+            ints = {"S": S, "A": A, "n_window": 5, "t_chunk": time_chunks(256, S, t_block, multi is not None)[0],
+                    "stride_qb": S * A, "stride_qs": A, "stride_tb": S * A, "stride_ts": A}
             yield AotVariant(f"dqn A={A} S={S} {kind}", _dqn_fwd_kernel, signature(_dqn_fwd_kernel, types, c), c,
                              warps, ints)
+    c = {"P_BLOCK": 1024}
+    t = {"part_ptr": "*fp32", "metrics_ptr": "*fp32", "loss_ptr": "*fp32"}
+    yield AotVariant("dqn fold", _dqn_fold_kernel, signature(_dqn_fold_kernel, t, c), c, 4, {"P": 4096})
     c = {"BLOCK": _BWD_BLOCK}
     t = {"g_ptr": "*bf16", "out_ptr": "*bf16", "gout_ptr": "*fp32", "inv_ptr": "*fp32"}
     yield AotVariant("dqn backward", _dqn_bwd_kernel, signature(_dqn_bwd_kernel, t, c), c, 4)
