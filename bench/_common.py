@@ -127,6 +127,35 @@ def run_benchmark(benchmark, fn, *, byte_model: str = "", nbytes: int | None = N
             benchmark.extra_info["pct_of_copy"] = 100.0 * gbs / copy
 
 
+def timed_step(provider: str, step_fn):
+    """What a benchmark times for ``provider``: ``step_fn()`` (a training step: forward and the
+    gradient) and a sync; for ``fused-cudagraph``, one replay of ``step_fn`` captured in a CUDA
+    graph after a warm-up on a side stream (the way a trainer captures its step). CUDA graphs need
+    a GPU: elsewhere that provider is skipped."""
+    if provider != "fused-cudagraph":
+        def timed():
+            step_fn()
+            sync()
+
+        return timed
+    if not CUDA:
+        pytest.skip("CUDA graphs need a GPU")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step_fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_fn()
+
+    def replay():
+        graph.replay()
+        sync()
+
+    return replay
+
+
 def compiled(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
@@ -135,11 +164,19 @@ def need_triton():
     pytest.importorskip("triton")
 
 
+# Providers of the RL-shape headline: the fused step as a trainer would run it where host time decides.
+HEADLINE_PROVIDERS = ["fused-cudagraph", "fused-compile"]
+
+
 def provider_loss(provider: str, public):
     """The loss call a provider times. ``public(backend)`` returns the public entry of the family
     on that backend (with sync-free lazy metrics), so every provider does the same work, input
-    checks and metrics included: ``fused*`` on ``"triton"``, ``eager`` on ``"torch"``, ``compile``
-    the ``"torch"`` entry under ``torch.compile(fullgraph=True, dynamic=False)``."""
+    checks and metrics included: ``fused*`` on ``"triton"`` (``fused-compile`` under
+    ``torch.compile(fullgraph=True, dynamic=False)``, the kernels as custom ops), ``eager`` on
+    ``"torch"``, ``compile`` the ``"torch"`` entry under the same ``torch.compile``."""
+    if provider == "fused-compile":
+        need_triton()
+        return compiled(public("triton"))
     if provider.startswith("fused"):
         need_triton()
         return public("triton")

@@ -1,5 +1,6 @@
-"""DQN, forward + backward per call: fused kernel (and the same captured in a CUDA graph) vs the
-eager reference vs torch.compile(fullgraph=True) of the reference. Every provider calls the public
+"""DQN, forward + backward per call: fused kernel (and the same captured in a CUDA graph, and under
+torch.compile: the RL-shape headline) vs the eager reference vs torch.compile(fullgraph=True) of
+the reference. Every provider calls the public
 ``dqn_loss`` (input checks and lazy metrics included), so they do the same work.
 
 Byte model: forward reads q and the t+1 rows of q_target once and writes the gradient; backward
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import fusedloss as fl
-from _common import CUDA, DEVICE, provider_loss, run_benchmark, sync
+from _common import CUDA, DEVICE, HEADLINE_PROVIDERS, provider_loss, run_benchmark, timed_step
 from fusedloss.testing import make_dqn_inputs
 
 if CUDA:
@@ -24,7 +25,7 @@ if CUDA:
 else:
     SHAPES = [(2, 5, 7)]
     DTYPES = [torch.float32]
-PROVIDERS = ["fused", "fused-cudagraph", "eager", "compile"]
+PROVIDERS = ["fused", *HEADLINE_PROVIDERS, "eager", "compile"]
 CFG = dict(cql_weight=0.1)
 MULTISTEP_SHAPES = [(32, 80, 18)] if CUDA else [(2, 9, 5)]
 MULTISTEP = {"n5": dict(n_step=5, double_dqn=True, value_rescaling=True),
@@ -53,26 +54,9 @@ def _run(benchmark, dtype, shape, provider, public, group, byte_model, nbytes_pe
         (g,) = torch.autograd.grad(loss_fn(), q)
         return g
 
-    if provider == "fused-cudagraph":
-        if not CUDA:
-            pytest.skip("CUDA graphs need a GPU")
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step_fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step_fn()
-
-        def timed():
-            graph.replay()
-            sync()
-    else:
-        def timed():
-            step_fn()
-            sync()
-
+    if provider in HEADLINE_PROVIDERS and A > 1024:
+        pytest.skip("the captured and compiled steps are the headline for RL shapes; wide A is bandwidth-bound")
+    timed = timed_step(provider, step_fn)
     benchmark.group = group
     run_benchmark(benchmark, timed, byte_model=byte_model,
                   nbytes=nbytes_per_elem * B * S * A * q.element_size() + extra_bytes, family="dqn", provider=provider,

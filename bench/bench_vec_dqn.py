@@ -1,4 +1,5 @@
-"""Vector DQN: the loss forward + backward (fused vs eager vs compile), and vec_dqn_scores alone at
+"""Vector DQN: the loss forward + backward (fused, also captured in a CUDA graph and compiled: the
+RL-shape headline, vs eager vs compile), and vec_dqn_scores alone at
 acting batch shapes (µs per call). The loss providers call the public ``vec_dqn_loss`` (checks and
 lazy metrics included), so they do the same work.
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 import fusedloss as fl
-from _common import CUDA, DEVICE, compiled, need_triton, provider_loss, run_benchmark, sync
+from _common import (CUDA, DEVICE, HEADLINE_PROVIDERS, compiled, need_triton, provider_loss, run_benchmark, sync,
+                     timed_step)
 from fusedloss.testing import make_vec_dqn_inputs
 
 if CUDA:
@@ -21,6 +23,7 @@ else:
     LOSS_SHAPES = [(2, 3, 5, 4)]
     SCORE_SHAPES = [(2, 5, 4)]
 PROVIDERS = ["fused", "eager", "compile"]
+LOSS_PROVIDERS = ["fused", *HEADLINE_PROVIDERS, "eager", "compile"]
 
 
 def _public(backend):
@@ -28,7 +31,7 @@ def _public(backend):
     return lambda step, online, target: fl.vec_dqn_loss(step, online, target, cfg)[0]
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", LOSS_PROVIDERS)
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "B{}-S{}-A{}-D{}".format(*s))
 def bench_vec_dqn_fwd_bwd(benchmark, shape, provider):
     B, S, A, D = shape
@@ -36,10 +39,7 @@ def bench_vec_dqn_fwd_bwd(benchmark, shape, provider):
     call = provider_loss(provider, _public)
     loss_fn = lambda: call(step, online, target)
 
-    def timed():
-        torch.autograd.grad(loss_fn(), online)
-        sync()
-
+    timed = timed_step(provider, lambda: torch.autograd.grad(loss_fn(), online))
     benchmark.group = f"vec_dqn loss B={B} S={S} A={A} D={D}"
     run_benchmark(benchmark, timed, byte_model="2*B*S*A*D*b", nbytes=2 * B * S * A * D * online.element_size(),
                   family="vec_dqn", provider=provider, shape=f"B={B} S={S} A={A} D={D}", dtype="float32")

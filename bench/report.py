@@ -35,9 +35,12 @@ BANDWIDTH_TARGETS = [
     ("sp", "fused", 80.0, lambda c: "A=18" not in c and "A=256" not in c),
     ("dqn", "fused", 70.0, lambda c: "A=32768" in c),
 ]
-MAX_LAUNCHES = {("dqn", "fused"): 2}
+# launches per training step: the walk and the fold, autograd's seed of the loss, the backward
+MAX_LAUNCHES = {("dqn", "fused"): 4}
 # Providers that run a Triton kernel: on a CPU they ran under the interpreter.
-INTERPRETED_PROVIDERS = {"fused", "fused-cudagraph", "fused-linear", "liger", "cce"}
+INTERPRETED_PROVIDERS = {"fused", "fused-cudagraph", "fused-compile", "fused-linear", "liger", "cce"}
+# The RL-shape headline: the fused step captured in a CUDA graph and compiled, then the rest.
+HEADLINE = ["fused-cudagraph", "fused-compile", "fused", "compile", "eager"]
 REPO_BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
@@ -99,6 +102,23 @@ def check_targets(by_family):
                 verdict = "meets" if n <= most else f"**misses: {n} launches**"
                 lines.append(f"- {fam} `{case}`: {n} launches per forward+backward (target ≤ {most}): {verdict}")
     return lines
+
+
+def headline(by_family):
+    """The RL shapes' table: every case where a headline provider ran, with the median step time
+    of each of ``HEADLINE`` (a trainer at these shapes is host-bound, so it captures or compiles
+    its step)."""
+    rows = [(fam, case, provs) for fam, cases in sorted(by_family.items()) for case, provs in sorted(cases.items())
+            if any(p in provs for p in HEADLINE[:2])]
+    if not rows:
+        return []
+    out = ["## RL shapes: the captured and the compiled step", "",
+           "Median time of one training step (forward and gradient), device synchronized.", "",
+           "| case | " + " | ".join(HEADLINE) + " |", "|---|" + "---:|" * len(HEADLINE)]
+    for fam, case, provs in rows:
+        cells = [_fmt_time(provs[p]["median_s"]) if p in provs else "–" for p in HEADLINE]
+        out.append(f"| {case} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def family_table(fam, cases):
@@ -168,6 +188,7 @@ def render(rows, meta, plots_dir: Path, root: Path, title: str, preface: str = "
     targets = check_targets(by_family)
     if targets:
         out += ["## Targets", ""] + targets + [""]
+    out += headline(by_family)
     out += ["## Figures", "", "Median of the pytest-benchmark rounds, forward + backward, device synchronized "
             "inside the timed function; compile time excluded.", ""]
     for fam, cases in sorted(by_family.items()):

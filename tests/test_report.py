@@ -19,7 +19,9 @@ def test_report_tables_targets_and_plots(tmp_path):
     data = {"datetime": "2026-11-22T00:00:00", "benchmarks": [
         _bench("dqn B=256 S=64 A=18", "eager", 100e-6, launches_per_call=40),
         _bench("dqn B=256 S=64 A=18", "compile", 30e-6),
-        _bench("dqn B=256 S=64 A=18", "fused", 25e-6, launches_per_call=3, peak_extra_memory_bytes=2**20),
+        _bench("dqn B=256 S=64 A=18", "fused", 25e-6, launches_per_call=5, peak_extra_memory_bytes=2**20),
+        _bench("dqn B=256 S=64 A=18", "fused-cudagraph", 9e-6),
+        _bench("dqn B=256 S=64 A=18", "fused-compile", 21e-6),
         _bench("sp kl-fwd bfloat16 N=8192 A=32768", "fused", 1e-3, family="sp", pct_of_copy=85.0, gbs=2800.0,
                byte_model="5*N*A*b"),
     ]}
@@ -30,7 +32,10 @@ def test_report_tables_targets_and_plots(tmp_path):
     text = out.read_text()
     assert "fused is 4.00× eager (target ≥ 5.0×): **misses by 1.25×**" in text
     assert "fused is 1.20× compile (target ≥ 2.0×): **misses by 1.67×**" in text
-    assert "3 launches per forward+backward (target ≤ 2): **misses: 3 launches**" in text
+    assert "5 launches per forward+backward (target ≤ 4): **misses: 5 launches**" in text
+    assert "## RL shapes: the captured and the compiled step" in text
+    assert "| dqn B=256 S=64 A=18 | 9.0 µs | 21.0 µs | 25.0 µs | 30.0 µs | 100.0 µs |" in text
+    assert "| sp kl-fwd bfloat16 N=8192 A=32768 | –" not in text  # not an RL shape: no headline row
     assert "at 85.0% of copy bandwidth (target ≥ 80.0%): meets" in text
     assert "| dqn B=256 S=64 A=18 | fused | 25.0 µs |" in text and "device test-gpu" in text
     assert (tmp_path / "plots" / "dqn.png").stat().st_size > 1000
