@@ -354,10 +354,33 @@ def test_linear_double_backward_is_an_error():
         torch.autograd.grad(loss, hidden, create_graph=True)
 
 
+def test_linear_chunks_follow_the_free_memory(monkeypatch):
+    """With little free device memory the default chunk shrinks (the loss does not change); an
+    explicit chunk_size is kept."""
+    from fusedloss.losses import sp_linear as m
+
+    hidden, weight, b, teacher, _ = _linear_case("dense", 64, 4, 13, torch.float64, "cpu", True)
+    want = fl.sp_linear_loss(hidden, weight, teacher, "kl-fwd", bias=b, backend="torch")
+    seen, real = [], m._chunks
+    monkeypatch.setattr(m, "_chunks", lambda N, chunk: seen.append(chunk) or real(N, chunk))
+    monkeypatch.setattr(m, "free_device_memory", lambda device: 4 * m.CHUNK_BYTES_PER_LOGIT * 13 * 4)  # 4 rows
+    got = fl.sp_linear_loss(hidden, weight, teacher, "kl-fwd", bias=b, backend="torch")
+    assert seen and set(seen) == {4}, seen
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    seen.clear()
+    fl.sp_linear_loss(hidden, weight, teacher, "kl-fwd", bias=b, backend="torch", chunk_size=16)
+    assert set(seen) == {16}, seen
+
+
 def test_linear_default_chunk_and_module():
     assert fl.losses.sp_linear.default_chunk_size(4096, 32768, 128) == 16
     assert fl.losses.sp_linear.default_chunk_size(8192, 128256, 4096) == 256
     assert fl.losses.sp_linear.default_chunk_size(3, 10, 100) == 3
+    # a nearly full device: 256 rows of 128256 fp32 logits would need 512 MiB; 100 MiB free fits 8 rows
+    assert fl.losses.sp_linear.default_chunk_size(8192, 128256, 4096, free_bytes=100 * 2**20) == 8
+    assert fl.losses.sp_linear.default_chunk_size(8192, 128256, 4096, free_bytes=2**40) == 256
+    assert fl.losses.sp_linear.default_chunk_size(8192, 128256, 4096, free_bytes=0) == 1
+    assert fl.losses.sp_linear.free_device_memory(torch.device("cpu")) is None
     hidden, weight, b, teacher, row_weight = _linear_case("topk", 5, 4, 13, torch.float32, "cpu", True)
     m = fl.build_loss({"type": "sp_linear", "params": {"loss_type": "ce-soft-fwd", "chunk_size": 2, "backend": "torch"}})
     got = m(hidden, weight, teacher, bias=b, row_weight=row_weight)

@@ -33,7 +33,7 @@ from ._common import ConfigLoss, LossConfig, check_config_common, require_float,
 from ._data_parallel import check_dp, check_grad_reduction, global_counts, scale_grad
 from ._vocab_parallel import _check_replicated, resolve_vocab_shard
 from .sp import check_reduction
-from .sp_linear import default_chunk_size
+from .sp_linear import default_chunk_size, free_device_memory
 
 __all__ = ["linear_logprob", "linear_cross_entropy", "LinearCrossEntropyConfig", "LinearCrossEntropyLoss"]
 
@@ -339,8 +339,9 @@ def _flat_rows(hidden, weight, labels, shard, ignore_index: int, chunk_size, bac
         _check_labels(y, valid, weight.shape[0] if shard is None else shard.vocab, shard is not None)
         if shard is not None:
             _check_replicated(h, shard, "hidden")
-    chunk = chunk_size or default_chunk_size(h.shape[0], weight.shape[0] if shard is None else shard.max_rows,
-                                             h.shape[1])
+    # a vocabulary shard ignores the free memory, which differs between ranks: every rank runs the same chunks
+    chunk = chunk_size or (default_chunk_size(h.shape[0], weight.shape[0], h.shape[1], free_device_memory(h.device))
+                           if shard is None else default_chunk_size(h.shape[0], shard.max_rows, h.shape[1]))
     triton_path = h.shape[0] > 0 and resolve_backend(backend, "lm_head", hidden, weight) is Backend.TRITON
     return h, y, valid, chunk, triton_path
 

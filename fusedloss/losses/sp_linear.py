@@ -48,8 +48,8 @@ from .sp import (
     vocab_mismatch_hint,
 )
 
-__all__ = ["TopKTeacher", "LinearTeacher", "sp_linear_loss", "default_chunk_size", "SpLinearLossConfig",
-           "SpLinearLoss"]
+__all__ = ["TopKTeacher", "LinearTeacher", "sp_linear_loss", "default_chunk_size", "free_device_memory",
+           "SpLinearLossConfig", "SpLinearLoss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +77,32 @@ class LinearTeacher:
     """``[V]`` or None: the teacher head's bias."""
 
 
-def default_chunk_size(N: int, V: int, H: int) -> int:
+CHUNK_MEMORY_FRACTION = 0.25  # of the device's free memory, at most, for one chunk's fp32 working set
+CHUNK_BYTES_PER_LOGIT = 16  # fp32 logits, their gradient, a teacher's logits, and slack for the row statistics
+
+
+def default_chunk_size(N: int, V: int, H: int, free_bytes: int | None = None) -> int:
     """Rows per chunk: a power of two near ``N·H / V``, so a chunk's logits take about as much memory
     as ``hidden`` itself (the rule of thumb of Liger-Kernel's fused-linear losses); at least 1, at
-    most ``N``."""
+    most ``N``. With ``free_bytes`` (:func:`free_device_memory`), also at most the power of two of
+    rows whose working set, ``CHUNK_BYTES_PER_LOGIT·V`` bytes a row, fits in
+    ``CHUNK_MEMORY_FRACTION`` of it, so a nearly full device takes smaller chunks instead of failing."""
     per = max(1, math.ceil(V / max(H, 1)))
-    rows = max(1, math.ceil(N / per))
-    return min(N, 1 << (rows - 1).bit_length())
+    rows = 1 << (max(1, math.ceil(N / per)) - 1).bit_length()
+    if free_bytes is not None:
+        fit = max(1, int(free_bytes * CHUNK_MEMORY_FRACTION) // (CHUNK_BYTES_PER_LOGIT * max(V, 1)))
+        rows = min(rows, 1 << (fit.bit_length() - 1))
+    return min(N, rows)
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device, counting the caching allocator's reserved but unused blocks
+    (a driver query, no device sync); None on other devices and while ``torch.compile`` traces, where
+    the chunk size comes from the shape alone."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str, label_smoothing: float = 0.0,
@@ -386,8 +405,9 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     check_row_weight(row_weight, hidden, "row_weight", "hidden")
     if row_weight is not None:
         row_weight = row_weight.detach()
-    if chunk_size is None:  # from the largest shard: the same chunks, and collectives, on every rank
-        chunk_size = default_chunk_size(N, V if shard is None else shard.max_rows, H)
+    if chunk_size is None:  # from the largest shard and not the free memory: the same chunks, and collectives, on every rank
+        chunk_size = (default_chunk_size(N, V, H, free_device_memory(hidden.device)) if shard is None
+                      else default_chunk_size(N, shard.max_rows, H))
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
     require_same_device({"hidden": hidden, "weight": weight, "bias": bias})
