@@ -138,29 +138,38 @@ def _kl_to_mix(a, la, b, lm, c):
 
 
 @triton.jit
-def _elem_loss(p, lp, s, ls, beta, log_b, log_1mb, LOSS: tl.constexpr):
+def _elem_loss(p, lp, s, ls, LOSS: tl.constexpr):
+    """The row loss's term at one entry, for every type but js (:func:`_js_terms`)."""
     if LOSS == _L.CE or LOSS == _L.CE_SOFT_FWD:
         e = _wmul(p, -ls)
     elif LOSS == _L.CE_SOFT_BWD:
         e = _wmul(s, -lp)
     elif LOSS == _L.KL_FWD:
         e = _wmul(p, lp - ls)
-    elif LOSS == _L.KL_BWD:
-        e = _wmul(s, ls - lp)
     else:
-        lm = _log_m(lp, ls, log_b, log_1mb)
-        e_p, _, _ = _kl_to_mix(p, lp, s, lm, 1.0 - beta)
-        e_s, _, _ = _kl_to_mix(s, ls, p, lm, beta)
-        e = beta * e_p + (1.0 - beta) * e_s
+        e = _wmul(s, ls - lp)
     return e
 
 
 @triton.jit
-def _elem_aux(p, lp, s, ls, beta, log_b, log_1mb):
-    """The row scalar the gradient of js needs: K = KL(Q‖M) = Σ s (log s - log m), term by term
+def _js_terms(p, lp, s, ls, beta, log_b, log_1mb):
+    """js at one entry, with log m computed once: the row loss's term ``β·KL(P‖M) + (1-β)·KL(Q‖M)``
+    and the term of the row scalar its gradient needs, ``K = KL(Q‖M) = Σ s (log s - log m)``, both
     as :func:`_kl_to_mix`."""
-    e_s, _, _ = _kl_to_mix(s, ls, p, _log_m(lp, ls, log_b, log_1mb), beta)
-    return e_s
+    lm = _log_m(lp, ls, log_b, log_1mb)
+    e_p, _, _ = _kl_to_mix(p, lp, s, lm, 1.0 - beta)
+    e_s, _, _ = _kl_to_mix(s, ls, p, lm, beta)
+    return beta * e_p + (1.0 - beta) * e_s, e_s
+
+
+@triton.jit
+def _row_terms(p, lp, s, ls, beta, log_b, log_1mb, LOSS: tl.constexpr):
+    """A tile's contribution to the row loss and, for js, to ``K`` (0 otherwise)."""
+    if LOSS == _L.JS:
+        e, e_aux = _js_terms(p, lp, s, ls, beta, log_b, log_1mb)
+        return tl.sum(e, axis=1), tl.sum(e_aux, axis=1)
+    row = tl.sum(_elem_loss(p, lp, s, ls, LOSS), axis=1)
+    return row, tl.zeros_like(row)
 
 
 @triton.jit
@@ -216,9 +225,7 @@ def _sp_fwd_kernel(
             target = tl.argmax(tl.where(q == q, q, float("-inf")), axis=1).to(tl.int32)  # a NaN teacher is an error
         p, lp, s, ls = _probs(q, z, valid, cols0, mt, fast_log(st), mz, fast_log(sz), n_valid, target, inv_t, eps,
                               LOSS, HAS_SMOOTHING)
-        row_loss = tl.sum(_elem_loss(p, lp, s, ls, beta, log_b, log_1mb, LOSS), axis=1)
-        if LOSS == _L.JS:
-            row_aux = tl.sum(_elem_aux(p, lp, s, ls, beta, log_b, log_1mb), axis=1)
+        row_loss, row_aux = _row_terms(p, lp, s, ls, beta, log_b, log_1mb, LOSS)
         g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOSS)
         tl.store(g_row + cols0[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
@@ -243,9 +250,9 @@ def _sp_fwd_kernel(
             q, z, valid, mask = _load_tile(q_ptr, z_ptr, rows64, rmask, cols, A, stride_q, stride_z)
             p, lp, s, ls = _probs(q, z, valid, cols, mt, lse_t, mz, lse_z, n_valid, target, inv_t, eps, LOSS,
                                   HAS_SMOOTHING)
-            row_loss += tl.sum(_elem_loss(p, lp, s, ls, beta, log_b, log_1mb, LOSS), axis=1)
-            if LOSS == _L.JS:
-                row_aux += tl.sum(_elem_aux(p, lp, s, ls, beta, log_b, log_1mb), axis=1)
+            tile_loss, tile_aux = _row_terms(p, lp, s, ls, beta, log_b, log_1mb, LOSS)
+            row_loss += tile_loss
+            row_aux += tile_aux
             if not GRAD_NEEDS_ROW_LOSS:  # write the gradient in this pass
                 g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOSS)
                 tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
