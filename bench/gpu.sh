@@ -177,7 +177,7 @@ for stage in $STAGES; do
         bench extra-lm_head 100 "not ($LM_PRIORITY)" bench/bench_lm_head.py
         step "kernel tests on CUDA" 120 "$PY" -m pytest tests/test_kernels_dqn.py tests/test_multistep.py \
             tests/test_kernels_sp.py tests/test_distill.py tests/test_kernels_vec_dqn.py tests/test_lm_head.py \
-            tests/test_compile_paths.py -q --maxfail=25 -p no:cacheprovider
+            tests/test_compile_paths.py tests/test_autotune.py -q --maxfail=25 -p no:cacheprovider
         step "reliability and long fuzz on CUDA" 120 "$PY" -m pytest tests/test_reliability.py \
             tests/test_reliability_round2.py tests/test_fuzz.py --fuzz-long -q --maxfail=25 -p no:cacheprovider
         ;;

@@ -1,11 +1,14 @@
 """Helpers shared by the kernel modules: NaN-propagating jit arithmetic, named constexpr slots,
-input layout, launch serialization under the interpreter, autograd guards, AOT variants."""
+input layout, launch serialization under the interpreter, autograd guards, AOT variants, and the
+opt-in ``triton.autotune`` of a kernel's tiles (:class:`Tuned`)."""
 
 from __future__ import annotations
 
 import enum
 import functools
+import os
 import threading
+import time
 import types
 from typing import NamedTuple
 
@@ -17,9 +20,65 @@ from .._dispatch import interpreter_enabled
 
 __all__ = ["constexpr_namespace", "AotVariant", "signature", "last_dim_contiguous", "as_loadable", "stored_grad_dtype",
            "no_double_backward", "double_backward_error", "fused_backward", "reject_grad_transforms", "launcher",
-           "nanmax", "nanmin", "online_lse_update", "fast_exp", "fast_log", "cdiv", "next_power_of_2"]
+           "nanmax", "nanmin", "online_lse_update", "fast_exp", "fast_log", "cdiv", "next_power_of_2", "Tuned",
+           "autotune_enabled", "AUTOTUNE_ENV"]
 
 _INTERPRETER_LOCK = threading.RLock()
+AUTOTUNE_ENV = "FUSEDLOSS_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    """``FUSEDLOSS_AUTOTUNE=1``: the kernels with a :class:`Tuned` space pick their tiles with
+    ``triton.autotune``. Off by default: every launch then runs the launcher's one fixed config, on
+    the GPU and under the interpreter, so results are bitwise repeatable from run to run (a tuned
+    tile width can change the order of a row's sums) and no first call benchmarks."""
+    return os.environ.get(AUTOTUNE_ENV, "0") == "1"
+
+
+def _wall_clock_bench(kernel_call, quantiles=None):
+    """The interpreter's stand-in for Triton's GPU benchmarker (CUDA events): one timed call. It
+    lets the tests run the autotuned path on the CPU; the timings mean nothing there."""
+    start = time.perf_counter()
+    kernel_call()
+    ms = (time.perf_counter() - start) * 1e3
+    return [ms, ms, ms] if quantiles else ms
+
+
+class Tuned:
+    """A kernel and its ``triton.autotune`` space: ``configs`` over the constexprs a launch may
+    tune (tile widths) and ``num_warps``/``num_stages``, keyed on ``key`` (argument names; Triton
+    adds the tensors' dtypes), and ``prune(configs, named_args, **kwargs)`` to keep those that fit
+    the shape. Called as ``tuned(grid, *args, fixed=..., **kwargs)``: ``fixed`` is the launcher's
+    own config (the tuned constexprs and ``num_warps``), used unless :func:`autotune_enabled`;
+    ``grid`` may be a function of the config's meta-parameters. Every config is compiled ahead of
+    time by ``tests/compile_check.py`` (no spills) through the kernel module's ``compile_variants``."""
+
+    def __init__(self, kernel, configs: list, key: list[str], prune=None):
+        self.kernel, self.configs, self.key, self.prune = kernel, list(configs), list(key), prune
+        self._tuner = None
+
+    def tuner(self):
+        if self._tuner is None:
+            extra = {"do_bench": _wall_clock_bench} if interpreter_enabled() else {}
+            prune = {"early_config_prune": self.prune} if self.prune is not None else None
+            self._tuner = triton.autotune(configs=self.configs, key=self.key, prune_configs_by=prune,
+                                          **extra)(self.kernel)
+        return self._tuner
+
+    def __call__(self, grid, *args, fixed: dict, **kwargs):
+        if autotune_enabled():
+            return self.tuner()[grid](*args, **kwargs)
+        return self.kernel[grid(fixed) if callable(grid) else grid](*args, **kwargs, **fixed)
+
+    def variants(self, constexprs: dict, signature_of, name: str, ints: dict | None = None, configs=None):
+        """An :class:`AotVariant` of every config (or of ``configs``, the ones the pruning keeps at
+        a shape), the other constexprs from ``constexprs``: ``signature_of(constexprs)`` gives each
+        one's signature."""
+        for cfg in self.configs if configs is None else configs:
+            c = {**constexprs, **cfg.kwargs}
+            tile = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+            yield AotVariant(f"{name} [{tile} warps={cfg.num_warps} stages={cfg.num_stages}]", self.kernel,
+                             signature_of(c), c, cfg.num_warps, ints or {}, cfg.num_stages)
 
 
 # The launchers' grid and tile arithmetic on host ints. triton.cdiv and triton.next_power_of_2 are
@@ -193,6 +252,7 @@ class AotVariant(NamedTuple):
     constexprs: dict
     num_warps: int
     ints: dict = {}
+    num_stages: int | None = None  # None: the compiler's default
 
 
 def signature(kernel, types_: dict[str, str], constexprs: dict) -> dict:

@@ -67,7 +67,10 @@ def compile_variant(v: AotVariant, arch: int = 90):
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=v.kernel, signature=v.signature, constexprs=v.constexprs, attrs=runtime_attrs(v))
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps})
+    options = {"num_warps": v.num_warps}
+    if v.num_stages is not None:
+        options["num_stages"] = v.num_stages
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def resource_usage(ptx: str, arch: int) -> dict:
@@ -193,4 +196,5 @@ def launch_variant(fn, args: tuple, kwargs: dict, name: str | None = None) -> Ao
             sig[p.name] = "constexpr"
         else:
             raise TypeError(f"launch_variant: argument {p.name!r} of {fn.fn.__name__} has type {type(val).__name__}")
-    return AotVariant(name or fn.fn.__name__, fn, sig, constexprs, int(kwargs.get("num_warps", 4)), ints)
+    return AotVariant(name or fn.fn.__name__, fn, sig, constexprs, int(kwargs.get("num_warps", 4)), ints,
+                      kwargs.get("num_stages"))

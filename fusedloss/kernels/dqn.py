@@ -57,9 +57,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, as_loadable, cdiv, constexpr_namespace, fast_exp, fast_log, fused_backward,
-                      last_dim_contiguous, launcher, nanmax, nanmin, next_power_of_2, no_double_backward,
-                      online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
+from ._common import (AotVariant, Tuned, as_loadable, cdiv, constexpr_namespace, fast_exp, fast_log,
+                      fused_backward, last_dim_contiguous, launcher, nanmax, nanmin, next_power_of_2,
+                      no_double_backward, online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["DqnPartial", "DqnMetric", "TdScalars", "dqn_fwd", "dqn_bwd", "dqn_fused", "n_step_window", "time_chunks",
            "compile_variants"]
@@ -654,6 +654,10 @@ def _dqn_bwd_kernel(g_ptr, out_ptr, gout_ptr, inv_ptr, numel, BLOCK: tl.constexp
 
 
 _BWD_BLOCK = 4096
+# The backward's autotune space (FUSEDLOSS_AUTOTUNE=1), keyed on its size. The forward's tiles are
+# not tuned: T_BLOCK fixes the time chunks, so the grid and the order of the partials' sums.
+_DQN_BWD = Tuned(_dqn_bwd_kernel, [triton.Config({"BLOCK": b}, num_warps=w)
+                                   for b, w in ((1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8))], key=["numel"])
 
 
 def _tiles(A: int, S: int, max_block_a: int = MAX_BLOCK_A, n_step: int = 1, lam: bool = False):
@@ -746,8 +750,8 @@ def dqn_bwd(g: torch.Tensor, grad_output: torch.Tensor, inv_count: torch.Tensor,
     """``g · grad_output · inv_count`` (two 0-dim device scalars) in ``dtype``: one launch."""
     out = torch.empty(g.shape, dtype=dtype, device=g.device)
     numel = g.numel()
-    _dqn_bwd_kernel[(cdiv(numel, _BWD_BLOCK),)](g, out, grad_output.reshape(1), inv_count, numel,
-                                                        BLOCK=_BWD_BLOCK)
+    _DQN_BWD(lambda meta: (cdiv(numel, meta["BLOCK"]),), g, out, grad_output.reshape(1), inv_count, numel,
+             fixed={"BLOCK": _BWD_BLOCK, "num_warps": 4})
     return out
 
 
@@ -871,3 +875,4 @@ def compile_variants():
     c = {"BLOCK": _BWD_BLOCK}
     t = {"g_ptr": "*bf16", "out_ptr": "*bf16", "gout_ptr": "*fp32", "inv_ptr": "*fp32"}
     yield AotVariant("dqn backward", _dqn_bwd_kernel, signature(_dqn_bwd_kernel, t, c), c, 4)
+    yield from _DQN_BWD.variants({}, lambda c: signature(_dqn_bwd_kernel, t, c), "dqn backward tuned")

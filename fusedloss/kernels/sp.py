@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, cdiv, constexpr_namespace, fast_exp, fast_log, fused_backward, last_dim_contiguous,
-                      launcher, nanmax, nanmin, next_power_of_2, no_double_backward, online_lse_update,
-                      reject_grad_transforms, signature, stored_grad_dtype)
+from ._common import (AotVariant, Tuned, cdiv, constexpr_namespace, fast_exp, fast_log, fused_backward,
+                      last_dim_contiguous, launcher, nanmax, nanmin, next_power_of_2, no_double_backward,
+                      online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
 
 __all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "sp_op", "sp_topk_fwd", "sp_topk_fused", "sp_topk_op",
            "compile_variants"]
@@ -400,6 +400,39 @@ def _bwd_tiles(A: int):
     return block, max(1, min(64, 4096 // block))
 
 
+def _warps_for_the_tile(configs, named_args, **kwargs):
+    """Autotune pruning for a row in one tile: the warps that give each thread 1 to 16 of the
+    tile's elements (more would spill; fewer would idle threads)."""
+    tile = kwargs["ROWS"] * kwargs["BLOCK_A"]
+    return [c for c in configs if 32 * c.num_warps <= tile <= 512 * c.num_warps] or configs[-1:]
+
+
+def _tiles_narrower_than(length: str, width: str):
+    """Autotune pruning for a row longer than one tile: tiles (``width``) narrower than the row
+    (``length``); the launcher's ``max_block`` can force the loop on a short row in the tests,
+    which then takes the first config."""
+    def prune(configs, named_args, **kwargs):
+        return [c for c in configs if c.kwargs[width] < named_args[length]] or configs[:1]
+
+    return prune
+
+
+# The autotune spaces (FUSEDLOSS_AUTOTUNE=1; fusedloss.kernels._common.Tuned), keyed on the row
+# length, the loss and smoothing. A row in one tile tunes its warps; a longer row, its tile width
+# (at 16 elements a thread: 4096 over 16 warps spilled 12 bytes in js on sm_90, Triton 3.9), and
+# the pipeline stages.
+_SP_FWD_TILE = Tuned(_sp_fwd_kernel, [triton.Config({}, num_warps=w) for w in (4, 8, 16)],
+                     key=["A", "LOSS", "HAS_SMOOTHING"], prune=_warps_for_the_tile)
+_SP_FWD_LONG = Tuned(_sp_fwd_kernel, [triton.Config({"ROWS": 1, "BLOCK_A": b, "SINGLE_TILE": False}, num_warps=w,
+                                                    num_stages=s)
+                                      for b, w in ((2048, 4), (4096, 8), (8192, 16)) for s in (2, 3)],
+                     key=["A", "LOSS", "HAS_SMOOTHING"], prune=_tiles_narrower_than("A", "BLOCK_A"))
+_SP_BWD_WIDE = Tuned(_sp_bwd_kernel, [triton.Config({"ROWS": r, "BLOCK_A": b}, num_warps=w)
+                                      for r, b, w in ((1, 4096, 4), (1, 4096, 8), (2, 2048, 4), (1, 8192, 8))],
+                     key=["A"])
+BWD_TUNED_FROM = 4096  # rows at least this wide tune the backward's tiles; narrower ones pack rows as _bwd_tiles does
+
+
 def _fwd_constexprs(loss_type: str, label_smoothing: float, A: int, max_block: int = MAX_BLOCK):
     block, rows, warps = _fwd_tiles(A, max_block)
     code = SpLossType.of(loss_type)
@@ -426,12 +459,13 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     grad = torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device) if grad_out is None else grad_out
     status = torch.empty(N, dtype=torch.int8, device=z.device) if status_out is None else status_out
     constexprs, warps = _fwd_constexprs(loss_type, label_smoothing, A, max_block)
-    _sp_fwd_kernel[(cdiv(N, constexprs["ROWS"]),)](
-        q, z, loss, grad, status, N, A, q.stride(0), z.stride(0), grad.stride(0),
-        _inv_temperature(temperature), float(label_smoothing), float(js_beta), math.log(js_beta),
-        math.log1p(-js_beta),
-        num_warps=warps, **constexprs,
-    )
+    args = (q, z, loss, grad, status, N, A, q.stride(0), z.stride(0), grad.stride(0), _inv_temperature(temperature),
+            float(label_smoothing), float(js_beta), math.log(js_beta), math.log1p(-js_beta))
+    if constexprs["SINGLE_TILE"]:
+        _SP_FWD_TILE((cdiv(N, constexprs["ROWS"]),), *args, fixed={"num_warps": warps}, **constexprs)
+    else:
+        tile = {k: constexprs.pop(k) for k in ("ROWS", "BLOCK_A", "SINGLE_TILE")}
+        _SP_FWD_LONG(lambda meta: (cdiv(N, meta["ROWS"]),), *args, fixed={**tile, "num_warps": warps}, **constexprs)
     return loss, grad, status
 
 
@@ -446,6 +480,13 @@ def _topk_constexprs(loss_type: str, K: int, V: int, max_block: int = TOPK_MAX_B
     warps = 4 if block <= 1024 else 8
     return dict(LOSS=int(SpLossType.of(loss_type)), BLOCK_K=next_power_of_2(K), BLOCK_V=block,
                 SINGLE_TILE=block >= V), warps
+
+
+# A row longer than one tile tunes its tile width and warps (FUSEDLOSS_AUTOTUNE=1); 16 warps at 8192
+# spilled (above), so 8192 runs on 8.
+_SP_TOPK_LONG = Tuned(_sp_topk_fwd_kernel, [triton.Config({"BLOCK_V": b, "SINGLE_TILE": False}, num_warps=w)
+                                            for b, w in ((2048, 4), (4096, 4), (4096, 8), (8192, 8))],
+                      key=["V", "K", "LOSS"], prune=_tiles_narrower_than("V", "BLOCK_V"))
 
 
 @launcher
@@ -467,9 +508,13 @@ def sp_topk_fwd(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, los
     grad = torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device) if grad_out is None else grad_out
     constexprs, warps = _topk_constexprs(loss_type, K, V, max_block)
     if N:
-        _sp_topk_fwd_kernel[(N,)](index, logprob, z, loss, grad, V, K, index.stride(0), logprob.stride(0),
-                                  z.stride(0), grad.stride(0), _inv_temperature(temperature), num_warps=warps,
-                                  **constexprs)
+        args = (index, logprob, z, loss, grad, V, K, index.stride(0), logprob.stride(0), z.stride(0), grad.stride(0),
+                _inv_temperature(temperature))
+        if constexprs["SINGLE_TILE"]:
+            _sp_topk_fwd_kernel[(N,)](*args, num_warps=warps, **constexprs)
+        else:
+            tile = {k: constexprs.pop(k) for k in ("BLOCK_V", "SINGLE_TILE")}
+            _SP_TOPK_LONG((N,), *args, fixed={**tile, "num_warps": warps}, **constexprs)
     return loss, grad
 
 
@@ -481,10 +526,12 @@ def sp_bwd(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, mult: float
     N, A = g.shape
     out = torch.empty((N, A), dtype=dtype, device=g.device)
     block, rows = _bwd_tiles(A)
-    _sp_bwd_kernel[(cdiv(N, rows), cdiv(A, block))](
-        g, scale, out, N, A, g.stride(0), out.stride(0), scale.stride(0) if scale.dim() else 0, float(mult),
-        ROWS=rows, BLOCK_A=block, num_warps=4
-    )
+    args = (g, scale, out, N, A, g.stride(0), out.stride(0), scale.stride(0) if scale.dim() else 0, float(mult))
+    if A >= BWD_TUNED_FROM:
+        _SP_BWD_WIDE(lambda meta: (cdiv(N, meta["ROWS"]), cdiv(A, meta["BLOCK_A"])), *args,
+                     fixed={"ROWS": rows, "BLOCK_A": block, "num_warps": 4})
+    else:
+        _sp_bwd_kernel[(cdiv(N, rows), cdiv(A, block))](*args, ROWS=rows, BLOCK_A=block, num_warps=4)
     return out
 
 
@@ -677,3 +724,36 @@ def compile_variants():
     c = {"ROWS": rows, "BLOCK_A": block}
     t = {"g_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}
     yield AotVariant("sp backward", _sp_bwd_kernel, signature(_sp_bwd_kernel, t, c), c, 4)
+    yield from tuned_variants()
+
+
+def tuned_variants():
+    """Every autotune config, where it can run: js with smoothing (the most live values) in bf16
+    and fp32 for the forward's spaces (the one-tile space at the row lengths whose pruning keeps
+    more than the launcher's own warps), kl-fwd for the top-k kernel's, bf16 for the backward's."""
+    scalars = {"inv_t": "fp32", "eps": "fp32", "beta": "fp32", "log_b": "fp32", "log_1mb": "fp32"}
+    for dt in ("bf16", "fp32"):
+        t = {**scalars, "q_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
+             "status_ptr": "*i8"}
+        sig = lambda c, t=t: signature(_sp_fwd_kernel, t, c)  # noqa: E731
+        for A in (18, 256, 1024, 4096):
+            c, _ = _fwd_constexprs("js", 0.1, A)
+            kept = _warps_for_the_tile(_SP_FWD_TILE.configs, {"A": A}, **c)
+            ints = {"N": 8192, "A": A, "stride_q": A, "stride_z": A, "stride_g": A}
+            yield from _SP_FWD_TILE.variants(c, sig, f"sp A={A} {dt} js tuned", ints, kept)
+        c, _ = _fwd_constexprs("js", 0.1, 131072)
+        for k in ("ROWS", "BLOCK_A", "SINGLE_TILE"):
+            c.pop(k)
+        ints = {"N": 8192, "A": 131072, "stride_q": 131072, "stride_z": 131072, "stride_g": 131072}
+        yield from _SP_FWD_LONG.variants(c, sig, f"sp A=131072 {dt} js tuned", ints)
+        c, _ = _topk_constexprs("kl-fwd", 64, 131072)
+        c.pop("BLOCK_V"), c.pop("SINGLE_TILE")
+        t = {"idx_ptr": "*i64", "lp_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
+             "inv_t": "fp32"}
+        yield from _SP_TOPK_LONG.variants(c, lambda c, t=t: signature(_sp_topk_fwd_kernel, t, c),
+                                          f"sp top-k A=131072 {dt} k=64 tuned",
+                                          {"V": 131072, "K": 64, "stride_i": 64, "stride_l": 64, "stride_z": 131072,
+                                           "stride_g": 131072})
+    t = {"g_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}
+    yield from _SP_BWD_WIDE.variants({}, lambda c: signature(_sp_bwd_kernel, t, c), "sp backward tuned",
+                                     {"N": 8192, "A": 131072, "stride_g": 131072, "stride_o": 131072, "stride_s": 1})

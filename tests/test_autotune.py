@@ -1,0 +1,80 @@
+"""The opt-in autotuned launches (FUSEDLOSS_AUTOTUNE=1, fusedloss.kernels._common.Tuned) give the
+fixed configs' results. Under the interpreter the benchmark is one wall-clock call per config
+(Triton's own needs CUDA), so this checks the wiring (configs, pruning, grids of the
+meta-parameters), not the choice. Every config's sm_90 compile is in tests/compile_check.py."""
+
+import pytest
+import torch
+
+import fusedloss as fl
+from fusedloss.testing import make_dqn_inputs, make_sp_inputs
+
+pytest.importorskip("triton")
+from fusedloss.kernels import _common, dqn as KD, sp as K  # noqa: E402
+
+
+def _both(monkeypatch, call):
+    monkeypatch.delenv(_common.AUTOTUNE_ENV, raising=False)
+    fixed = call()
+    monkeypatch.setenv(_common.AUTOTUNE_ENV, "1")
+    return fixed, call()
+
+
+def _close(a, b):
+    for x, y in zip(a, b):
+        assert torch.allclose(x.float(), y.float(), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("loss_type", ["kl-fwd", "js"])
+@pytest.mark.parametrize("max_block", [16, K.MAX_BLOCK], ids=["tiles", "one-tile"])
+def test_sp_forward_and_backward(monkeypatch, loss_type, max_block, device):
+    q, z = make_sp_inputs(5, 37, torch.float32, device, seed=1)
+    up = torch.rand(5, device=device) + 0.5
+
+    def call():
+        rows, grad, status = K.sp_fwd(q, z.detach(), loss_type, 1.0, 0.1, max_block=max_block)
+        return rows, grad, status, K.sp_bwd(grad, up, torch.float32)
+
+    fixed, tuned = _both(monkeypatch, call)
+    _close(fixed, tuned)
+    space = K._SP_FWD_LONG if max_block == 16 else K._SP_FWD_TILE
+    assert space.tuner().cache, "the autotuner never ran"
+
+
+def test_sp_wide_backward(monkeypatch, device):
+    g = torch.randn(3, K.BWD_TUNED_FROM + 5, device=device)
+    up = torch.rand(3, device=device)
+    fixed, tuned = _both(monkeypatch, lambda: (K.sp_bwd(g, up, torch.float32, 0.5),))
+    _close(fixed, tuned)
+    assert K._SP_BWD_WIDE.tuner().cache
+
+
+def test_sp_topk_tiles(monkeypatch, device):
+    z = torch.randn(4, 37, device=device)
+    idx = torch.stack([torch.randperm(37, device=device)[:6] for _ in range(4)])
+    lp = torch.log_softmax(torch.randn(4, 6, device=device), -1)
+    fixed, tuned = _both(monkeypatch, lambda: K.sp_topk_fwd(idx, lp, z, "kl-fwd", 1.0, max_block=16))
+    _close(fixed, tuned)
+    assert K._SP_TOPK_LONG.tuner().cache
+
+
+def test_dqn_backward(monkeypatch, device):
+    step, out = make_dqn_inputs(3, 6, 5, torch.float32, device, seed=2)
+    cfg = fl.DqnLossConfig(backend="triton", cql_weight=0.1, metrics_mode="lazy")
+
+    def call():
+        q = out["dqn"].detach().clone().requires_grad_(True)
+        loss, _ = fl.dqn_loss(step, {"dqn": q, "dqn_target": out["dqn_target"]}, cfg)
+        (g,) = torch.autograd.grad(loss * 1.7, q)
+        return loss, g
+
+    fixed, tuned = _both(monkeypatch, call)
+    _close(fixed, tuned)
+    assert KD._DQN_BWD.tuner().cache
+
+
+def test_off_by_default(monkeypatch):
+    monkeypatch.delenv(_common.AUTOTUNE_ENV, raising=False)
+    assert not _common.autotune_enabled()
+    monkeypatch.setenv(_common.AUTOTUNE_ENV, "1")
+    assert _common.autotune_enabled()
