@@ -164,6 +164,29 @@ def _sp_linear(rank, shard):
     _sp_linear_case(rank, shard, "linear", "js", torch.bfloat16, "mean", temperature=0.7)
     for loss_type in ("kl-fwd", "ce-soft-fwd"):
         _sp_linear_case(rank, shard, "topk", loss_type, torch.float32, "none", temperature=1.5)
+    _sp_linear_case(rank, shard, "dense", "kl-fwd", torch.bfloat16, "mean", temperature=1.3, temperature_mode="both")
+    _sp_linear_case(rank, shard, "topk", "kl-fwd", torch.bfloat16, "sum")
+
+
+def _modules(rank, shard):
+    """The registry's LM-head modules take the vocabulary group when built, as an attribute, or per
+    call, and give the functions' results."""
+    from fusedloss.testing import make_sp_linear_inputs
+
+    off, size = shard
+    rows = slice(off, off + size)
+    hidden, weight, bias, labels, _ = _inputs(torch.float32)
+    world = dist.group.WORLD
+    want = fl.linear_cross_entropy(hidden, weight[rows], labels, bias=bias[rows], label_smoothing=0.1, group=world)
+    ce = fl.build_loss({"type": "linear_cross_entropy", "params": {"label_smoothing": 0.1}})
+    assert torch.equal(ce(hidden, weight[rows], labels, bias=bias[rows], vocab_group=world), want)
+    ce.vocab_group = world
+    assert torch.equal(ce(hidden, weight[rows], labels, bias=bias[rows]), want)
+    assert torch.equal(ce(hidden, weight[rows], labels, bias=bias[rows], vocab_offset=off), want)
+    h, w, b, teacher, _ = make_sp_linear_inputs(10, 6, V, "dense", torch.float32, seed=11, bias=True)
+    want = fl.sp_linear_loss(h, w[rows], teacher[:, rows], "js", bias=b[rows], group=world)
+    sp = fl.losses.sp_linear.SpLinearLoss(fl.SpLinearLossConfig(loss_type="js"), vocab_group=world)
+    assert torch.equal(sp(h, w[rows], teacher[:, rows], bias=b[rows]), want)
 
 
 def _moe(rank, world):
@@ -456,6 +479,7 @@ def _vocab_parallel(rank, world):
     _compare(rank, shard, _ce_losses, "torch", torch.float32, {**group_kw, "vocab_offset": shard[0]})
     _errors(rank, world, shard)
     _sp_linear(rank, shard)
+    _modules(rank, shard)
     if world == 2:  # before any DistributedDataParallel: a DDP reducer alive while the device mesh forms its
         _dtensor(rank, world)  # groups aborted the process now and then (std::terminate in a native thread)
     _data_parallel(rank, world)

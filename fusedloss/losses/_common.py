@@ -219,6 +219,24 @@ class ConfigLoss(nn.Module):
         return repr(self.cfg)
 
 
+class VocabParallelLoss(ConfigLoss):
+    """A loss module over a vocabulary-sharded LM head: besides :attr:`group` (data-parallel), it
+    holds :attr:`vocab_group`, the process group the head's rows are split over, and
+    :attr:`vocab_offset` (None: derived from the shard sizes), given here, set after
+    :func:`fusedloss.build_loss`, or passed to each call."""
+
+    def __init__(self, cfg=None, group=None, vocab_group=None, vocab_offset: int | None = None):
+        super().__init__(cfg, group)
+        self.vocab_group = vocab_group
+        self.vocab_offset = vocab_offset
+
+    def _groups(self, dp_group, vocab_group, vocab_offset) -> dict:
+        """The call's group keywords: each argument, or the module's own where it is None."""
+        return {"dp_group": self.group if dp_group is None else dp_group,
+                "group": self.vocab_group if vocab_group is None else vocab_group,
+                "vocab_offset": self.vocab_offset if vocab_offset is None else vocab_offset}
+
+
 def stream_get(stream: Any, key: str, argname: str = "step_stream") -> torch.Tensor:
     """``stream[key]`` for a TensorDict or any mapping, with an error that names both."""
     if not (isinstance(stream, Mapping) or hasattr(stream, "keys")):

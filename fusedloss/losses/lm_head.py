@@ -29,7 +29,7 @@ import torch
 
 from .._dispatch import Backend, resolve_backend
 from .._families import Family, VerifyCase
-from ._common import ConfigLoss, LossConfig, check_config_common, require_float, require_same_device
+from ._common import LossConfig, VocabParallelLoss, check_config_common, require_float, require_same_device
 from ._data_parallel import check_dp, check_grad_reduction, global_counts, scale_grad
 from ._vocab_parallel import _check_replicated, resolve_vocab_shard
 from .sp import check_reduction
@@ -503,21 +503,22 @@ class LinearCrossEntropyConfig(LossConfig):
         return LinearCrossEntropyLoss(self)
 
 
-class LinearCrossEntropyLoss(ConfigLoss):
+class LinearCrossEntropyLoss(VocabParallelLoss):
     """``nn.Module`` form of :func:`linear_cross_entropy`: ``forward(hidden, weight, labels,
-    bias=None, dp_group=None)``; pass the LM head's ``weight`` (and ``bias``) so that their gradients
-    flow. The module's :attr:`group` is its data-parallel group (``dp_group``), as for every loss
-    module."""
+    bias=None, dp_group=None, vocab_group=None, vocab_offset=None)``; pass the LM head's ``weight``
+    (and ``bias``) so that their gradients flow. The module's :attr:`group` is its data-parallel
+    group (``dp_group``), as for every loss module; :attr:`vocab_group` (the function's ``group``)
+    is the group its head is split over, for a vocabulary-sharded ``weight``."""
 
     config_cls = LinearCrossEntropyConfig
 
-    def forward(self, hidden, weight, labels, bias=None, dp_group=None):
+    def forward(self, hidden, weight, labels, bias=None, dp_group=None, vocab_group=None, vocab_offset=None):
         c = self.cfg
         return linear_cross_entropy(hidden, weight, labels, bias=bias, reduction=c.reduction,
                                     label_smoothing=c.label_smoothing, z_loss=c.z_loss, ignore_index=c.ignore_index,
                                     softcap=c.softcap, shift=c.shift, chunk_size=c.chunk_size, backend=c.backend,
-                                    check_inputs=c.check_inputs, dp_group=self.group if dp_group is None else dp_group,
-                                    grad_reduction=c.grad_reduction)
+                                    check_inputs=c.check_inputs, grad_reduction=c.grad_reduction,
+                                    **self._groups(dp_group, vocab_group, vocab_offset))
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:

@@ -25,7 +25,7 @@ import torch
 from .._dispatch import Backend, resolve_backend
 from .._families import Family, VerifyCase
 from ..metrics import finalize_metrics
-from ._common import ConfigLoss, LossConfig, check_config_common, require_float, require_same_device
+from ._common import LossConfig, VocabParallelLoss, check_config_common, require_float, require_same_device
 from ._data_parallel import check_dp, check_grad_reduction, global_counts, scale_grad
 from ._vocab_parallel import _check_replicated, resolve_vocab_shard, sharded_q_star_checks, sp_sharded_rows_grad
 from .sp import (
@@ -472,20 +472,23 @@ class SpLinearLossConfig(LossConfig):
         return SpLinearLoss(self)
 
 
-class SpLinearLoss(ConfigLoss):
+class SpLinearLoss(VocabParallelLoss):
     """``nn.Module`` form of :func:`sp_linear_loss`: ``forward(hidden, weight, teacher, bias=None,
-    row_weight=None, dp_group=None)``; pass the LM head's ``weight`` (and ``bias``) so their
-    gradients flow. The module's :attr:`group` is its data-parallel group (``dp_group``)."""
+    row_weight=None, dp_group=None, vocab_group=None, vocab_offset=None)``; pass the LM head's
+    ``weight`` (and ``bias``) so their gradients flow. The module's :attr:`group` is its
+    data-parallel group (``dp_group``); :attr:`vocab_group` (the function's ``group``) is the group
+    its head is split over, for a vocabulary-sharded ``weight``."""
 
     config_cls = SpLinearLossConfig
 
-    def forward(self, hidden, weight, teacher, bias=None, row_weight=None, dp_group=None):
+    def forward(self, hidden, weight, teacher, bias=None, row_weight=None, dp_group=None, vocab_group=None,
+                vocab_offset=None):
         c = self.cfg
         return sp_linear_loss(hidden, weight, teacher, c.loss_type, c.temperature, c.label_smoothing, c.js_beta,
                               bias=bias, reduction=c.reduction, row_weight=row_weight, chunk_size=c.chunk_size,
                               backend=c.backend, check_inputs=c.check_inputs, temperature_mode=c.temperature_mode,
-                              teacher_vocab=c.teacher_vocab, dp_group=self.group if dp_group is None else dp_group,
-                              grad_reduction=c.grad_reduction)
+                              teacher_vocab=c.teacher_vocab, grad_reduction=c.grad_reduction,
+                              **self._groups(dp_group, vocab_group, vocab_offset))
 
 
 def _verify_cases(small: bool) -> list[VerifyCase]:
