@@ -529,3 +529,16 @@ params:
     assert torch.allclose(got, want, rtol=1e-5)
     with pytest.raises(ValueError, match="js_beta"):
         fl.build_loss({"type": "sp_linear", "params": {"js_beta": 0.0}})
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk", "linear"])
+def test_a_head_shard_without_group_is_named(kind):
+    """One rank's rows of a vocabulary-parallel head passed without group=, with a whole-vocabulary
+    teacher: the error says to pass group= (a plain tensor cannot say it is a shard; the teacher's
+    width, or the labels' range, can)."""
+    hidden, weight, b, teacher, _ = _linear_case(kind, 6, 4, 13, torch.float32, "cpu", True)
+    with pytest.raises(ValueError, match="shard of a vocabulary-parallel head, pass group="):
+        fl.sp_linear_loss(hidden, weight[:5], teacher, "kl-fwd", bias=b[:5], backend="torch")
+    labels = torch.tensor([0, 12, 3, 4, 1, 2])
+    with pytest.raises(ValueError, match="a vocabulary-sharded head needs group="):
+        fl.linear_cross_entropy(hidden, weight[:5], labels, backend="torch")

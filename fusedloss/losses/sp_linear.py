@@ -105,6 +105,21 @@ def free_device_memory(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+_SHARD_HINT = ("If weight is this rank's shard of a vocabulary-parallel head, pass group= (a dense or linear "
+               "teacher then comes sharded the same way; top-k ids stay global).")
+
+
+def _wider_teacher(teacher, V: int) -> bool:
+    """Whether ``teacher`` reaches past the student's ``V`` actions: a whole-vocabulary teacher
+    against a head that may be one rank's shard."""
+    if isinstance(teacher, TopKTeacher):
+        index = teacher.index
+        return isinstance(index, torch.Tensor) and index.numel() > 0 and (index.shape[-1] > V or bool((index >= V).any()))
+    if isinstance(teacher, LinearTeacher):
+        return isinstance(teacher.weight, torch.Tensor) and teacher.weight.dim() == 2 and teacher.weight.shape[0] > V
+    return isinstance(teacher, torch.Tensor) and teacher.dim() == 2 and teacher.shape[-1] > V
+
+
 def _check_teacher(teacher, hidden: torch.Tensor, V: int, loss_type: str, label_smoothing: float = 0.0,
                    V_ids: int | None = None) -> str:
     """The teacher's kind (``dense``, ``topk``, ``linear``) after its shape, dtype and device checks
@@ -413,7 +428,12 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     require_same_device({"hidden": hidden, "weight": weight, "bias": bias})
     teacher = _align_teacher(teacher, V, teacher_vocab)
     V_ids = V if shard is None else shard.vocab  # a top-k teacher's ids are global
-    kind = _check_teacher(teacher, hidden, V, loss_type, label_smoothing, V_ids)
+    try:
+        kind = _check_teacher(teacher, hidden, V, loss_type, label_smoothing, V_ids)
+    except ValueError as exc:
+        if shard is not None or teacher_vocab != "strict" or not _wider_teacher(teacher, V):
+            raise
+        raise ValueError(f"{exc} {_SHARD_HINT}") from None
     floats = [hidden, weight] + ([teacher] if kind == "dense" else [teacher.logprob] if kind == "topk" else [])
     triton_path = resolve_backend(backend, "sp", *floats) is Backend.TRITON
     check_temperature_mode(temperature_mode)
