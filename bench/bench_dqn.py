@@ -1,7 +1,7 @@
 """DQN, forward + backward per call: fused kernel (and the same captured in a CUDA graph, and under
 torch.compile: the RL-shape headline) vs the eager reference vs torch.compile(fullgraph=True) of
-the reference. Every provider calls the public
-``dqn_loss`` (input checks and lazy metrics included), so they do the same work.
+the reference. Every provider calls the public ``dqn_loss`` (input checks and lazy metrics
+included), so they do the same work.
 
 Byte model: forward reads q and the t+1 rows of q_target once and writes the gradient; backward
 reads and writes the gradient: ``5·B·S·A·b``. RL shapes are reported in µs per call and launches

@@ -63,7 +63,8 @@ def bench_sp_fwd_bwd(benchmark, loss_type, dtype, shape, provider):
         grads[:] = torch.autograd.grad(loss_fn(q, z), z)
 
     benchmark.group = f"sp {loss_type} {str(dtype)[6:]} N={N} A={A}"
-    run_benchmark(benchmark, timed_step(provider, step), byte_model="5*N*A*b (fwd: read q, z, write grad; bwd: read+write grad)",
+    run_benchmark(benchmark, timed_step(provider, step),
+                  byte_model="5*N*A*b (fwd: read q, z, write grad; bwd: read+write grad)",
                   nbytes=5 * N * A * z.element_size(), family="sp", provider=provider, loss_type=loss_type,
                   shape=f"N={N} A={A}", dtype=str(dtype)[6:])
     assert torch.isfinite(grads[0]).all()

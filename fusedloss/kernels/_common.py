@@ -48,13 +48,15 @@ class Tuned:
     """A kernel and its ``triton.autotune`` space: ``configs`` over the constexprs a launch may
     tune (tile widths) and ``num_warps``/``num_stages``, keyed on ``key`` (argument names; Triton
     adds the tensors' dtypes), and ``prune(configs, named_args, **kwargs)`` to keep those that fit
-    the shape. Called as ``tuned(grid, *args, fixed=..., **kwargs)``: ``fixed`` is the launcher's
-    own config (the tuned constexprs and ``num_warps``), used unless :func:`autotune_enabled`;
-    ``grid`` may be a function of the config's meta-parameters. Every config is compiled ahead of
-    time by ``tests/compile_check.py`` (no spills) through the kernel module's ``compile_variants``."""
+    the shape. Called as ``tuned(grid, *args, **kwargs)`` with the launcher's own config in
+    ``kwargs`` (every constexpr and ``num_warps``): launched as it is unless :func:`autotune_enabled`,
+    which drops the tuned names from it and lets the configs supply them. ``grid`` may be a function
+    of the meta-parameters. Every config is compiled ahead of time by ``tests/compile_check.py`` (no
+    spills) through the kernel module's ``compile_variants``."""
 
     def __init__(self, kernel, configs: list, key: list[str], prune=None):
         self.kernel, self.configs, self.key, self.prune = kernel, list(configs), list(key), prune
+        self.tuned_names = {"num_warps", "num_stages"}.union(*(c.kwargs for c in self.configs))
         self._tuner = None
 
     def tuner(self):
@@ -65,10 +67,10 @@ class Tuned:
                                           **extra)(self.kernel)
         return self._tuner
 
-    def __call__(self, grid, *args, fixed: dict, **kwargs):
+    def __call__(self, grid, *args, **kwargs):
         if autotune_enabled():
-            return self.tuner()[grid](*args, **kwargs)
-        return self.kernel[grid(fixed) if callable(grid) else grid](*args, **kwargs, **fixed)
+            return self.tuner()[grid](*args, **{k: v for k, v in kwargs.items() if k not in self.tuned_names})
+        return self.kernel[grid(kwargs) if callable(grid) else grid](*args, **kwargs)
 
     def variants(self, constexprs: dict, signature_of, name: str, ints: dict | None = None, configs=None):
         """An :class:`AotVariant` of every config (or of ``configs``, the ones the pruning keeps at

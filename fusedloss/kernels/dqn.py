@@ -24,8 +24,8 @@ counter, no global state), so the result is the same bit for bit on every call, 
 The gradient stays unscaled; backward multiplies it by ``grad_output / count`` in one launch.
 
 Multi-step targets (``n_step > 1`` or ``td_lambda``) add a sweep before the walk, in the same
-program (one per sequence) and so the same launch: it computes the bootstrap value ``V[t+1]`` of every transition
-(through ``h^-1`` with value rescaling) into a ``[B, S-1]`` fp32 scratch row. For the n-step
+program (one per sequence) and so the same launch: it computes the bootstrap value ``V[t+1]`` of
+every transition (through ``h^-1`` with value rescaling) into a ``[B, S-1]`` fp32 scratch row. For the n-step
 return the walk then sums a window of at most ``n_step`` transformed rewards and one of those
 values; for Peng's Q(lambda) the sweep itself runs the backward recurrence
 ``G[t] = a[t] + b[t]·G[t+1]`` from the sequence end, chunk by chunk, as a
@@ -732,8 +732,8 @@ def dqn_fwd(q, q_target, action, reward, done, weight, mask, *, gamma: float, ga
     w = as_loadable(weight) if weight is not None else reward
     m = as_loadable(mask) if mask is not None else done
     boot = torch.empty((B, S - 1), dtype=torch.float32, device=dev) if multi else td
-    sc = TdScalars(gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target, cql_weight,
-                   cql_eps, huber_delta, 0.0 if td_lambda is None else td_lambda, rescale_eps)
+    sc = TdScalars(gamma, gamma_terminal, gamma_truncated, reward_scale, reward_shift, norm_eps, norm_target,
+                   cql_weight, cql_eps, huber_delta, 0.0 if td_lambda is None else td_lambda, rescale_eps)
     _dqn_fwd_kernel[(B, n_chunks)](
         q, q_target, action, reward, done, w, m, grad, td, boot, part,
         S, A, window, t_chunk, q.stride(0), q.stride(1), q_target.stride(0), q_target.stride(1), sc,
@@ -751,7 +751,7 @@ def dqn_bwd(g: torch.Tensor, grad_output: torch.Tensor, inv_count: torch.Tensor,
     out = torch.empty(g.shape, dtype=dtype, device=g.device)
     numel = g.numel()
     _DQN_BWD(lambda meta: (cdiv(numel, meta["BLOCK"]),), g, out, grad_output.reshape(1), inv_count, numel,
-             fixed={"BLOCK": _BWD_BLOCK, "num_warps": 4})
+             BLOCK=_BWD_BLOCK, num_warps=4)
     return out
 
 

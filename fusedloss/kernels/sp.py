@@ -461,11 +461,8 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     constexprs, warps = _fwd_constexprs(loss_type, label_smoothing, A, max_block)
     args = (q, z, loss, grad, status, N, A, q.stride(0), z.stride(0), grad.stride(0), _inv_temperature(temperature),
             float(label_smoothing), float(js_beta), math.log(js_beta), math.log1p(-js_beta))
-    if constexprs["SINGLE_TILE"]:
-        _SP_FWD_TILE((cdiv(N, constexprs["ROWS"]),), *args, fixed={"num_warps": warps}, **constexprs)
-    else:
-        tile = {k: constexprs.pop(k) for k in ("ROWS", "BLOCK_A", "SINGLE_TILE")}
-        _SP_FWD_LONG(lambda meta: (cdiv(N, meta["ROWS"]),), *args, fixed={**tile, "num_warps": warps}, **constexprs)
+    space = _SP_FWD_TILE if constexprs["SINGLE_TILE"] else _SP_FWD_LONG
+    space(lambda meta: (cdiv(N, meta["ROWS"]),), *args, num_warps=warps, **constexprs)
     return loss, grad, status
 
 
@@ -513,8 +510,7 @@ def sp_topk_fwd(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, los
         if constexprs["SINGLE_TILE"]:
             _sp_topk_fwd_kernel[(N,)](*args, num_warps=warps, **constexprs)
         else:
-            tile = {k: constexprs.pop(k) for k in ("BLOCK_V", "SINGLE_TILE")}
-            _SP_TOPK_LONG((N,), *args, fixed={**tile, "num_warps": warps}, **constexprs)
+            _SP_TOPK_LONG((N,), *args, num_warps=warps, **constexprs)
     return loss, grad
 
 
@@ -527,11 +523,11 @@ def sp_bwd(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, mult: float
     out = torch.empty((N, A), dtype=dtype, device=g.device)
     block, rows = _bwd_tiles(A)
     args = (g, scale, out, N, A, g.stride(0), out.stride(0), scale.stride(0) if scale.dim() else 0, float(mult))
+    meta = {"ROWS": rows, "BLOCK_A": block, "num_warps": 4}
     if A >= BWD_TUNED_FROM:
-        _SP_BWD_WIDE(lambda meta: (cdiv(N, meta["ROWS"]), cdiv(A, meta["BLOCK_A"])), *args,
-                     fixed={"ROWS": rows, "BLOCK_A": block, "num_warps": 4})
+        _SP_BWD_WIDE(lambda m: (cdiv(N, m["ROWS"]), cdiv(A, m["BLOCK_A"])), *args, **meta)
     else:
-        _sp_bwd_kernel[(cdiv(N, rows), cdiv(A, block))](*args, ROWS=rows, BLOCK_A=block, num_warps=4)
+        _sp_bwd_kernel[(cdiv(N, rows), cdiv(A, block))](*args, **meta)
     return out
 
 
@@ -700,60 +696,65 @@ def sp_topk_fused(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, l
     return _SpTopkFwdFunction.apply(index, logprob.detach(), z, loss_type, float(temperature), mean_scale)
 
 
+def _fwd_signature(dt: str):
+    """The forward kernel's AOT signature, for constexprs ``c``, in dtype ``dt``."""
+    t = {"inv_t": "fp32", "eps": "fp32", "beta": "fp32", "log_b": "fp32", "log_1mb": "fp32", "q_ptr": f"*{dt}",
+         "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}", "status_ptr": "*i8"}
+    return lambda c: signature(_sp_fwd_kernel, t, c)
+
+
+def _topk_signature(dt: str):
+    t = {"idx_ptr": "*i64", "lp_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
+         "inv_t": "fp32"}
+    return lambda c: signature(_sp_topk_fwd_kernel, t, c)
+
+
+def _bwd_signature(c):
+    return signature(_sp_bwd_kernel, {"g_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}, c)
+
+
+def _fwd_ints(A: int) -> dict:
+    return {"N": 8192, "A": A, "stride_q": A, "stride_z": A, "stride_g": A}
+
+
+def _topk_ints(V: int) -> dict:
+    return {"V": V, "K": 64, "stride_i": 64, "stride_l": 64, "stride_z": V, "stride_g": V}
+
+
 def compile_variants():
-    """Every tile shape the launcher picks for these row lengths, in bf16 and fp32."""
-    scalars = {"inv_t": "fp32", "eps": "fp32", "beta": "fp32", "log_b": "fp32", "log_1mb": "fp32"}
+    """Every tile shape the launcher picks for these row lengths, in bf16 and fp32, then every
+    autotune config (:func:`tuned_variants`)."""
     for A in (18, 256, 4096, 32768, 131072):
         for dt in ("bf16", "fp32"):
             for code in (SpLossType.CE, SpLossType.CE_SOFT_FWD, SpLossType.JS):
                 c, warps = _fwd_constexprs(code.loss_type, 0.1, A)
-                t = {**scalars, "q_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
-                     "status_ptr": "*i8"}
-                ints = {"N": 8192, "A": A, "stride_q": A, "stride_z": A, "stride_g": A}
-                yield AotVariant(f"sp A={A} {dt} {code.loss_type}", _sp_fwd_kernel, signature(_sp_fwd_kernel, t, c),
-                                 c, warps, ints)
+                yield AotVariant(f"sp A={A} {dt} {code.loss_type}", _sp_fwd_kernel, _fwd_signature(dt)(c), c, warps,
+                                 _fwd_ints(A))
     for V in (256, 32768, 131072):
         for dt in ("bf16", "fp32"):
             c, warps = _topk_constexprs("kl-fwd", 64, V)
-            t = {"idx_ptr": "*i64", "lp_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
-                 "inv_t": "fp32"}
-            ints = {"V": V, "K": 64, "stride_i": 64, "stride_l": 64, "stride_z": V, "stride_g": V}
-            yield AotVariant(f"sp top-k A={V} {dt} k=64", _sp_topk_fwd_kernel, signature(_sp_topk_fwd_kernel, t, c),
-                             c, warps, ints)
+            yield AotVariant(f"sp top-k A={V} {dt} k=64", _sp_topk_fwd_kernel, _topk_signature(dt)(c), c, warps,
+                             _topk_ints(V))
     block, rows = _bwd_tiles(131072)
     c = {"ROWS": rows, "BLOCK_A": block}
-    t = {"g_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}
-    yield AotVariant("sp backward", _sp_bwd_kernel, signature(_sp_bwd_kernel, t, c), c, 4)
+    yield AotVariant("sp backward", _sp_bwd_kernel, _bwd_signature(c), c, 4)
     yield from tuned_variants()
 
 
 def tuned_variants():
     """Every autotune config, where it can run: js with smoothing (the most live values) in bf16
     and fp32 for the forward's spaces (the one-tile space at the row lengths whose pruning keeps
-    more than the launcher's own warps), kl-fwd for the top-k kernel's, bf16 for the backward's."""
-    scalars = {"inv_t": "fp32", "eps": "fp32", "beta": "fp32", "log_b": "fp32", "log_1mb": "fp32"}
+    more than the launcher's own warps), kl-fwd for the top-k kernel's, bf16 for the backward's.
+    A config's constexprs override the launcher's."""
     for dt in ("bf16", "fp32"):
-        t = {**scalars, "q_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
-             "status_ptr": "*i8"}
-        sig = lambda c, t=t: signature(_sp_fwd_kernel, t, c)  # noqa: E731
         for A in (18, 256, 1024, 4096):
             c, _ = _fwd_constexprs("js", 0.1, A)
             kept = _warps_for_the_tile(_SP_FWD_TILE.configs, {"A": A}, **c)
-            ints = {"N": 8192, "A": A, "stride_q": A, "stride_z": A, "stride_g": A}
-            yield from _SP_FWD_TILE.variants(c, sig, f"sp A={A} {dt} js tuned", ints, kept)
+            yield from _SP_FWD_TILE.variants(c, _fwd_signature(dt), f"sp A={A} {dt} js tuned", _fwd_ints(A), kept)
         c, _ = _fwd_constexprs("js", 0.1, 131072)
-        for k in ("ROWS", "BLOCK_A", "SINGLE_TILE"):
-            c.pop(k)
-        ints = {"N": 8192, "A": 131072, "stride_q": 131072, "stride_z": 131072, "stride_g": 131072}
-        yield from _SP_FWD_LONG.variants(c, sig, f"sp A=131072 {dt} js tuned", ints)
+        yield from _SP_FWD_LONG.variants(c, _fwd_signature(dt), f"sp A=131072 {dt} js tuned", _fwd_ints(131072))
         c, _ = _topk_constexprs("kl-fwd", 64, 131072)
-        c.pop("BLOCK_V"), c.pop("SINGLE_TILE")
-        t = {"idx_ptr": "*i64", "lp_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
-             "inv_t": "fp32"}
-        yield from _SP_TOPK_LONG.variants(c, lambda c, t=t: signature(_sp_topk_fwd_kernel, t, c),
-                                          f"sp top-k A=131072 {dt} k=64 tuned",
-                                          {"V": 131072, "K": 64, "stride_i": 64, "stride_l": 64, "stride_z": 131072,
-                                           "stride_g": 131072})
-    t = {"g_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}
-    yield from _SP_BWD_WIDE.variants({}, lambda c: signature(_sp_bwd_kernel, t, c), "sp backward tuned",
-                                     {"N": 8192, "A": 131072, "stride_g": 131072, "stride_o": 131072, "stride_s": 1})
+        yield from _SP_TOPK_LONG.variants(c, _topk_signature(dt), f"sp top-k A=131072 {dt} k=64 tuned",
+                                          _topk_ints(131072))
+    ints = {"N": 8192, "A": 131072, "stride_g": 131072, "stride_o": 131072, "stride_s": 1}
+    yield from _SP_BWD_WIDE.variants({}, _bwd_signature, "sp backward tuned", ints)

@@ -33,7 +33,7 @@ from ._common import LossConfig, VocabParallelLoss, check_config_common, require
 from ._data_parallel import check_dp, check_grad_reduction, global_counts, scale_grad
 from ._vocab_parallel import _check_replicated, resolve_vocab_shard
 from .sp import check_reduction
-from .sp_linear import default_chunk_size, free_device_memory
+from .sp_linear import default_chunk_rows
 
 __all__ = ["linear_logprob", "linear_cross_entropy", "LinearCrossEntropyConfig", "LinearCrossEntropyLoss"]
 
@@ -339,9 +339,7 @@ def _flat_rows(hidden, weight, labels, shard, ignore_index: int, chunk_size, bac
         _check_labels(y, valid, weight.shape[0] if shard is None else shard.vocab, shard is not None)
         if shard is not None:
             _check_replicated(h, shard, "hidden")
-    # a vocabulary shard ignores the free memory, which differs between ranks: every rank runs the same chunks
-    chunk = chunk_size or (default_chunk_size(h.shape[0], weight.shape[0], h.shape[1], free_device_memory(h.device))
-                           if shard is None else default_chunk_size(h.shape[0], shard.max_rows, h.shape[1]))
+    chunk = chunk_size or default_chunk_rows(h.shape[0], weight.shape[0], h.shape[1], h.device, shard)
     triton_path = h.shape[0] > 0 and resolve_backend(backend, "lm_head", hidden, weight) is Backend.TRITON
     return h, y, valid, chunk, triton_path
 
@@ -359,7 +357,7 @@ def linear_logprob(hidden, weight, labels, *, bias=None, temperature: float = 1.
     upstream gradients on both outputs (``dz = g_lp·(onehot - s) - g_H·s·(log s + H)``, times the
     softcap and temperature factors) and recomputes each chunk's logits rather than saving them.
     Works under ``torch.no_grad()`` (rollouts). ``chunk_size``: rows per chunk (default
-    :func:`fusedloss.losses.sp_linear.default_chunk_size`). ``check_inputs`` checks the labels' range with one host
+    :func:`fusedloss.losses.sp_linear.default_chunk_rows`). ``check_inputs`` checks the labels' range with one host
     sync; ``False`` skips it (an out-of-range label then gives NaN, never an out-of-bounds read).
 
     **Vocabulary parallel.** With ``group=`` (a ``torch.distributed`` process group), ``weight``
@@ -483,7 +481,7 @@ class LinearCrossEntropyConfig(LossConfig):
     shift: bool = False
     """Pair ``hidden[:, t]`` with ``labels[:, t+1]`` (``[B, T, H]`` and ``[B, T]`` inputs)."""
     chunk_size: int | None = None
-    """Rows per chunk, or None for :func:`fusedloss.losses.sp_linear.default_chunk_size`."""
+    """Rows per chunk, or None for :func:`fusedloss.losses.sp_linear.default_chunk_rows`."""
     backend: str = "auto"
     """``"auto"`` (the fused kernels on CUDA, else the reference), ``"triton"`` (the kernels or a clear error) or ``"torch"`` (the reference)."""
     check_inputs: bool = True

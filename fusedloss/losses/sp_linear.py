@@ -48,8 +48,8 @@ from .sp import (
     vocab_mismatch_hint,
 )
 
-__all__ = ["TopKTeacher", "LinearTeacher", "sp_linear_loss", "default_chunk_size", "free_device_memory",
-           "SpLinearLossConfig", "SpLinearLoss"]
+__all__ = ["TopKTeacher", "LinearTeacher", "sp_linear_loss", "default_chunk_size", "default_chunk_rows",
+           "free_device_memory", "SpLinearLossConfig", "SpLinearLoss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +105,16 @@ def free_device_memory(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def default_chunk_rows(N: int, V: int, H: int, device: torch.device, shard=None) -> int:
+    """The chunk a fused-linear loss takes when none is given: :func:`default_chunk_size` of the
+    head's ``V`` rows and the free device memory, or, on a vocabulary shard, of the group's largest
+    shard and the shape alone (free memory differs between ranks; every rank must run the same
+    chunks, and so the same collectives)."""
+    if shard is not None:
+        return default_chunk_size(N, shard.max_rows, H)
+    return default_chunk_size(N, V, H, free_device_memory(device))
+
+
 _SHARD_HINT = ("If weight is this rank's shard of a vocabulary-parallel head, pass group= (a dense or linear "
                "teacher then comes sharded the same way; top-k ids stay global).")
 
@@ -114,7 +124,9 @@ def _wider_teacher(teacher, V: int) -> bool:
     against a head that may be one rank's shard."""
     if isinstance(teacher, TopKTeacher):
         index = teacher.index
-        return isinstance(index, torch.Tensor) and index.numel() > 0 and (index.shape[-1] > V or bool((index >= V).any()))
+        if not isinstance(index, torch.Tensor) or index.numel() == 0:
+            return False
+        return index.shape[-1] > V or bool((index >= V).any())  # a sync, on the way to an error only
     if isinstance(teacher, LinearTeacher):
         return isinstance(teacher.weight, torch.Tensor) and teacher.weight.dim() == 2 and teacher.weight.shape[0] > V
     return isinstance(teacher, torch.Tensor) and teacher.dim() == 2 and teacher.shape[-1] > V
@@ -363,7 +375,7 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     a top-k teacher; ``temperature``, ``label_smoothing`` and ``js_beta`` mean what they mean in
     the sp losses. ``row_weight``: optional ``[N]`` factor of each row's loss; a row of weight 0
     adds nothing (the padding and prompt mask). ``reduction``: ``"mean"`` (over ``N``), ``"sum"``,
-    ``"none"`` (``[N]``). ``chunk_size``: rows per chunk (default :func:`default_chunk_size`).
+    ``"none"`` (``[N]``). ``chunk_size``: rows per chunk (default :func:`default_chunk_rows`).
     Gradients flow to ``hidden``, ``weight`` and ``bias``; the teacher gets none. The loss is fp32
     (fp64 for fp64 inputs); gradients come back in their inputs' dtypes. ``check_inputs`` checks a
     dense or top-k teacher's values with one host sync, as the sp helpers do; pass ``False`` for a
@@ -420,9 +432,8 @@ def sp_linear_loss(hidden, weight, teacher, loss_type: str, temperature: float =
     check_row_weight(row_weight, hidden, "row_weight", "hidden")
     if row_weight is not None:
         row_weight = row_weight.detach()
-    if chunk_size is None:  # from the largest shard and not the free memory: the same chunks, and collectives, on every rank
-        chunk_size = (default_chunk_size(N, V, H, free_device_memory(hidden.device)) if shard is None
-                      else default_chunk_size(N, shard.max_rows, H))
+    if chunk_size is None:
+        chunk_size = default_chunk_rows(N, V, H, hidden.device, shard)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
     require_same_device({"hidden": hidden, "weight": weight, "bias": bias})
@@ -465,7 +476,7 @@ class SpLinearLossConfig(LossConfig):
     reduction: str = "mean"
     """``"mean"`` (over rows), ``"sum"`` or ``"none"``."""
     chunk_size: int | None = None
-    """Rows per chunk, or None for :func:`default_chunk_size`."""
+    """Rows per chunk, or None for :func:`default_chunk_rows`."""
     backend: str = "auto"
     """``"auto"`` (the fused kernel on CUDA where one exists, else the reference), ``"triton"`` (the kernel or a clear error) or ``"torch"`` (the reference)."""
     check_inputs: bool = True
