@@ -195,7 +195,8 @@ def _textbook_dqn(step, out, gamma):
 
 def reference_vs_textbook(repeat: int, B: int = 32, S: int = 80, A: int = 18) -> dict:
     """``dqn_loss(backend="torch")`` (the path CPU users get, metrics included, lazy) against
-    :func:`_textbook_dqn` at an RL shape: aten ops and the median host µs of fwd+bwd, on one thread."""
+    :func:`_textbook_dqn` at an RL shape: aten ops and the median host µs of fwd+bwd, on one thread,
+    the two calls interleaved."""
     from fusedloss.testing import make_dqn_inputs
 
     step, out = make_dqn_inputs(B, S, A, seed=0)
@@ -203,17 +204,20 @@ def reference_vs_textbook(repeat: int, B: int = 32, S: int = 80, A: int = 18) ->
     calls = {"fusedloss reference": lambda: fl.dqn_loss(step, out, cfg)[0],
              "textbook": lambda: _textbook_dqn(step, out, cfg.gamma)}
     result = {"shape": f"B={B} S={S} A={A}"}
+    times = {name: [] for name in calls}
     for name, call in calls.items():
         with _Recorder() as rec:
             call().backward()
         out["dqn"].grad = None
-        times = []
-        for _ in range(repeat):
+        result[name] = {"aten ops": sum(rec.ops.values())}
+    for _ in range(repeat):  # interleaved, so that the machine's drift falls on both alike
+        for name, call in calls.items():
             start = time.perf_counter()
             call().backward()
-            times.append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - start)
             out["dqn"].grad = None
-        result[name] = {"aten ops": sum(rec.ops.values()), "host us": 1e6 * statistics.median(times) if times else None}
+    for name in calls:
+        result[name]["host us"] = 1e6 * statistics.median(times[name]) if repeat else None
     return result
 
 

@@ -186,3 +186,63 @@ def test_tensordict_step_stream():
     loss_td, _ = fl.dqn_loss(td_step, td_out, fl.DqnLossConfig(backend="torch"))
     loss, _ = fl.dqn_loss(step, out, fl.DqnLossConfig(backend="torch"))
     assert torch.equal(loss_td, loss)
+
+
+DONE_DTYPES = [torch.bool, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DONE_DTYPES, ids=str)
+def test_reference_done_dtypes(dtype):
+    """The reference reads each ``done`` dtype as the same discounts (a uint8 index is not a mask)."""
+    step, out = make_dqn_inputs(3, 6, 5, torch.float64, seed=4)
+    if dtype == torch.bool:
+        step["done"] = step["done"].clamp(max=1)
+    step["done"] = step["done"].to(dtype)
+    cfg = fl.DqnLossConfig(backend="torch", gamma=0.9, gamma_terminal=0.1, gamma_truncated=0.95)
+    loss, _ = fl.dqn_loss(step, out, cfg)
+    assert loss.item() == pytest.approx(independent_dqn(step, out, cfg)[0], rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype, bad", [(torch.uint8, 3), (torch.int16, -1), (torch.int32, 7), (torch.int64, -5),
+                                        (torch.float32, 0.5), (torch.float64, float("nan"))], ids=str)
+@pytest.mark.parametrize("mode", ["float", "lazy"])
+def test_reference_done_out_of_range_is_named(dtype, bad, mode):
+    step, out = make_dqn_inputs(2, 5, 4, torch.float32, seed=5)
+    step["done"] = step["done"].to(dtype)
+    step["done"][1, 3] = bad
+    cfg = fl.DqnLossConfig(backend="torch", metrics_mode=mode)
+    match = r"step_stream\['done'\] holds a value outside \{0, 1, 2\}"
+    if mode == "float":
+        with pytest.raises(ValueError, match=match):
+            fl.dqn_loss(step, out, cfg)
+        return
+    loss, metrics = fl.dqn_loss(step, out, cfg)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=match):
+        metrics["dqn_loss"]
+
+
+@pytest.mark.parametrize("cls", [fl.DqnLossConfig, fl.VecDqnLossConfig])
+def test_reward_config_is_checked_when_built_and_changed(cls):
+    """The reward transform's values are a config check, not a per-call one."""
+    with pytest.raises(ValueError, match="normalize_reward_eps must be > 0"):
+        cls(normalize_reward_std=True, normalize_reward_eps=0.0)
+    cfg = cls(normalize_reward_std=True)
+    with pytest.raises(ValueError, match="reward_scale must be a finite number"):
+        cfg.reward_scale = float("inf")
+    assert cfg.reward_scale == 1.0
+
+
+def test_discount_table_is_copied_once():
+    """The discounts reach the device once per (config values, dtype, device): no per-call copy
+    (which a CUDA graph could not capture), and each exactly as given."""
+    from fusedloss.losses import _common
+
+    step, out = make_dqn_inputs(2, 5, 4, torch.float32, seed=6)
+    cfg = fl.DqnLossConfig(backend="torch", gamma=0.9, gamma_terminal=0.1, gamma_truncated=0.3)
+    fl.dqn_loss(step, out, cfg)
+    table = _common.discount_table(0.9, 0.1, 0.3, torch.float32, torch.device("cpu"))
+    fl.dqn_loss(step, out, cfg)
+    assert _common.discount_table(0.9, 0.1, 0.3, torch.float32, torch.device("cpu")) is table
+    assert torch.equal(table, torch.tensor([0.9, 0.1, 0.3]))
+    assert _common.discount_table(0.9, 0.1, 0.3, torch.float64, torch.device("cpu")).tolist() == [0.9, 0.1, 0.3]

@@ -241,9 +241,8 @@ def stream_get(stream: Any, key: str, argname: str = "step_stream") -> torch.Ten
     """``stream[key]`` for a TensorDict or any mapping, with an error that names both."""
     if not (isinstance(stream, Mapping) or hasattr(stream, "keys")):
         raise TypeError(f"{argname} must be a TensorDict or a mapping of names to tensors, got {type(stream).__name__}.")
-    keys = list(stream.keys())
-    if key not in keys:
-        raise KeyError(f"{argname} has no key {key!r} (it has {sorted(map(str, keys))}).")
+    if key not in stream.keys():  # keys(): a TensorDict has no `in` of its own
+        raise KeyError(f"{argname} has no key {key!r} (it has {sorted(map(str, stream.keys()))}).")
     value = stream[key]
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{argname}[{key!r}] must be a torch.Tensor, got {type(value).__name__}.")
@@ -260,9 +259,9 @@ def require_float(t: torch.Tensor, name: str) -> None:
 def require_same_device(tensors: Mapping[str, torch.Tensor | None]) -> None:
     """Raise ``ValueError`` naming the arguments when the given tensors (None skipped) are not all
     on one device."""
-    present = {name: t for name, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
+    devices = {t.device for t in tensors.values() if t is not None}
     if len(devices) > 1:
+        present = {name: t for name, t in tensors.items() if t is not None}
         listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
         raise ValueError(f"all tensors must be on one device, got {listing}.")
 
@@ -330,17 +329,47 @@ def check_done(t: torch.Tensor, shape: tuple[int, ...], form: str) -> None:
         raise TypeError(f"{DONE_NAME} must hold 0 (running), 1 (terminal) or 2 (truncated), got {t.dtype}.")
 
 
-def split_done(t: torch.Tensor):
-    """A checked ``done`` (:func:`check_done`) as (terminal, truncated) bool masks plus a flag for
-    values outside {0, 1, 2} in the used steps ``[:, 1:]``."""
-    if t.dtype == torch.bool:  # 0 or 1: never out of range, never truncated
-        return t, torch.zeros_like(t), torch.zeros((), dtype=torch.bool, device=t.device)
+def done_codes(t: torch.Tensor):
+    """A checked ``done`` (:func:`check_done`)'s used steps ``[:, 1:]`` as int64 indices in {0, 1,
+    2} (running, terminal, truncated) into a table of discounts (:func:`discount_table`), and a
+    device flag for values outside {0, 1, 2}, or None where none can be (bool). Integers cost one
+    clamp and one compare: an out-of-range value reads the clamped entry, and the flag names it."""
     u = t[:, 1:]
+    if t.dtype == torch.bool:  # 0 or 1: never out of range, never truncated
+        return u.long(), None
     if t.is_floating_point():
-        bad = ~((u == 0) | (u == 1) | (u == 2))  # 0.5 and NaN too
-    else:
-        bad = (u < 0) | (u > 2)
-    return t == 1, t == 2, bad.any()
+        ok = (u == 0) | (u == 1) | (u == 2)  # 0.5 and NaN are not
+        return torch.where(ok, u, 0).long(), ~ok.all()
+    codes = u.clamp(0, 2)
+    return codes.long(), (codes != u).any()
+
+
+_DISCOUNT_TABLES: dict = {}
+
+
+def discount_table(gamma: float, gamma_terminal: float, gamma_truncated: float, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """``[gamma, gamma_terminal, gamma_truncated]`` in ``dtype`` on ``device``, indexed by
+    :func:`done_codes`: each discount exactly as given (rounded once to ``dtype``), one ``take`` per
+    call, and one host-to-device copy per (config values, dtype, device), not one per call (so a
+    CUDA graph captured after a warm-up step copies nothing). Under ``torch.compile`` the table is
+    a constant of the graph."""
+    values = [gamma, gamma_terminal, gamma_truncated]
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (gamma, gamma_terminal, gamma_truncated, dtype, device)
+    table = _DISCOUNT_TABLES.get(key)
+    if table is None:
+        if len(_DISCOUNT_TABLES) >= 64:  # configs swept in one process: bounded
+            _DISCOUNT_TABLES.clear()
+        table = _DISCOUNT_TABLES[key] = torch.tensor(values, dtype=dtype, device=device)
+    return table
+
+
+def bootstrapped(reward: torch.Tensor, coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``reward + coef·value``, and exactly ``reward`` where ``coef`` is 0: a zero discount never
+    reads its bootstrap value, even a -inf (every action illegal after a terminal) or a NaN."""
+    return torch.where(coef == 0, reward, torch.addcmul(reward, coef, value))
 
 
 def reward_tensor(stream: Any, use_xformed: bool, shape: tuple[int, ...], form: str) -> torch.Tensor:
@@ -409,7 +438,9 @@ def reward_kernel_args(cfg: Any) -> dict:
                 norm_eps=float(cfg.normalize_reward_eps), norm_target=float(cfg.normalize_reward_std_target))
 
 
-def check_reward_config(cfg: Any, S: int) -> None:
+def check_reward_config(cfg: Any) -> None:
+    """The reward transform's values (a config's :meth:`~LossConfig.check_values`: checked when the
+    config is built or changed, not per call)."""
     for name in ("reward_scale", "reward_shift", "normalize_reward_std_target"):
         check_finite_number(getattr(cfg, name), name)
     if not (math.isfinite(cfg.normalize_reward_eps) and cfg.normalize_reward_eps >= 0):
@@ -417,6 +448,10 @@ def check_reward_config(cfg: Any, S: int) -> None:
     if cfg.normalize_reward_std and cfg.normalize_reward_eps == 0:
         raise ValueError("normalize_reward_eps must be > 0 with normalize_reward_std=True: a sequence of constant "
                          "rewards has std 0, and 0/0 would make its rewards NaN.")
+
+
+def check_reward_steps(cfg: Any, S: int) -> None:
+    """The per-call part of the reward transform's checks: its std needs two transitions."""
     if cfg.normalize_reward_std and S < 3:
         raise ValueError(
             f"normalize_reward_std needs at least 2 transitions per sequence (S >= 3) for an "

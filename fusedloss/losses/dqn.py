@@ -22,10 +22,14 @@ from ._common import (
     check_index,
     check_loss_config,
     check_positive,
+    bootstrapped,
     check_reward_config,
+    check_reward_steps,
     clamp_index,
     compute_dtype,
+    discount_table,
     discounted,
+    done_codes,
     masked,
     require_float,
     require_same_device,
@@ -33,7 +37,6 @@ from ._common import (
     reward_kernel_args,
     reward_tensor,
     safe_scale,
-    split_done,
     stream_get,
     transform_rewards,
 )
@@ -147,6 +150,7 @@ class DqnLossConfig(LossConfig):
         if self.td_loss not in TD_LOSSES:
             raise ValueError(f"td_loss must be one of {TD_LOSSES}, got {self.td_loss!r}.")
         check_positive(self.huber_delta, "huber_delta")
+        check_reward_config(self)
         check_config_common(self.backend, self.metrics_mode)
 
     def build(self) -> DqnLoss:
@@ -154,14 +158,15 @@ class DqnLossConfig(LossConfig):
         return DqnLoss(self)
 
 
-def _td_target(rewards, discount, next_v, running, m, cfg: DqnLossConfig) -> torch.Tensor:
+def _td_target(rewards, discount, next_v, done, m, cfg: DqnLossConfig) -> torch.Tensor:
     """The detached target of every transition ``[B, S-1]`` from the transformed rewards, discounts,
-    bootstrap values ``V[t+1]``, ``running`` (``done[t+1] == 0``) and the 0/1 validity ``m``."""
+    bootstrap values ``V[t+1]``, the :func:`done_codes` of ``done[t+1]`` and the 0/1 validity ``m``."""
     if cfg.value_rescaling:
         next_v = value_rescale_inverse(next_v, cfg.value_rescaling_eps)
     if cfg.n_step == 1 and cfg.td_lambda is None:
-        target = rewards + discounted(discount, next_v)
+        target = bootstrapped(rewards, discount, next_v)
     else:
+        running = done == 0
         valid = torch.ones_like(running) if m is None else m > 0
         if cfg.td_lambda is None:
             target = _n_step_target(rewards, discount, next_v, running, valid, cfg.n_step, cfg.gamma)
@@ -184,9 +189,14 @@ def _q_stats(x: torch.Tensor, m: torch.Tensor | None):
         mean, std = _masked_moments(x, m)
         return (mean, std, torch.where(m > 0, x, float("inf")).amin(), torch.where(m > 0, x, float("-inf")).amax())
     lo, hi = x.aminmax()
-    scale = safe_scale(torch.maximum(hi, -lo))  # max |x|; NaN or inf: 1
     if x.numel() == 1:  # the std of one entry is 0, not NaN; NaN where it is NaN or infinite, as the kernel's
         return x.reshape(()), (x - x).reshape(()), lo, hi
+    if x.dtype != torch.float64 and x.device.type != "mps":
+        # fp64 holds every sum and square of narrower values: no scaling needed (a sum, not
+        # std_mean's running mean: an infinite value makes the mean infinite, as the kernel's sum)
+        xd = x.double()
+        return xd.mean().to(x.dtype), xd.std().to(x.dtype), lo, hi
+    scale = safe_scale(torch.maximum(hi, -lo))  # max |x|; NaN or inf: 1
     xs = x / scale
     # a sum, not std_mean's running mean: an infinite value makes the mean infinite, as the kernel's sum
     return xs.mean() * scale, xs.std() * scale, lo, hi
@@ -289,24 +299,25 @@ def dqn_reference(
     q_target: torch.Tensor,
     action: torch.Tensor,
     reward: torch.Tensor,
-    terminal: torch.Tensor,
-    truncated: torch.Tensor,
+    done: torch.Tensor,
     cfg: DqnLossConfig,
     weight: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ):
     """The PyTorch reference on validated inputs.
 
-    ``q``, ``q_target``: ``[B, S, A]``; ``action`` int64 in ``[0, A)``, ``reward``, ``terminal``,
-    ``truncated`` (bool), ``weight`` and ``mask`` (bool): ``[B, S]``. Returns
-    ``(loss, named_metrics, td_abs_error)``; the loss is fp32 (fp64 for fp64 inputs).
+    ``q``, ``q_target``: ``[B, S, A]``; ``action`` int64 in ``[0, A)``, ``reward``, ``weight``
+    and ``mask`` (bool): ``[B, S]``; ``done``: the used steps' ``[B, S-1]``
+    :func:`~fusedloss.losses._common.done_codes`. Returns ``(loss, named_metrics, td_abs_error)``
+    (``td_abs_error`` None unless ``cfg.return_td_error``); the loss is fp32 (fp64 for fp64 inputs).
+    Without a mask, weights or CQL, the loss is one ``mse_loss`` or ``huber_loss``: the fewest
+    ops for the RL shapes, where each op's host cost is the time.
     """
     cd = compute_dtype(q, q_target)
     q = q.to(cd)
     curr_q = q[:, :-1]
     next_q_target = q_target[:, 1:].to(cd)
     a = action[:, 1:]
-    term, trunc = terminal[:, 1:], truncated[:, 1:]
     m = None if mask is None else (mask[:, :-1] & mask[:, 1:]).to(cd)
     # Masked transitions must not reach the loss or the gradient, not even as 0·NaN in a backward:
     # their q rows, targets and weights are replaced by zeros before anything is computed on them.
@@ -319,18 +330,21 @@ def dqn_reference(
     else:
         next_v = next_q_target.amax(dim=-1)
     rewards = transform_rewards(reward[:, 1:].to(cd), cfg, m)
-    if cd == torch.float32:  # each discount exactly as given: a select of the fp32 scalars
-        discount = torch.where(term, cfg.gamma_terminal, torch.where(trunc, cfg.gamma_truncated, cfg.gamma))
-    else:  # where() of Python scalars is fp32: the fp64 path selects in arithmetic, exact for 0/1 masks
-        t, u = term.to(cd), trunc.to(cd)
-        discount = cfg.gamma * (1.0 - t - u) + cfg.gamma_terminal * t + cfg.gamma_truncated * u
-    td_target = masked(_td_target(rewards, discount, next_v.detach(), ~(term | trunc), m, cfg), m)
+    table = discount_table(float(cfg.gamma), float(cfg.gamma_terminal), float(cfg.gamma_truncated), cd, q.device)
+    discount = table.take(done)  # each discount exactly as given
+    td_target = masked(_td_target(rewards, discount, next_v.detach(), done, m, cfg), m)
 
-    diff = q_values - td_target
-    if cfg.td_loss == "huber":
+    huber = cfg.td_loss == "huber"
+    if m is None and weight is None and cfg.cql_weight == 0.0:
+        # the aten ops themselves (reduction 1: the mean): F's wrappers add a broadcast_tensors call per step
+        reduced = (torch.ops.aten.huber_loss.default(q_values, td_target, 1, cfg.huber_delta) if huber
+                   else torch.ops.aten.mse_loss.default(q_values, td_target, 1))
+        return reduced, _reference_metrics(q_values, td_target, reduced, None, None), _td_abs(q_values, td_target, m, cfg)
+    if huber:
         per = F.huber_loss(q_values, td_target, reduction="none", delta=cfg.huber_delta)
     else:
-        per = diff**2
+        per = (q_values - td_target) ** 2
+    cql_penalty = None
     if cfg.cql_weight > 0.0:
         q_scale = td_target.abs() + cfg.cql_scale_q_eps
         cql_penalty = curr_q.logsumexp(dim=-1) - q_values
@@ -339,7 +353,10 @@ def dqn_reference(
         per = per * masked(weight[:, 1:].detach().to(cd), m)  # importance weights are constants, as in the kernel
 
     loss = per.mean() if m is None else masked(per, m).sum() / m.sum()
+    return loss, _reference_metrics(q_values, td_target, loss, cql_penalty, m), _td_abs(q_values, td_target, m, cfg)
 
+
+def _reference_metrics(q_values, td_target, loss, cql_penalty, m) -> dict[str, torch.Tensor]:
     q_mean, q_std, q_min, q_max = _q_stats(q_values.detach(), m)
     named = {
         "q_values_mean": q_mean,
@@ -349,9 +366,14 @@ def dqn_reference(
         "q_values_target": _masked_mean(td_target, m),
         "dqn_loss": loss.detach(),
     }
-    if cfg.cql_weight > 0.0:
+    if cql_penalty is not None:
         named["cql_penalty"] = _masked_mean(cql_penalty.detach(), m)
-    return loss, named, masked(diff.detach().abs(), m)
+    return named
+
+
+def _td_abs(q_values, td_target, m, cfg: DqnLossConfig):
+    """``|TD error|`` (0 at invalid transitions) where the config asks for it, else None."""
+    return masked((q_values.detach() - td_target).abs(), m) if cfg.return_td_error else None
 
 
 def _kernel_scalars(cfg: DqnLossConfig) -> dict:
@@ -412,7 +434,7 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None, group
         raise ValueError(f"out['dqn'] is empty: got shape [B, S, A] = {tuple(q.shape)}.")
     if S < 2:
         raise ValueError(f"dqn_loss needs S >= 2 steps per sequence to form a transition, got S = {S}.")
-    check_reward_config(cfg, S)
+    check_reward_steps(cfg, S)
     action = stream_get(step_stream, "action")
     check_index(action, "step_stream['action']", (B, S), "[B, S]")
     done = stream_get(step_stream, "done")
@@ -454,13 +476,13 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None, group
                                           extra_checks=group_checks)
     else:
         action, bad_action = clamp_index(action, A, slice(1, None))
-        terminal, truncated, bad_done = split_done(done)
-        checks = [(bad_action, msg_action), (bad_done, msg_done)]
+        codes, bad_done = done_codes(done)
+        checks = [(bad_action, msg_action)] + ([] if bad_done is None else [(bad_done, msg_done)])
         # the valid transitions: the local check (without a group), the share (with one), the metrics' weight
         n_valid = B * (S - 1) if mask is None else (mask[:, :-1] & mask[:, 1:]).sum()
         if local_mask_check:
             checks.append((n_valid == 0, msg_mask))
-        loss, named, td_abs = dqn_reference(q, q_target, action, reward, terminal, truncated, cfg, weight, mask)
+        loss, named, td_abs = dqn_reference(q, q_target, action, reward, codes, cfg, weight, mask)
         share, group_checks = _dp_loss(loss, n_valid, group, cfg, mask is not None, msg_mask)
         metrics = finalize_metrics(named, checks + group_checks, cfg.metrics_mode, count=n_valid)
     loss = share

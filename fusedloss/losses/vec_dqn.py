@@ -19,6 +19,7 @@ from ._common import (
     check_loss_config,
     check_index,
     check_reward_config,
+    check_reward_steps,
     clamp_index,
     compute_dtype,
     require_float,
@@ -72,6 +73,7 @@ class VecDqnLossConfig(LossConfig):
     def check_values(self) -> None:
         check_config_common(self.backend, self.metrics_mode)
         check_grad_reduction(self.grad_reduction)
+        check_reward_config(self)
 
     def build(self) -> VecDqnLoss:
         """The :class:`VecDqnLoss` of this config (the registry's factory interface)."""
@@ -166,7 +168,7 @@ def vec_dqn_loss(step_stream: Any, online_vecs: torch.Tensor, target_vecs: torch
     if S < 2:
         raise ValueError(f"vec_dqn_loss needs S >= 2 steps per sequence, got S = {S}.")
     check_even_d(online_vecs, "online_vecs")
-    check_reward_config(cfg, S)
+    check_reward_steps(cfg, S)
     action = stream_get(step_stream, "action")
     check_index(action, "step_stream['action']", (B, S), "[B, S]")
     reward = reward_tensor(step_stream, cfg.use_xformed_reward, (B, S), "[B, S]")
