@@ -310,6 +310,14 @@ def clamp_index(t: torch.Tensor, upper: int, used: slice = slice(None)):
     return clamped, (clamped[:, used] != idx[:, used]).any()
 
 
+def used_index(t: torch.Tensor, upper: int):
+    """``t[:, 1:]``, the used steps of a ``[B, S]`` index (step 0's is never read), as int64
+    clamped to ``[0, upper)``, and a device flag: any of them out of range."""
+    idx = t[:, 1:].long()
+    clamped = idx.clamp(0, upper - 1)
+    return clamped, (clamped != idx).any()
+
+
 def index_tensor(t: torch.Tensor, name: str, shape: tuple[int, ...], form: str, upper: int,
                  used: slice = slice(None)):
     """Validate an integer index tensor; return it clamped to ``[0, upper)`` and the range flag."""

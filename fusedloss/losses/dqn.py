@@ -16,16 +16,15 @@ from ..metrics import finalize_buffer_metrics, finalize_metrics
 from ._common import (
     ConfigLoss,
     LossConfig,
+    bootstrapped,
     check_config_common,
     check_done,
     check_finite_number,
     check_index,
     check_loss_config,
     check_positive,
-    bootstrapped,
     check_reward_config,
     check_reward_steps,
-    clamp_index,
     compute_dtype,
     discount_table,
     discounted,
@@ -39,6 +38,7 @@ from ._common import (
     safe_scale,
     stream_get,
     transform_rewards,
+    used_index,
 )
 from ._data_parallel import check_dp, check_grad_reduction, dp_share, global_counts, scale_grad
 
@@ -306,8 +306,9 @@ def dqn_reference(
 ):
     """The PyTorch reference on validated inputs.
 
-    ``q``, ``q_target``: ``[B, S, A]``; ``action`` int64 in ``[0, A)``, ``reward``, ``weight``
-    and ``mask`` (bool): ``[B, S]``; ``done``: the used steps' ``[B, S-1]``
+    ``q``, ``q_target``: ``[B, S, A]``; ``reward``, ``weight`` and ``mask`` (bool): ``[B, S]``;
+    ``action`` and ``done``: the used steps' ``[B, S-1]``, int64 actions in ``[0, A)``
+    (:func:`~fusedloss.losses._common.used_index`) and
     :func:`~fusedloss.losses._common.done_codes`. Returns ``(loss, named_metrics, td_abs_error)``
     (``td_abs_error`` None unless ``cfg.return_td_error``); the loss is fp32 (fp64 for fp64 inputs).
     Without a mask, weights or CQL, the loss is one ``mse_loss`` or ``huber_loss``: the fewest
@@ -317,7 +318,7 @@ def dqn_reference(
     q = q.to(cd)
     curr_q = q[:, :-1]
     next_q_target = q_target[:, 1:].to(cd)
-    a = action[:, 1:]
+    a = action
     m = None if mask is None else (mask[:, :-1] & mask[:, 1:]).to(cd)
     # Masked transitions must not reach the loss or the gradient, not even as 0·NaN in a backward:
     # their q rows, targets and weights are replaced by zeros before anything is computed on them.
@@ -475,7 +476,7 @@ def dqn_loss(step_stream: Any, out: Any, cfg: DqnLossConfig | None = None, group
         metrics = finalize_buffer_metrics(buf, slots, check_slots, cfg.metrics_mode, count_slot=int(slot.COUNT),
                                           extra_checks=group_checks)
     else:
-        action, bad_action = clamp_index(action, A, slice(1, None))
+        action, bad_action = used_index(action, A)
         codes, bad_done = done_codes(done)
         checks = [(bad_action, msg_action)] + ([] if bad_done is None else [(bad_done, msg_done)])
         # the valid transitions: the local check (without a group), the share (with one), the metrics' weight
