@@ -3,8 +3,11 @@
 sp_linear_loss (dense, linear and top-k teachers, every loss type), and every gradient, equal one
 process's on the whole head (fp32 to ~1e-6, bf16 by the tolerance rule),
 on the reference path and on the kernels (the Triton interpreter); the data-parallel Switch load
-balancing equals one process's on the whole batch, under real DistributedDataParallel too. Each run ends by itself: the process
-group has a 60 s timeout and the spawn joins its processes."""
+balancing equals one process's on the whole batch, under real DistributedDataParallel too; a
+Shard(0) DTensor head (weight and bias) for each LM-head loss, every other placement named; a 2 × 2
+grid of vocabulary and data parallelism (world 4); and, in this process, the options that need a
+group or an initialised torch.distributed. Each run ends by itself: the process group has a 60 s
+timeout and the spawn joins its processes."""
 
 import datetime
 import os
@@ -91,11 +94,23 @@ def _errors(rank, world, shard):
     # the same label out of range without the check: NaN, as on one rank, never a silent number
     out = fl.linear_logprob(hidden, w, bad, group=dist.group.WORLD, check_inputs=False)
     assert out[1].isnan() and torch.isfinite(out[0])
+    teacher = torch.randn(hidden.shape[0], V)
+    with pytest.raises(ValueError, match="teacher_vocab='align' is not supported with a vocabulary-sharded head"):
+        fl.sp_linear_loss(hidden, w, teacher[:, off:off + size], "kl-fwd", teacher_vocab="align",
+                          group=dist.group.WORLD)
+    # a dense teacher's shard must be the student's: the whole teacher, or another rank's columns, is named
+    with pytest.raises(ValueError, match="teacher"):
+        fl.sp_linear_loss(hidden, w, teacher[:, :size + 1], "kl-fwd", group=dist.group.WORLD)
+    # top-k ids are global: one past the shards' total is out of range on every rank
+    idx = torch.zeros(hidden.shape[0], 2, dtype=torch.long)
+    idx[0, 1] = V
+    with pytest.raises(ValueError, match="index"):
+        fl.sp_linear_loss(hidden, w, fl.TopKTeacher(idx, torch.zeros(idx.shape)), "kl-fwd", group=dist.group.WORLD)
 
 
 def _dtensor(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
     hidden, weight, bias, labels, ups = _inputs(torch.float32, seed=3)
@@ -115,6 +130,48 @@ def _dtensor(rank, world):
     assert_close_to_float64(wd.grad.full_tensor(), gw, gw64, torch.float32, "DTensor dweight")
     with pytest.raises(ValueError, match=r"placements \(Shard\(0\),\).*Replicate"):
         fl.linear_logprob(hidden, distribute_tensor(weight, mesh, [Replicate()]), labels)
+    with pytest.raises(ValueError, match=r"placements \(Shard\(0\),\).*Shard\(dim=1\)"):
+        fl.linear_cross_entropy(hidden, distribute_tensor(weight, mesh, [Shard(1)]), labels)
+    with pytest.raises(ValueError, match=r"placements \(Shard\(0\),\).*Partial"):
+        fl.linear_cross_entropy(hidden, DTensor.from_local(weight, mesh, [Partial()]), labels)
+    with pytest.raises(ValueError, match="group= is not the process group of the DTensor weight's mesh"):
+        fl.linear_logprob(hidden, wd.detach(), labels, group=dist.new_group(list(range(world))))
+    mesh2 = init_device_mesh("cpu", (world, 1), mesh_dim_names=("tp", "dp"))
+    with pytest.raises(ValueError, match="on a 2-D mesh"):
+        fl.linear_logprob(hidden, distribute_tensor(weight, mesh2, [Shard(0), Replicate()]), labels)
+    _dtensor_losses(mesh, world)
+
+
+def _dtensor_losses(mesh, world):
+    """linear_cross_entropy with a Shard(0) weight and bias, and sp_linear_loss with a Shard(0)
+    weight against a dense teacher split the same way (torch.chunk's rows), equal one process."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    hidden, weight, bias, labels, _ = _inputs(torch.float32, seed=5)
+    rank = dist.get_rank()
+    rows = torch.arange(V).chunk(world)[rank]
+    teacher = torch.randn(hidden.shape[0], V, generator=torch.Generator().manual_seed(6))
+    cases = {
+        "linear_cross_entropy": lambda h, w, b, cols: fl.linear_cross_entropy(h, w, labels, bias=b, label_smoothing=0.1,
+                                                                             chunk_size=4),
+        "sp_linear_loss": lambda h, w, b, cols: fl.sp_linear_loss(h, w, teacher[:, cols], "js", 1.3, bias=b,
+                                                                 chunk_size=4),
+    }
+    for name, case in cases.items():
+        h, w, b = _leaves(hidden, weight, bias)
+        want = case(h, w, b, slice(None))
+        gh, gw, gb = torch.autograd.grad(want, [h, w, b])
+        hd = hidden.clone().requires_grad_(True)
+        wd = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_(True)
+        bd = distribute_tensor(bias.clone(), mesh, [Shard(0)]).requires_grad_(True)
+        got = case(hd, wd, bd, slice(int(rows[0]), int(rows[-1]) + 1))
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"DTensor {name}: {m}")
+        torch.testing.assert_close(hd.grad, gh, rtol=1e-5, atol=1e-6, msg=lambda m: f"DTensor {name} dhidden: {m}")
+        for leaf, g, what in ((wd, gw, "dweight"), (bd, gb, "dbias")):
+            assert tuple(leaf.grad.placements) == (Shard(0),), (name, what)
+            torch.testing.assert_close(leaf.grad.full_tensor(), g, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"DTensor {name} {what}: {m}")
 
 
 def _sp_linear_case(rank, shard, kind, loss_type, dtype, reduction, **opts):
@@ -518,3 +575,84 @@ def test_nccl_single_rank_smoke(tmp_path):
     if not (torch.cuda.is_available() and dist.is_nccl_available()):
         pytest.skip("needs CUDA and NCCL")
     _spawn(_nccl_smoke, 1, tmp_path, backend="nccl")
+
+
+def _tp_dp_grid(rank, world):
+    """A 2 × 2 grid: the head's vocabulary split over the tensor-parallel pairs {0, 1} and {2, 3}
+    (uneven shards), the batch's rows over the data-parallel pairs {0, 2} and {1, 3} (uneven). Each
+    rank's loss is its data-parallel share of the whole batch's global loss (the same on both ranks
+    of a vocabulary pair); the data-parallel sum of the shares is one process's loss on the whole
+    batch and head, each rank's hidden gradient is its rows of that process's, and the data-parallel
+    sum of a shard's weight and bias gradients is its rows of that process's."""
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    tp, dp = tp_groups[rank // 2], dp_groups[rank % 2]
+    v_sizes, b_sizes = SHARDS[2], [4, 7]
+    off, size = sum(v_sizes[:rank % 2]), v_sizes[rank % 2]
+    cols, dp_rank = slice(off, off + size), rank // 2
+    hidden, weight, bias, labels, _ = _inputs(torch.float32, seed=21, N=sum(b_sizes))
+    labels[[0, b_sizes[0] + 1]] = -100  # each data-parallel part has an ignored row
+    teacher = torch.randn(sum(b_sizes), V, generator=torch.Generator().manual_seed(22))
+    cases = {
+        "linear_cross_entropy": lambda h, w, b, y, t, **kw: fl.linear_cross_entropy(
+            h, w, y, bias=b, label_smoothing=0.1, z_loss=1e-3, chunk_size=3, **kw),
+        "sp_linear_loss": lambda h, w, b, y, t, **kw: fl.sp_linear_loss(h, w, t, "kl-fwd", 1.3, bias=b, chunk_size=3,
+                                                                       **kw),
+    }
+    for backend in PATHS:
+        for name, case in cases.items():
+            h, w, b = _leaves(hidden, weight, bias)
+            full = case(h, w, b, labels, teacher, backend=backend)
+            grads = torch.autograd.grad(full, [h, w, b])
+            h_r, w_r, b_r = _leaves(_split(hidden, b_sizes, dp_rank), weight[cols], bias[cols])
+            share = case(h_r, w_r, b_r, _split(labels, b_sizes, dp_rank),
+                         _split(teacher, b_sizes, dp_rank)[:, cols], backend=backend, group=tp, dp_group=dp)
+            g_h, g_w, g_b = torch.autograd.grad(share, [h_r, w_r, b_r])
+            tag = f"rank {rank} {name} {backend}"
+            total = share.detach().clone()
+            dist.all_reduce(total, group=dp)
+            torch.testing.assert_close(total, full.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{tag} loss: {m}")
+            torch.testing.assert_close(g_h, _split(grads[0], b_sizes, dp_rank), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{tag} dhidden: {m}")
+            for g, g_full, what in ((g_w, grads[1], "dweight"), (g_b, grads[2], "dbias")):
+                dist.all_reduce(g, group=dp)
+                torch.testing.assert_close(g, g_full[cols], rtol=1e-5, atol=1e-6, msg=lambda m: f"{tag} {what}: {m}")
+
+
+def test_tensor_and_data_parallel_grid_matches_one_process(tmp_path):
+    _spawn(_tp_dp_grid, 4, tmp_path)
+
+
+# --- what needs a group, or an initialised torch.distributed, is named (one process, no group) ---------------------
+
+def test_a_group_before_init_process_group_is_named():
+    assert not dist.is_initialized()
+    hidden, weight, _, labels, _ = _inputs(torch.float32)
+    q, z = fl.testing.make_sp_inputs(4, 5, seed=1)
+    calls = [lambda: fl.linear_cross_entropy(hidden, weight, labels, group=object()),
+             lambda: fl.linear_cross_entropy(hidden, weight, labels, dp_group=object()),
+             lambda: fl.linear_logprob(hidden, weight, labels, group=object()),
+             lambda: fl.sp_kl_loss(q, z, 1.0, group=object()),
+             lambda: fl.switch_load_balancing_loss(z, group=object())]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=r"group= needs torch.distributed initialised"):
+            call()
+
+
+def test_options_that_need_a_group_are_named():
+    hidden, weight, _, labels, _ = _inputs(torch.float32)
+    q, z = fl.testing.make_sp_inputs(4, 5, seed=1)
+    step, out = fl.testing.make_dqn_inputs(2, 4, 3, seed=2)
+    with pytest.raises(ValueError, match=r"grad_reduction='mean' needs group="):
+        fl.sp_kl_loss(q, z, 1.0, grad_reduction="mean")
+    with pytest.raises(ValueError, match=r"grad_reduction='mean' needs group="):
+        fl.linear_cross_entropy(hidden, weight, labels, grad_reduction="mean")
+    with pytest.raises(ValueError, match=r"grad_reduction='mean' needs group="):
+        fl.dqn_loss(step, out, fl.DqnLossConfig(backend="torch", grad_reduction="mean"))
+    with pytest.raises(ValueError, match=r"grad_reduction='mean' needs group="):
+        fl.switch_load_balancing_loss(z, grad_reduction="mean")
+    for call in (lambda: fl.linear_logprob(hidden, weight, labels, vocab_offset=0),
+                 lambda: fl.linear_cross_entropy(hidden, weight, labels, vocab_offset=3),
+                 lambda: fl.sp_linear_loss(hidden, weight, torch.randn(hidden.shape[0], V), "js", vocab_offset=0)):
+        with pytest.raises(ValueError, match=r"vocab_offset= needs group="):
+            call()
