@@ -79,6 +79,58 @@ def _compare(rank, shard, case, backend, dtype, group_kw):
         assert_close_to_float64(g_d, g[sl], g64[sl], dtype, f"{tag} gradient")
 
 
+class _NoHostSync(__import__("torch.utils._python_dispatch", fromlist=["TorchDispatchMode"]).TorchDispatchMode):
+    """Fails on anything that reads a tensor's value on the host, the CPU's stand-in for a
+    device-to-host sync: the ops behind ``.item()`` and ``bool()`` (``aten._local_scalar_dense``,
+    ``aten.equal``), and ``.tolist()`` and ``.numpy()``, which read CPU memory without an op."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.equal):
+            raise AssertionError(f"a host sync ({func}) in a path that must not have one")
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        def refuse(name):
+            def read(*args, **kwargs):
+                raise AssertionError(f"a host sync (Tensor.{name}) in a path that must not have one")
+            return read
+
+        self._saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+        for name in self._saved:
+            setattr(torch.Tensor, name, refuse(name))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+
+def _no_host_sync(rank, world):
+    """The data-parallel losses, the vocabulary-parallel LM head (after its first call cached the
+    shard sizes, with check_inputs=False) and LazyMetrics.all_reduce read nothing on the host."""
+    group, sizes = dist.group.WORLD, BATCH[world]
+    step, out = fl.testing.make_dqn_inputs(sum(sizes), 6, 5, seed=8, mask=True)
+    mine = {k: _split(v, sizes, rank) for k, v in step.items()}
+    q_r = {"dqn": _split(out["dqn"], sizes, rank), "dqn_target": _split(out["dqn_target"], sizes, rank)}
+    cfg = fl.DqnLossConfig(backend="torch", metrics_mode="lazy", mask_key="mask", grad_reduction="mean")
+    q, z = fl.testing.make_sp_inputs(sum(sizes), 11, seed=3)
+    hidden, weight, bias, labels, _ = _inputs(torch.float32)
+    sizes_v = SHARDS[world]
+    rows = slice(sum(sizes_v[:rank]), sum(sizes_v[: rank + 1]))
+    w_r = weight[rows].clone().requires_grad_(True)
+    fl.linear_cross_entropy(hidden, w_r, labels, group=group, check_inputs=False)  # caches the shard sizes
+    with _NoHostSync():
+        loss, metrics = fl.dqn_loss(mine, q_r, cfg, group=group)
+        reduced = metrics.all_reduce(group)
+        fl.sp_kl_loss(_split(q, sizes, rank), _split(z, sizes, rank), 1.3, check_inputs=False, group=group,
+                      backend="torch")
+        ce = fl.linear_cross_entropy(hidden, w_r, labels, bias=bias[rows], group=group, dp_group=group,
+                                     check_inputs=False, backend="torch")
+        ce.backward()
+    assert set(dict(reduced)) >= {"q_values_mean", "dqn_loss"}  # read after the mode: one transfer, here
+
+
 def _errors(rank, world, shard):
     off, size = shard
     hidden, weight, bias, labels, _ = _inputs(torch.float32)
@@ -535,6 +587,7 @@ def _vocab_parallel(rank, world):
             _compare(rank, shard, _ce_losses, backend, dtype, group_kw)
     _compare(rank, shard, _ce_losses, "torch", torch.float32, {**group_kw, "vocab_offset": shard[0]})
     _errors(rank, world, shard)
+    _no_host_sync(rank, world)
     _sp_linear(rank, shard)
     _modules(rank, shard)
     if world == 2:  # before any DistributedDataParallel: a DDP reducer alive while the device mesh forms its
@@ -624,6 +677,17 @@ def test_tensor_and_data_parallel_grid_matches_one_process(tmp_path):
 
 
 # --- what needs a group, or an initialised torch.distributed, is named (one process, no group) ---------------------
+
+def test_the_sync_detector_detects():
+    """_NoHostSync, which the spawned ranks use, fails on each way of reading a value."""
+    step, out = fl.testing.make_dqn_inputs(2, 4, 3, seed=1)
+    for read in (lambda: float(torch.ones(2).sum()), lambda: torch.ones(2).tolist(), lambda: bool(torch.ones(()) > 0),
+                 lambda: fl.dqn_loss(step, out, fl.DqnLossConfig(backend="torch"))):  # float metrics: one transfer
+        with pytest.raises(AssertionError, match="a host sync"):
+            with _NoHostSync():
+                read()
+    assert torch.Tensor.tolist is not None and torch.ones(1).tolist() == [1.0]  # restored
+
 
 def test_a_group_before_init_process_group_is_named():
     assert not dist.is_initialized()
