@@ -10,7 +10,7 @@ import fusedloss as fl
 from fusedloss.testing import make_dqn_inputs, make_sp_inputs
 
 pytest.importorskip("triton")
-from fusedloss.kernels import _common, dqn as KD, sp as K  # noqa: E402
+from fusedloss.kernels import _common, dqn as KD, lm_head as KL, rope as KR, sp as K  # noqa: E402
 
 
 def _both(monkeypatch, call):
@@ -71,6 +71,36 @@ def test_dqn_backward(monkeypatch, device):
     fixed, tuned = _both(monkeypatch, call)
     _close(fixed, tuned)
     assert KD._DQN_BWD.tuner().cache
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_lm_head_stats_and_in_place_gradient(monkeypatch, softcap, device):
+    """The LM-head kernels' spaces (rows of any width tune here, TUNED_FROM lowered); the gradient
+    written over the logits it reads, as grad_op does, comes out the same: the timed runs restore
+    the logits between configs."""
+    monkeypatch.setattr(KL, "TUNED_FROM", 1)
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(3, 37, generator=g) * 2).to(device)
+    labels = torch.tensor([0, 36, 5], device=device)
+    coef = torch.randn(3, 4, generator=g).to(device)
+
+    def call():
+        stats = KL.lm_head_stats(z, labels, 0.8, softcap)
+        work = z.clone()
+        return stats, KL.lm_head_grad(work, labels, stats, coef, 0.8, softcap, out=work)
+
+    fixed, tuned = _both(monkeypatch, call)
+    _close(fixed, tuned)
+    assert KL._STATS_LONG.tuner().cache and KL._GRAD_LONG.tuner().cache
+
+
+@pytest.mark.parametrize("D", [34, 128])
+def test_rope(monkeypatch, D, device):
+    x = torch.randn(5, 3, D, device=device)
+    theta = torch.rand(5, 3, device=device) * 6
+    fixed, tuned = _both(monkeypatch, lambda: (KR.rope_fwd(x, theta), KR.rope_fwd(x, theta, -1.0)))
+    _close(fixed, tuned)
+    assert KR._ROPE.tuner().cache
 
 
 def test_off_by_default(monkeypatch):

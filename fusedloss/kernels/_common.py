@@ -48,14 +48,16 @@ class Tuned:
     """A kernel and its ``triton.autotune`` space: ``configs`` over the constexprs a launch may
     tune (tile widths) and ``num_warps``/``num_stages``, keyed on ``key`` (argument names; Triton
     adds the tensors' dtypes), and ``prune(configs, named_args, **kwargs)`` to keep those that fit
-    the shape. Called as ``tuned(grid, *args, **kwargs)`` with the launcher's own config in
+    the shape, and ``restore_value``: the arguments the kernel writes over its own inputs (restored
+    between the timed runs). Called as ``tuned(grid, *args, **kwargs)`` with the launcher's own config in
     ``kwargs`` (every constexpr and ``num_warps``): launched as it is unless :func:`autotune_enabled`,
     which drops the tuned names from it and lets the configs supply them. ``grid`` may be a function
     of the meta-parameters. Every config is compiled ahead of time by ``tests/compile_check.py`` (no
     spills) through the kernel module's ``compile_variants``."""
 
-    def __init__(self, kernel, configs: list, key: list[str], prune=None):
+    def __init__(self, kernel, configs: list, key: list[str], prune=None, restore_value: list[str] = ()):
         self.kernel, self.configs, self.key, self.prune = kernel, list(configs), list(key), prune
+        self.restore_value = list(restore_value)
         self.tuned_names = {"num_warps", "num_stages"}.union(*(c.kwargs for c in self.configs))
         self._tuner = None
 
@@ -64,7 +66,7 @@ class Tuned:
             extra = {"do_bench": _wall_clock_bench} if interpreter_enabled() else {}
             prune = {"early_config_prune": self.prune} if self.prune is not None else None
             self._tuner = triton.autotune(configs=self.configs, key=self.key, prune_configs_by=prune,
-                                          **extra)(self.kernel)
+                                          restore_value=self.restore_value, **extra)(self.kernel)
         return self._tuner
 
     def __call__(self, grid, *args, **kwargs):
@@ -81,6 +83,16 @@ class Tuned:
             tile = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
             yield AotVariant(f"{name} [{tile} warps={cfg.num_warps} stages={cfg.num_stages}]", self.kernel,
                              signature_of(c), c, cfg.num_warps, ints or {}, cfg.num_stages)
+
+
+def tiles_narrower_than(length: str, width: str):
+    """Autotune pruning for a row longer than one tile: tiles (``width``) narrower than the row
+    (``length``); the launcher's ``max_block`` can force the loop on a short row in the tests,
+    which then takes the first config."""
+    def prune(configs, named_args, **kwargs):
+        return [c for c in configs if c.kwargs[width] < named_args[length]] or configs[:1]
+
+    return prune
 
 
 # The launchers' grid and tile arithmetic on host ints. triton.cdiv and triton.next_power_of_2 are

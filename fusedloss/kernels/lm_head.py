@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, cdiv, fast_exp, fast_log, launcher, next_power_of_2, signature
+from ._common import (AotVariant, Tuned, cdiv, fast_exp, fast_log, launcher, next_power_of_2, signature,
+                      tiles_narrower_than)
 
 __all__ = ["lm_head_stats", "lm_head_grad", "stats_op", "grad_op", "compile_variants", "HOT_TILES"]
 
@@ -125,6 +126,19 @@ def _tiles(V: int):
     return block, 4 if block <= 1024 else 8
 
 
+# The autotune spaces (FUSEDLOSS_AUTOTUNE=1; fusedloss.kernels._common.Tuned), for rows longer than
+# one tile (TUNED_FROM; a shorter row is one tile of its own width), keyed on the vocabulary and the
+# softcap: the stats' tile over the row and its warps; the gradient's column block and warps. The
+# gradient usually overwrites the logits it reads (grad_op), so its timed runs restore them.
+TUNED_FROM = MAX_BLOCK + 1
+_STATS_LONG = Tuned(_lm_head_stats_kernel, [triton.Config({"BLOCK_V": b}, num_warps=w)
+                                            for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))],
+                    key=["V", "HAS_SOFTCAP"], prune=tiles_narrower_than("V", "BLOCK_V"))
+_GRAD_LONG = Tuned(_lm_head_grad_kernel, [triton.Config({"BLOCK_V": b}, num_warps=w)
+                                          for b, w in ((1024, 4), (2048, 4), (4096, 4), (4096, 8))],
+                   key=["V", "HAS_SOFTCAP"], restore_value=["dz_ptr"])
+
+
 @launcher
 def lm_head_stats(z: torch.Tensor, labels: torch.Tensor, inv_t: float, softcap: float | None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,8 +149,12 @@ def lm_head_stats(z: torch.Tensor, labels: torch.Tensor, inv_t: float, softcap: 
     if out is None:
         out = torch.empty(n, 4, dtype=torch.float32, device=z.device)
     block, warps = _tiles(V)
-    _lm_head_stats_kernel[(n,)](z, labels, out, V, z.stride(0), float(inv_t), float(softcap or 1.0),
-                                HAS_SOFTCAP=softcap is not None, BLOCK_V=block, num_warps=warps)
+    args = (z, labels, out, V, z.stride(0), float(inv_t), float(softcap or 1.0))
+    meta = {"HAS_SOFTCAP": softcap is not None, "BLOCK_V": block, "num_warps": warps}
+    if V >= TUNED_FROM:
+        _STATS_LONG((n,), *args, **meta)
+    else:
+        _lm_head_stats_kernel[(n,)](*args, **meta)
     return out
 
 
@@ -151,10 +169,13 @@ def lm_head_grad(z: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, coe
     if out is None:
         out = torch.empty_like(z)
     block, warps = _tiles(V)
-    _lm_head_grad_kernel[(n, cdiv(V, block))](z, labels, stats, coef.contiguous(), out, V, z.stride(0),
-                                                      out.stride(0), float(inv_t), float(softcap or 1.0),
-                                                      HAS_SOFTCAP=softcap is not None, BLOCK_V=block,
-                                                      num_warps=warps)
+    args = (z, labels, stats, coef.contiguous(), out, V, z.stride(0), out.stride(0), float(inv_t),
+            float(softcap or 1.0))
+    meta = {"HAS_SOFTCAP": softcap is not None, "BLOCK_V": block, "num_warps": warps}
+    if V >= TUNED_FROM:
+        _GRAD_LONG(lambda m: (n, cdiv(V, m["BLOCK_V"])), *args, **meta)
+    else:
+        _lm_head_grad_kernel[(n, cdiv(V, block))](*args, **meta)
     return out
 
 
@@ -203,11 +224,24 @@ def compile_variants():
         block, warps = _tiles(V)
         for cap in (False, True):
             c = {"HAS_SOFTCAP": cap, "BLOCK_V": block}
-            t = {"z_ptr": "*fp32", "labels_ptr": "*i64", "out_ptr": "*fp32", "inv_t": "fp32", "cap": "fp32"}
             yield AotVariant(f"lm_head stats V={V} softcap={cap}", _lm_head_stats_kernel,
-                             signature(_lm_head_stats_kernel, t, c), c, warps, {"V": V, "stride_z": V})
-            t = {"z_ptr": "*fp32", "labels_ptr": "*i64", "stats_ptr": "*fp32", "coef_ptr": "*fp32", "dz_ptr": "*fp32",
-                 "inv_t": "fp32", "cap": "fp32"}
+                             signature(_lm_head_stats_kernel, _STATS_TYPES, c), c, warps, {"V": V, "stride_z": V})
             yield AotVariant(f"lm_head grad V={V} softcap={cap}", _lm_head_grad_kernel,
-                             signature(_lm_head_grad_kernel, t, c), c, warps,
+                             signature(_lm_head_grad_kernel, _GRAD_TYPES, c), c, warps,
                              {"V": V, "stride_z": V, "stride_dz": V})
+    yield from tuned_variants()
+
+
+_STATS_TYPES = {"z_ptr": "*fp32", "labels_ptr": "*i64", "out_ptr": "*fp32", "inv_t": "fp32", "cap": "fp32"}
+_GRAD_TYPES = {"z_ptr": "*fp32", "labels_ptr": "*i64", "stats_ptr": "*fp32", "coef_ptr": "*fp32", "dz_ptr": "*fp32",
+               "inv_t": "fp32", "cap": "fp32"}
+
+
+def tuned_variants():
+    """Every autotune config, with the softcap (the more live values), at a long vocabulary."""
+    V = 128256
+    c = {"HAS_SOFTCAP": True}
+    yield from _STATS_LONG.variants(c, lambda k: signature(_lm_head_stats_kernel, _STATS_TYPES, k),
+                                    f"lm_head stats V={V} softcap tuned", {"V": V, "stride_z": V})
+    yield from _GRAD_LONG.variants(c, lambda k: signature(_lm_head_grad_kernel, _GRAD_TYPES, k),
+                                   f"lm_head grad V={V} softcap tuned", {"V": V, "stride_z": V, "stride_dz": V})

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotVariant, cdiv, launcher, next_power_of_2, reject_grad_transforms, signature
+from ._common import AotVariant, Tuned, cdiv, launcher, next_power_of_2, reject_grad_transforms, signature
 
 __all__ = ["rope_fwd", "rope_fused", "compile_variants"]
 
@@ -43,6 +43,22 @@ def _tiles(D: int):
     return max(1, min(64, 1024 // bh)), bh
 
 
+# The autotune space (FUSEDLOSS_AUTOTUNE=1; fusedloss.kernels._common.Tuned), for rows of at least
+# TUNED_FROM pairs, keyed on the pairs per row: rows per program, pairs per tile, warps. Narrower rows
+# keep the launcher's tile (a tile of 16 pairs or more would idle most of its lanes).
+TUNED_FROM = 16
+
+
+def _pairs_that_fit(configs, named_args, **kwargs):
+    """Tiles no wider than the row's pairs (rounded up to a power of two)."""
+    return [c for c in configs if c.kwargs["BH"] <= next_power_of_2(named_args["HALF"])] or configs[:1]
+
+
+_ROPE = Tuned(_rope_fwd_kernel, [triton.Config({"BM": bm, "BH": bh}, num_warps=w)
+                                 for bm, bh in ((16, 16), (16, 64), (32, 32), (32, 64)) for w in (4, 8)],
+              key=["HALF"], prune=_pairs_that_fit)
+
+
 @launcher
 def rope_fwd(x: torch.Tensor, theta: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
     """``x`` ``[..., D]`` rotated by ``sign · theta``, ``theta`` fp32 of ``x.shape[:-1]``."""
@@ -51,7 +67,11 @@ def rope_fwd(x: torch.Tensor, theta: torch.Tensor, sign: float = 1.0) -> torch.T
     M = x.numel() // D
     out = torch.empty_like(x)
     bm, bh = _tiles(D)
-    _rope_fwd_kernel[(cdiv(M, bm),)](x, theta.contiguous(), out, M, D // 2, sign, BM=bm, BH=bh)
+    args = (x, theta.contiguous(), out, M, D // 2, sign)
+    if D // 2 >= TUNED_FROM:
+        _ROPE(lambda m: (cdiv(M, m["BM"]),), *args, BM=bm, BH=bh, num_warps=4)
+    else:
+        _rope_fwd_kernel[(cdiv(M, bm),)](*args, BM=bm, BH=bh)
     return out
 
 
@@ -92,10 +112,15 @@ def rope_fused(x: torch.Tensor, theta) -> torch.Tensor:
     return out
 
 
+_TYPES = {"x_ptr": "*bf16", "th_ptr": "*fp32", "out_ptr": "*bf16", "sign": "fp32"}
+
+
 def compile_variants():
+    """The launcher's tiles at three row widths, and every autotune config at a wide row."""
     for D in (2, 16, 256):
         bm, bh = _tiles(D)
         c = {"BM": bm, "BH": bh}
-        t = {"x_ptr": "*bf16", "th_ptr": "*fp32", "out_ptr": "*bf16", "sign": "fp32"}
-        yield AotVariant(f"rope D={D}", _rope_fwd_kernel, signature(_rope_fwd_kernel, t, c), c, 4,
+        yield AotVariant(f"rope D={D}", _rope_fwd_kernel, signature(_rope_fwd_kernel, _TYPES, c), c, 4,
                          {"M": 8192, "HALF": D // 2})
+    yield from _ROPE.variants({}, lambda c: signature(_rope_fwd_kernel, _TYPES, c), "rope D=256 tuned",
+                              {"M": 8192, "HALF": 128})

@@ -32,7 +32,8 @@ import triton.language as tl
 
 from ._common import (AotVariant, Tuned, cdiv, constexpr_namespace, fast_exp, fast_log, fused_backward,
                       last_dim_contiguous, launcher, nanmax, nanmin, next_power_of_2, no_double_backward,
-                      online_lse_update, reject_grad_transforms, signature, stored_grad_dtype)
+                      online_lse_update, reject_grad_transforms, signature, stored_grad_dtype,
+                      tiles_narrower_than)
 
 __all__ = ["SpLossType", "sp_fwd", "sp_bwd", "sp_fused", "sp_op", "sp_topk_fwd", "sp_topk_fused", "sp_topk_op",
            "compile_variants"]
@@ -407,16 +408,6 @@ def _warps_for_the_tile(configs, named_args, **kwargs):
     return [c for c in configs if 32 * c.num_warps <= tile <= 512 * c.num_warps] or configs[-1:]
 
 
-def _tiles_narrower_than(length: str, width: str):
-    """Autotune pruning for a row longer than one tile: tiles (``width``) narrower than the row
-    (``length``); the launcher's ``max_block`` can force the loop on a short row in the tests,
-    which then takes the first config."""
-    def prune(configs, named_args, **kwargs):
-        return [c for c in configs if c.kwargs[width] < named_args[length]] or configs[:1]
-
-    return prune
-
-
 # The autotune spaces (FUSEDLOSS_AUTOTUNE=1; fusedloss.kernels._common.Tuned), keyed on the row
 # length, the loss and smoothing. A row in one tile tunes its warps; a longer row, its tile width
 # (at 16 elements a thread: 4096 over 16 warps spilled 12 bytes in js on sm_90, Triton 3.9), and
@@ -426,7 +417,7 @@ _SP_FWD_TILE = Tuned(_sp_fwd_kernel, [triton.Config({}, num_warps=w) for w in (4
 _SP_FWD_LONG = Tuned(_sp_fwd_kernel, [triton.Config({"ROWS": 1, "BLOCK_A": b, "SINGLE_TILE": False}, num_warps=w,
                                                     num_stages=s)
                                       for b, w in ((2048, 4), (4096, 8), (8192, 16)) for s in (2, 3)],
-                     key=["A", "LOSS", "HAS_SMOOTHING"], prune=_tiles_narrower_than("A", "BLOCK_A"))
+                     key=["A", "LOSS", "HAS_SMOOTHING"], prune=tiles_narrower_than("A", "BLOCK_A"))
 _SP_BWD_WIDE = Tuned(_sp_bwd_kernel, [triton.Config({"ROWS": r, "BLOCK_A": b}, num_warps=w)
                                       for r, b, w in ((1, 4096, 4), (1, 4096, 8), (2, 2048, 4), (1, 8192, 8))],
                      key=["A"])
@@ -483,7 +474,7 @@ def _topk_constexprs(loss_type: str, K: int, V: int, max_block: int = TOPK_MAX_B
 # spilled (above), so 8192 runs on 8.
 _SP_TOPK_LONG = Tuned(_sp_topk_fwd_kernel, [triton.Config({"BLOCK_V": b, "SINGLE_TILE": False}, num_warps=w)
                                             for b, w in ((2048, 4), (4096, 4), (4096, 8), (8192, 8))],
-                      key=["V", "K", "LOSS"], prune=_tiles_narrower_than("V", "BLOCK_V"))
+                      key=["V", "K", "LOSS"], prune=tiles_narrower_than("V", "BLOCK_V"))
 
 
 @launcher
