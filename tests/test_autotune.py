@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss.testing import make_dqn_inputs, make_sp_inputs
+from fusedloss.testing import make_dqn_inputs, make_sp_inputs, make_vec_dqn_inputs
 
 pytest.importorskip("triton")
-from fusedloss.kernels import _common, dqn as KD, lm_head as KL, rope as KR, sp as K  # noqa: E402
+from fusedloss.kernels import _common, dqn as KD, lm_head as KL, rope as KR, sp as K, vec_dqn as KV  # noqa: E402
 
 
 def _both(monkeypatch, call):
@@ -71,6 +71,26 @@ def test_dqn_backward(monkeypatch, device):
     fixed, tuned = _both(monkeypatch, call)
     _close(fixed, tuned)
     assert KD._DQN_BWD.tuner().cache
+
+
+def test_vec_dqn_scores_loss_and_backward(monkeypatch, device):
+    """A full pairwise tile (16 actions, 16-wide vectors: every score config, some wider than the
+    row) and the dense backward's space (its pruning keeps the tiles no wider than the actions)."""
+    step, online, target = make_vec_dqn_inputs(2, 3, 17, 18, torch.float32, device, seed=4, argmax_margin=1e-3)
+    cfg = fl.VecDqnLossConfig(backend="triton")
+    assert KV._score_tuned(17, 9)
+
+    def call():
+        o = online.detach().clone().requires_grad_(True)
+        loss, _ = fl.vec_dqn_loss(step, o, target, cfg)
+        (g,) = torch.autograd.grad(loss * 1.3, o)
+        return KV.vec_dqn_scores_fwd(target.flatten(0, 1)), loss, g
+
+    fixed, tuned = _both(monkeypatch, call)
+    _close(fixed, tuned)
+    assert KV._SCORES.tuner().cache and KV._FWD.tuner().cache and KV._BWD.tuner().cache
+    kept = KV._fits_the_row(KV._BWD.configs, {"A": 17, "HALF": 9})
+    assert {c.kwargs["BA"] for c in kept} == {16}
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotVariant, cdiv, fused_backward, last_dim_contiguous, launcher, nanmax, next_power_of_2,
+from ._common import (AotVariant, Tuned, cdiv, fused_backward, last_dim_contiguous, launcher, nanmax, next_power_of_2,
                       no_double_backward, reject_grad_transforms, signature)
 
 __all__ = ["vec_dqn_scores_fwd", "vec_dqn_scores_fused", "vec_dqn_fwd", "vec_dqn_bwd", "vec_dqn_fused",
@@ -204,6 +204,34 @@ def _bwd_tiles(A: int, D: int):
     return max(1, min(next_power_of_2(A), 4096 // bh)), bh
 
 
+# The autotune spaces (FUSEDLOSS_AUTOTUNE=1; fusedloss.kernels._common.Tuned), keyed on the action
+# count and the vector size. The pairwise-angle tiles ([BI, BA, BD] products in registers) tune where
+# the launcher's tile is full (at least 16 actions and 16-wide vectors; smaller ones are one exact
+# tile); the dense backward tunes the actions per tile and the warps.
+_FULL_SCORE_TILE = (16, 16, SCORE_BD)
+_SCORE_CONFIGS = [triton.Config({"BA": ba, "BI": bi, "BD": bd}, num_warps=w)
+                  for ba, bi, bd, w in ((16, 16, 8, 4), (16, 16, 8, 8), (32, 16, 8, 8), (16, 32, 8, 8),
+                                        (16, 16, 16, 8))]
+_SCORES = Tuned(_vec_dqn_scores_kernel, _SCORE_CONFIGS, key=["A", "HALF"])
+# The loss kernel holds the online row's vectors too: 32 rows of the pairwise tile spill there.
+_FWD = Tuned(_vec_dqn_fwd_kernel, [c for c in _SCORE_CONFIGS if c.kwargs["BI"] == 16], key=["A", "HALF"])
+
+
+def _fits_the_row(configs, named_args, **kwargs):
+    """Backward tiles no wider than the actions and at most 8192 elements of ``[BA, D]``."""
+    A, D = named_args["A"], 2 * named_args["HALF"]
+    keep = [c for c in configs if c.kwargs["BA"] <= next_power_of_2(A) and c.kwargs["BA"] * next_power_of_2(D) <= 8192]
+    return keep or configs[:1]
+
+
+_BWD = Tuned(_vec_dqn_bwd_kernel, [triton.Config({"BA": ba}, num_warps=w) for ba in (16, 64, 256) for w in (4, 8)],
+             key=["A", "HALF"], prune=_fits_the_row)
+
+
+def _score_tuned(A: int, half: int) -> bool:
+    return _score_tiles(A, half)[:3] == _FULL_SCORE_TILE
+
+
 @launcher
 def vec_dqn_scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Scores ``[M, A]`` fp32 of ``[M, A, D]`` vectors."""
@@ -213,8 +241,11 @@ def vec_dqn_scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torc
     if M == 0 or A == 0:
         return out
     ba, bi, bd, warps = _score_tiles(A, D // 2)
-    _vec_dqn_scores_kernel[(M, cdiv(A, ba))](v, out, A, D // 2, v.stride(0), v.stride(1), BA=ba, BI=bi,
-                                                    BD=bd, num_warps=warps)
+    args, meta = (v, out, A, D // 2, v.stride(0), v.stride(1)), {"BA": ba, "BI": bi, "BD": bd, "num_warps": warps}
+    if _score_tuned(A, D // 2):
+        _SCORES(lambda m: (M, cdiv(A, m["BA"])), *args, **meta)
+    else:
+        _vec_dqn_scores_kernel[(M, cdiv(A, ba))](*args, **meta)
     return out
 
 
@@ -232,12 +263,14 @@ def vec_dqn_fwd(online, target, action, theta, loss_out=None, g_out=None, status
     g = torch.empty((N, D), dtype=torch.float32, device=dev) if g_out is None else g_out
     status = torch.empty(N, dtype=torch.int8, device=dev) if status_out is None else status_out
     ba, bi, bd, warps = _score_tiles(A, D // 2)
-    _vec_dqn_fwd_kernel[(N,)](
-        online, target, action.contiguous(), theta, loss, g, status, S, A, D // 2,
-        online.stride(0), online.stride(1), online.stride(2), target.stride(0), target.stride(1), target.stride(2),
-        theta.stride(0), theta.stride(1), COS_EPS, BA=ba, BI=bi, BD=bd, BH=next_power_of_2(D // 2),
-        num_warps=warps,
-    )
+    args = (online, target, action.contiguous(), theta, loss, g, status, S, A, D // 2,
+            online.stride(0), online.stride(1), online.stride(2), target.stride(0), target.stride(1), target.stride(2),
+            theta.stride(0), theta.stride(1), COS_EPS)
+    meta = {"BA": ba, "BI": bi, "BD": bd, "BH": next_power_of_2(D // 2), "num_warps": warps}
+    if _score_tuned(A, D // 2):
+        _FWD((N,), *args, **meta)
+    else:
+        _vec_dqn_fwd_kernel[(N,)](*args, **meta)
     return loss, g, status
 
 
@@ -250,8 +283,8 @@ def vec_dqn_bwd(g: torch.Tensor, action: torch.Tensor, grad_rows: torch.Tensor, 
     D = g.shape[1]
     out = torch.empty((B, S, A, D), dtype=dtype, device=g.device)
     ba, bh = _bwd_tiles(A, D)
-    _vec_dqn_bwd_kernel[(B * S,)](g, action.contiguous(), grad_rows, out, S, A, D // 2,
-                                  grad_rows.stride(0) if grad_rows.dim() else 0, float(mult), BA=ba, BH=bh)
+    _BWD((B * S,), g, action.contiguous(), grad_rows, out, S, A, D // 2, grad_rows.stride(0) if grad_rows.dim() else 0,
+         float(mult), BA=ba, BH=bh, num_warps=4)
     return out
 
 
@@ -372,3 +405,26 @@ def compile_variants():
         t = {"g_ptr": "*fp32", "act_ptr": "*i64", "grad_rows_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}
         yield AotVariant(f"vec_dqn backward A={A} D={D}", _vec_dqn_bwd_kernel, signature(_vec_dqn_bwd_kernel, t, c),
                          c, 4, {"S": 64, "A": A, "HALF": D // 2, "stride_gr": D})
+    yield from tuned_variants()
+
+
+def tuned_variants():
+    """Every autotune config at a wide action space (the backward's, as its pruning keeps them at
+    two vector sizes)."""
+    A, D = 512, 256
+    ints = {"A": A, "HALF": D // 2, "stride_m": A * D, "stride_a": D}
+    t = {"v_ptr": "*fp32", "out_ptr": "*fp32"}
+    yield from _SCORES.variants({}, lambda c: signature(_vec_dqn_scores_kernel, t, c), f"vec_dqn scores A={A} D={D} tuned",
+                                ints)
+    t = {"on_ptr": "*bf16", "tg_ptr": "*bf16", "act_ptr": "*i64", "theta_ptr": "*fp32", "loss_ptr": "*fp32",
+         "g_ptr": "*fp32", "status_ptr": "*i8", "cos_eps": "fp32"}
+    ints = {"S": 64, "A": A, "HALF": D // 2, "stride_ob": 64 * A * D, "stride_os": A * D, "stride_oa": D,
+            "stride_tb": 64 * A * D, "stride_ts": A * D, "stride_ta": D, "stride_hb": 64, "stride_ht": 1}
+    yield from _FWD.variants({"BH": D // 2}, lambda c: signature(_vec_dqn_fwd_kernel, t, c),
+                             f"vec_dqn loss A={A} D={D} tuned", ints)
+    t = {"g_ptr": "*fp32", "act_ptr": "*i64", "grad_rows_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}
+    for D in (16, 256):
+        ints = {"S": 64, "A": A, "HALF": D // 2, "stride_gr": D}
+        kept = _fits_the_row(_BWD.configs, {"A": A, "HALF": D // 2})
+        yield from _BWD.variants({"BH": D}, lambda c: signature(_vec_dqn_bwd_kernel, t, c),
+                                 f"vec_dqn backward A={A} D={D} tuned", ints, kept)
