@@ -188,6 +188,13 @@ def _dtensor(rank, world):
         fl.linear_cross_entropy(hidden, DTensor.from_local(weight, mesh, [Partial()]), labels)
     with pytest.raises(ValueError, match="group= is not the process group of the DTensor weight's mesh"):
         fl.linear_logprob(hidden, wd.detach(), labels, group=dist.new_group(list(range(world))))
+    # an FSDP2-sharded head is a Shard(0) DTensor too, but each rank has its own rows of hidden: the
+    # check names it, and weight.full_tensor() (what the docs say to pass) gives this rank's loss
+    mine = hidden + rank
+    with pytest.raises(ValueError, match="hidden differs across the vocabulary-parallel group"):
+        fl.linear_cross_entropy(mine, wd.detach(), labels)
+    torch.testing.assert_close(fl.linear_cross_entropy(mine, wd.detach().full_tensor(), labels),
+                               fl.linear_cross_entropy(mine, weight, labels), rtol=1e-6, atol=1e-6)
     mesh2 = init_device_mesh("cpu", (world, 1), mesh_dim_names=("tp", "dp"))
     with pytest.raises(ValueError, match="on a 2-D mesh"):
         fl.linear_logprob(hidden, distribute_tensor(weight, mesh2, [Shard(0), Replicate()]), labels)
@@ -271,6 +278,10 @@ def _sp_linear(rank, shard):
                     temperature=2.0)
     _sp_linear_case(rank, shard, "linear", "kl-bwd", torch.float32, "sum")
     _sp_linear_case(rank, shard, "linear", "js", torch.bfloat16, "mean", temperature=0.7)
+    _sp_linear_case(rank, shard, "linear", "ce", torch.float32, "mean", label_smoothing=0.1, temperature=1.7,
+                    temperature_mode="both_t2")
+    _sp_linear_case(rank, shard, "topk", "ce-soft-fwd", torch.float32, "mean", temperature=0.8,
+                    temperature_mode="both")
     for loss_type in ("kl-fwd", "ce-soft-fwd"):
         _sp_linear_case(rank, shard, "topk", loss_type, torch.float32, "none", temperature=1.5)
     _sp_linear_case(rank, shard, "dense", "kl-fwd", torch.bfloat16, "mean", temperature=1.3, temperature_mode="both")
@@ -599,6 +610,12 @@ def _vocab_parallel(rank, world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_lm_head_matches_one_process(world, tmp_path):
     _spawn(_vocab_parallel, world, tmp_path)
+
+
+def test_dtensor_heads_at_world_3(tmp_path):
+    """The DTensor cases over three ranks (torch.chunk's 13, 13, 11 rows), in processes of their own
+    (see _vocab_parallel on DistributedDataParallel and device meshes)."""
+    _spawn(_dtensor, 3, tmp_path)
 
 
 @pytest.mark.parametrize("world", [2, 3])

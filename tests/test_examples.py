@@ -59,7 +59,8 @@ def test_tp_distill_under_torchrun_prints_the_one_process_losses():
     shards) prints the losses of one process holding the whole head, and they fall."""
     import subprocess
 
-    pytest.importorskip("torch.distributed")
+    if not pytest.importorskip("torch.distributed").is_available():
+        pytest.skip("torch.distributed is not available in this build")
     script, args = str(EXAMPLES / "tp_distill.py"), ["--steps", "21", "--vocab", "301"]
 
     def losses(*launcher):

@@ -54,6 +54,48 @@ def test_kernel_matches_reference(loss_type, dtype, shape, opts, device):
         assert torch.all(grad[q == float("-inf")] == 0)
 
 
+# (N, A): one row, a short tile, a row tile of 128 rows at A = 2, several row tiles with a partial last one.
+MEAN_SHAPES = {"N1-A5": (1, 5), "N9-A7": (9, 7), "N70-A2": (70, 2), "N300-A18": (300, 18), "N130-A40": (130, 40)}
+
+
+@pytest.mark.parametrize("shape", list(MEAN_SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("loss_type", ["kl-fwd", "ce-soft-bwd", "js"])
+def test_mean_taken_in_the_kernel(loss_type, dtype, shape, device):
+    """A few short rows: one program walks the row tiles and stores the mean times its factor (one
+    launch, no aten mean); the gradient and the status codes are the per-row launch's, bit for bit."""
+    N, A = MEAN_SHAPES[shape]
+    assert K.mean_in_kernel(N, A, 0.7)
+    q, z = make_sp_inputs(N, A, dtype, device, pad_frac=0.2 if A > 2 else 0.0, seed=5)
+    mean_buf, grad_buf = nan_like((), torch.float32, device), nan_like((N, A), dtype, device)
+    status_buf = torch.full((N,), -1, dtype=torch.int8, device=device)
+    mean, grad, status = K.sp_fwd(q, z.detach(), loss_type, 1.3, 0.1, loss_out=mean_buf, grad_out=grad_buf,
+                                  status_out=status_buf, mean_scale=0.7)
+    assert_canaries_intact(mean_buf, grad_buf)
+    rows, grad_rows, status_rows = K.sp_fwd(q, z.detach(), loss_type, 1.3, 0.1)
+    assert torch.equal(grad, grad_rows) and torch.equal(status, status_rows)
+    ref = fl.sp_reference(q, z.detach(), loss_type, 1.3, 0.1).mean() * 0.7
+    ref64 = fl.sp_reference(q.double(), z.detach().double(), loss_type, 1.3, 0.1).mean() * 0.7
+    assert mean.shape == () and mean.dtype == torch.float32
+    assert_close_to_float64(mean, ref, ref64, dtype, "mean")
+
+
+def test_mean_in_the_kernel_propagates_nan_and_knows_its_limits(device):
+    q, z = make_sp_inputs(40, 18, torch.float32, device, seed=6)
+    z = z.detach().clone()
+    z[17, 3] = float("nan")
+    mean, _, _ = K.sp_fwd(q, z, "kl-fwd", 1.0, 0.0, mean_scale=1.0)
+    assert mean.shape == () and torch.isnan(mean)
+    rows_per_tile = K._mean_rows(1, 18)
+    assert K.mean_in_kernel(rows_per_tile * K.MEAN_TILES, 18, 1.0) and K.mean_in_kernel(4, 300, 1.0)
+    assert not K.mean_in_kernel(rows_per_tile * K.MEAN_TILES + 1, 18, 1.0)  # more tiles than MEAN_TILES
+    assert not K._mean_rows(4, 300, max_block=256)  # a row longer than one tile
+    assert not K.mean_in_kernel(0, 18, 1.0) and not K.mean_in_kernel(8, 18, None)
+    q, z = make_sp_inputs(rows_per_tile * K.MEAN_TILES + 1, 18, torch.float32, device, seed=7)
+    rows, _, _ = K.sp_fwd(q, z.detach(), "kl-fwd", 1.0, 0.0, mean_scale=1.0)
+    assert rows.shape == (rows_per_tile * K.MEAN_TILES + 1,)  # too many tiles: the rows, for an aten mean
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_public_helpers_with_random_upstream_gradient(reduction, dtype, device):

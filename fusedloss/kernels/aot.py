@@ -7,8 +7,8 @@ Nothing here runs a kernel. It needs a Triton with the NVIDIA backend and ``TRIT
 unset (the interpreter has no compiler).
 
 **Instructions per element** are static counts: the SASS instructions of the kernel's loops over
-tiles (every top-level loop, summed: one pass over a row each), or of the whole kernel when it has
-no loop or its row fits one tile, divided by the elements one thread handles per iteration
+tiles (every top-level loop, summed: one pass over a row each; for sp's in-kernel mean, the one
+loop over row tiles), or of the whole kernel when it has no loop or its row fits one tile, divided by the elements one thread handles per iteration
 (``tile / (32·num_warps)``). A kernel module names each kernel's tile in ``HOT_TILES``: the
 constexprs whose product is the elements one iteration (or the one tile) covers. A branch taken
 rarely inside a loop is counted as if always taken, so the figure is an upper bound of what
@@ -156,7 +156,8 @@ def analyse(v: AotVariant, arch: int = 90) -> dict:
     record.update(sass_stats(compiled.asm["cubin"]))
     tile = tile_elements(v)
     if tile:
-        looped = record["loops"] and not v.constexprs.get("SINGLE_TILE", False)
+        # a row in one tile has no loop over it, unless one program walks the row tiles (sp's in-kernel mean)
+        looped = record["loops"] and (not v.constexprs.get("SINGLE_TILE", False) or v.constexprs.get("MEAN", False))
         hot = record["loop_instructions"] if looped else record["instructions"]
         record["instr_per_element"] = hot * 32 * v.num_warps / tile
     return record

@@ -3,7 +3,9 @@
 
 One program owns ``ROWS`` rows. It computes both log-softmaxes with online (max, sum), the per-row
 loss and the gradient with respect to the student logits, all in the forward; backward only
-scales that gradient by the per-row upstream gradient.
+scales that gradient by the per-row upstream gradient. A mean over a few short rows (at most
+``MEAN_TILES`` tiles) is taken in the forward kernel by one program that walks the row tiles in
+order: one launch forward, three forward+backward with autograd's seed and the backward.
 
 Gradients (``s = softmax(z)``, ``p`` the smoothed teacher, ``L`` the row loss):
   ce, ce-soft-fwd, kl-fwd: ``s - p``;
@@ -195,14 +197,14 @@ def _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOS
 
 
 @triton.jit
-def _sp_fwd_kernel(
-    q_ptr, z_ptr, loss_ptr, grad_ptr, status_ptr,
+def _sp_rows(
+    q_ptr, z_ptr, grad_ptr, status_ptr, rows,
     N, A, stride_q, stride_z, stride_g, inv_t, eps, beta, log_b, log_1mb,
     LOSS: tl.constexpr, GRAD_NEEDS_ROW_LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_A: tl.constexpr, SINGLE_TILE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
+    """The losses of the ``ROWS`` rows ``rows`` (returned), their gradients and the teacher's status
+    codes (stored)."""
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     cols0 = tl.arange(0, BLOCK_A)
@@ -265,12 +267,38 @@ def _sp_fwd_kernel(
                                       LOSS, HAS_SMOOTHING)
                 g = _elem_grad(p, lp, s, ls, valid, row_loss, row_aux, beta, log_b, log_1mb, LOSS)
                 tl.store(g_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(loss_ptr + rows, row_loss, mask=rmask)
     # The teacher's input checks, from the sum it had anyway: NaN or +inf anywhere in the row makes the
     # sum of exp((q - max)/T) NaN (exp(inf - inf) for +inf); a row of -inf only leaves it 0; otherwise
     # the max contributes exp(0) = 1, so the sum is >= 1. No per-element work, no second read of q.
     status = tl.where(st != st, 1, tl.where(st == 0.0, 2, 0))
     tl.store(status_ptr + rows, status.to(tl.int8), mask=rmask)
+    return row_loss
+
+
+@triton.jit
+def _sp_fwd_kernel(
+    q_ptr, z_ptr, loss_ptr, grad_ptr, status_ptr,
+    N, A, stride_q, stride_z, stride_g, inv_t, eps, beta, log_b, log_1mb, mean_mult,
+    LOSS: tl.constexpr, GRAD_NEEDS_ROW_LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_A: tl.constexpr, SINGLE_TILE: tl.constexpr, MEAN: tl.constexpr,
+):
+    """Each program's ``ROWS`` rows; with ``MEAN``, one program walks every row tile in order and
+    stores ``Σ row_loss · mean_mult`` (a mean times its factor) at ``loss_ptr``: a fixed order of
+    sums, and no second launch for the mean."""
+    if MEAN:
+        acc = tl.zeros([ROWS], tl.float32)
+        for r0 in range(0, N, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_loss = _sp_rows(q_ptr, z_ptr, grad_ptr, status_ptr, rows, N, A, stride_q, stride_z, stride_g, inv_t,
+                                eps, beta, log_b, log_1mb, LOSS, GRAD_NEEDS_ROW_LOSS, HAS_SMOOTHING, ROWS, BLOCK_A,
+                                SINGLE_TILE)
+            acc += tl.where(rows < N, row_loss, 0.0)
+        tl.store(loss_ptr, tl.sum(acc, axis=0) * mean_mult)
+    else:
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_loss = _sp_rows(q_ptr, z_ptr, grad_ptr, status_ptr, rows, N, A, stride_q, stride_z, stride_g, inv_t, eps,
+                            beta, log_b, log_1mb, LOSS, GRAD_NEEDS_ROW_LOSS, HAS_SMOOTHING, ROWS, BLOCK_A, SINGLE_TILE)
+        tl.store(loss_ptr + rows, row_loss, mask=rows < N)
 
 
 @triton.jit
@@ -424,17 +452,35 @@ _SP_BWD_WIDE = Tuned(_sp_bwd_kernel, [triton.Config({"ROWS": r, "BLOCK_A": b}, n
 BWD_TUNED_FROM = 4096  # rows at least this wide tune the backward's tiles; narrower ones pack rows as _bwd_tiles does
 
 
-def _fwd_constexprs(loss_type: str, label_smoothing: float, A: int, max_block: int = MAX_BLOCK):
+# A mean over few short rows is taken inside the forward kernel: one program walks at most
+# MEAN_TILES tiles of up to MEAN_TILE elements (rows of one tile only), so the loss costs one
+# launch instead of the kernel and a mean. Its loop is latency-bound; four tiles was chosen without
+# a GPU, as about one launch's time, and waits for the GPU run to be calibrated.
+MEAN_TILE = 4096
+MEAN_TILES = 4
+
+
+def _mean_rows(N: int, A: int, max_block: int = MAX_BLOCK) -> int:
+    """The rows per tile of an in-kernel mean over ``N`` rows of ``A``, or 0 where the mean is
+    not taken in the kernel (an empty batch, rows longer than one tile, more than MEAN_TILES tiles)."""
+    block = min(next_power_of_2(A), max_block)
+    rows = max(1, min(128, MEAN_TILE // block))
+    return rows if N >= 1 and block >= A and N <= rows * MEAN_TILES else 0
+
+
+def _fwd_constexprs(loss_type: str, label_smoothing: float, A: int, max_block: int = MAX_BLOCK, mean_rows: int = 0):
     block, rows, warps = _fwd_tiles(A, max_block)
+    if mean_rows:
+        rows, warps = mean_rows, 8 if mean_rows * block < MEAN_TILE else 16  # 4096 over 8 warps spilled in js
     code = SpLossType.of(loss_type)
     return dict(LOSS=int(code), GRAD_NEEDS_ROW_LOSS=code in _GRAD_NEEDS_ROW_LOSS, HAS_SMOOTHING=label_smoothing > 0.0,
-                ROWS=rows, BLOCK_A=block, SINGLE_TILE=block >= A), warps
+                ROWS=rows, BLOCK_A=block, SINGLE_TILE=block >= A, MEAN=bool(mean_rows)), warps
 
 
 @launcher
 def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float, label_smoothing: float,
            max_block: int = MAX_BLOCK, loss_out: torch.Tensor | None = None, grad_out: torch.Tensor | None = None,
-           js_beta: float = 0.5, status_out: torch.Tensor | None = None):
+           js_beta: float = 0.5, status_out: torch.Tensor | None = None, mean_scale: float | None = None):
     """Launch the forward kernel on ``[N, A]`` teacher values and student logits.
 
     ``js_beta`` is the β of ``"js"`` (strictly inside (0, 1)).
@@ -442,19 +488,33 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     with respect to its logits, in ``z.dtype`` (fp32 for fp16 ``z``: :func:`stored_grad_dtype`),
     and the teacher's checks per row: 1 where the row holds NaN or ``+inf``, 2 where every entry is
     ``-inf``, 0 otherwise. ``loss_out``, ``grad_out`` and ``status_out`` let tests hand in poisoned
-    buffers.
+    buffers. With ``mean_scale``, where :func:`mean_in_kernel` holds, the first is instead the 0-d
+    mean of the row losses times ``mean_scale``, taken in the kernel.
     """
     q, z = last_dim_contiguous(q), last_dim_contiguous(z)
     N, A = z.shape
-    loss = torch.empty(N, dtype=torch.float32, device=z.device) if loss_out is None else loss_out
+    mean_rows = _mean_rows(N, A, max_block) if mean_scale is not None else 0
+    if loss_out is None:
+        loss = torch.empty(() if mean_rows else N, dtype=torch.float32, device=z.device)
+    else:
+        loss = loss_out
     grad = torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device) if grad_out is None else grad_out
     status = torch.empty(N, dtype=torch.int8, device=z.device) if status_out is None else status_out
-    constexprs, warps = _fwd_constexprs(loss_type, label_smoothing, A, max_block)
+    constexprs, warps = _fwd_constexprs(loss_type, label_smoothing, A, max_block, mean_rows)
     args = (q, z, loss, grad, status, N, A, q.stride(0), z.stride(0), grad.stride(0), _inv_temperature(temperature),
-            float(label_smoothing), float(js_beta), math.log(js_beta), math.log1p(-js_beta))
-    space = _SP_FWD_TILE if constexprs["SINGLE_TILE"] else _SP_FWD_LONG
-    space(lambda meta: (cdiv(N, meta["ROWS"]),), *args, num_warps=warps, **constexprs)
+            float(label_smoothing), float(js_beta), math.log(js_beta), math.log1p(-js_beta),
+            float(mean_scale) / N if mean_rows else 0.0)
+    if mean_rows:  # one program: nothing for the tuner to choose between
+        _sp_fwd_kernel[(1,)](*args, num_warps=warps, **constexprs)
+    else:
+        space = _SP_FWD_TILE if constexprs["SINGLE_TILE"] else _SP_FWD_LONG
+        space(lambda meta: (cdiv(N, meta["ROWS"]),), *args, num_warps=warps, **constexprs)
     return loss, grad, status
+
+
+def mean_in_kernel(N: int, A: int, mean_scale: float | None) -> bool:
+    """Whether :func:`sp_fwd` with ``mean_scale`` returns the mean (a few rows of one tile each)."""
+    return mean_scale is not None and _mean_rows(N, A) > 0
 
 
 TOPK_MAX_BLOCK = 8192
@@ -606,22 +666,24 @@ class _RowsBackward:
         return tuple(dz if i == ctx.z_index else None for i in range(ctx.n_inputs))
 
 
-def _rows_or_mean(ctx, rows: torch.Tensor, mean_scale: float | None) -> torch.Tensor:
-    """:func:`_mean_times` in an eager forward, with the backward kernel's factor in ``ctx.mult``:
-    the mean is one aten op in the forward (two when the factor is not 1) and none in the backward."""
-    ctx.mult = 1.0 if mean_scale is None else float(mean_scale) / rows.shape[0]
-    return _mean_times(rows, mean_scale)
+def _rows_or_mean(ctx, rows: torch.Tensor, mean_scale: float | None, N: int) -> torch.Tensor:
+    """:func:`_mean_times` in an eager forward (unless the kernel took the mean: a 0-d ``rows``),
+    with the backward kernel's factor in ``ctx.mult``: the mean is at most one aten op in the
+    forward (two when the factor is not 1) and none in the backward."""
+    ctx.mult = 1.0 if mean_scale is None else float(mean_scale) / N
+    return rows if rows.dim() == 0 else _mean_times(rows, mean_scale)
 
 
 class _SpFwdFunction(_RowsBackward, torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, z, loss_type, temperature, label_smoothing, js_beta, mean_scale):
-        rows, grad, status = sp_fwd(q, z, loss_type, temperature, label_smoothing, js_beta=js_beta)
+        rows, grad, status = sp_fwd(q, z, loss_type, temperature, label_smoothing, js_beta=js_beta,
+                                    mean_scale=mean_scale)
         ctx.dtype, ctx.z_index, ctx.n_inputs = z.dtype, 1, 7
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(status)
         ctx.save_for_backward(grad)
-        return _rows_or_mean(ctx, rows, mean_scale), status
+        return _rows_or_mean(ctx, rows, mean_scale, z.shape[0]), status
 
 
 class _SpTopkFwdFunction(_RowsBackward, torch.autograd.Function):
@@ -631,7 +693,7 @@ class _SpTopkFwdFunction(_RowsBackward, torch.autograd.Function):
         ctx.dtype, ctx.z_index, ctx.n_inputs = z.dtype, 2, 6
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad)
-        return _rows_or_mean(ctx, rows, mean_scale)
+        return _rows_or_mean(ctx, rows, mean_scale, z.shape[0])
 
 
 def _transformed(z: torch.Tensor) -> bool:
@@ -689,7 +751,8 @@ def sp_topk_fused(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, l
 
 def _fwd_signature(dt: str):
     """The forward kernel's AOT signature, for constexprs ``c``, in dtype ``dt``."""
-    t = {"inv_t": "fp32", "eps": "fp32", "beta": "fp32", "log_b": "fp32", "log_1mb": "fp32", "q_ptr": f"*{dt}",
+    t = {"inv_t": "fp32", "eps": "fp32", "beta": "fp32", "log_b": "fp32", "log_1mb": "fp32", "mean_mult": "fp32",
+         "q_ptr": f"*{dt}",
          "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}", "status_ptr": "*i8"}
     return lambda c: signature(_sp_fwd_kernel, t, c)
 
@@ -726,6 +789,12 @@ def compile_variants():
             c, warps = _topk_constexprs("kl-fwd", 64, V)
             yield AotVariant(f"sp top-k A={V} {dt} k=64", _sp_topk_fwd_kernel, _topk_signature(dt)(c), c, warps,
                              _topk_ints(V))
+    for A in (2, 18, 256, 4096, 8192):  # the in-kernel mean's one program: its row tiles of up to MEAN_TILE elements
+        for dt in ("bf16", "fp32"):
+            for code in (SpLossType.CE, SpLossType.JS):
+                c, warps = _fwd_constexprs(code.loss_type, 0.1, A, mean_rows=_mean_rows(1, A))
+                yield AotVariant(f"sp A={A} {dt} {code.loss_type} mean", _sp_fwd_kernel, _fwd_signature(dt)(c), c,
+                                 warps, {**_fwd_ints(A), "N": 64})
     block, rows = _bwd_tiles(131072)
     c = {"ROWS": rows, "BLOCK_A": block}
     yield AotVariant("sp backward", _sp_bwd_kernel, _bwd_signature(c), c, 4)
