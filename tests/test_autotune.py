@@ -74,7 +74,7 @@ def test_dqn_backward(monkeypatch, device):
 
 
 def test_vec_dqn_scores_loss_and_backward(monkeypatch, device):
-    """A full pairwise tile (16 actions, 16-wide vectors: every score config, some wider than the
+    """A full pairwise tile (17 actions, 18-wide vectors: every score config, some wider than the
     row) and the dense backward's space (its pruning keeps the tiles no wider than the actions)."""
     step, online, target = make_vec_dqn_inputs(2, 3, 17, 18, torch.float32, device, seed=4, argmax_margin=1e-3)
     cfg = fl.VecDqnLossConfig(backend="triton")
@@ -91,6 +91,8 @@ def test_vec_dqn_scores_loss_and_backward(monkeypatch, device):
     assert KV._SCORES.tuner().cache and KV._FWD.tuner().cache and KV._BWD.tuner().cache
     kept = KV._fits_the_row(KV._BWD.configs, {"A": 17, "HALF": 9})
     assert {c.kwargs["BA"] for c in kept} == {16}
+    # nothing fits (8 actions, 1024-wide vectors): the launcher's own tile, not the first config
+    assert [c.kwargs["BA"] for c in KV._fits_the_row(KV._BWD.configs, {"A": 8, "HALF": 512})] == [KV._bwd_tiles(8, 1024)[0]]
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

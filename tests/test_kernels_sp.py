@@ -80,6 +80,38 @@ def test_mean_taken_in_the_kernel(loss_type, dtype, shape, device):
     assert_close_to_float64(mean, ref, ref64, dtype, "mean")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("N,A", [(1, 5), (37, 40), (512, 18)], ids=["N1-A5", "N37-A40", "N512-A18"])
+@pytest.mark.parametrize("loss", ["kl", "js"])
+def test_public_mean_through_the_kernel_with_random_upstream_gradient(loss, N, A, dtype, device):
+    """sp_kl_loss / sp_js_loss with reduction='mean' and no weight take the in-kernel mean (512 rows
+    of 18: its last tile), on rows at a stride wider than A, against float64, with a random upstream
+    gradient."""
+    q, z = make_sp_inputs(N, A + 3, dtype, device, pad_frac=0.2, seed=8)
+    q, z = q[:, :A], z.detach()[:, :A]
+    assert K.mean_in_kernel(N, A, 1.0) and z.stride(0) > A
+    fn = {"kl": lambda a, b, **k: fl.sp_kl_loss(a, b, 1.3, **k),
+          "js": lambda a, b, **k: fl.sp_js_loss(a, b, 1.3, 0.05, **k)}[loss]
+    up = float(torch.empty(()).uniform_(-2.0, 2.0))
+    outs = {}
+    for name, backend, dt in (("kernel", "triton", dtype), ("ref", "torch", dtype), ("ref64", "torch", torch.float64)):
+        zz = (z if dt == dtype else z.to(dt)).detach().requires_grad_(True)
+        loss_value = fn(q.to(dt), zz, reduction="mean", backend=backend)
+        (loss_value * up).backward()
+        outs[name] = (loss_value.detach(), zz.grad)
+    assert outs["kernel"][0].shape == ()
+    assert_close_to_float64(outs["kernel"][0], outs["ref"][0], outs["ref64"][0], dtype, "loss")
+    assert_close_to_float64(outs["kernel"][1], outs["ref"][1], outs["ref64"][1], dtype, "gradient")
+
+
+def test_loss_out_must_fit_the_mean(device):
+    q, z = make_sp_inputs(9, 7, torch.float32, device, seed=9)
+    with pytest.raises(ValueError, match=r"loss_out must have shape \(\) \(the mean\)"):
+        K.sp_fwd(q, z.detach(), "kl-fwd", 1.0, 0.0, loss_out=nan_like((9,), torch.float32, device), mean_scale=1.0)
+    with pytest.raises(ValueError, match=r"loss_out must have shape \(9,\)"):
+        K.sp_fwd(q, z.detach(), "kl-fwd", 1.0, 0.0, loss_out=nan_like((), torch.float32, device))
+
+
 def test_mean_in_the_kernel_propagates_nan_and_knows_its_limits(device):
     q, z = make_sp_inputs(40, 18, torch.float32, device, seed=6)
     z = z.detach().clone()

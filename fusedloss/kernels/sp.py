@@ -453,7 +453,8 @@ BWD_TUNED_FROM = 4096  # rows at least this wide tune the backward's tiles; narr
 
 
 # A mean over few short rows is taken inside the forward kernel: one program walks at most
-# MEAN_TILES tiles of up to MEAN_TILE elements (rows of one tile only), so the loss costs one
+# MEAN_TILES tiles of up to MEAN_TILE elements, or of one row where a row is wider (rows of one
+# tile only, so at most 8192 wide), so the loss costs one
 # launch instead of the kernel and a mean. Its loop is latency-bound; four tiles was chosen without
 # a GPU, as about one launch's time, and waits for the GPU run to be calibrated.
 MEAN_TILE = 4096
@@ -496,6 +497,8 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     mean_rows = _mean_rows(N, A, max_block) if mean_scale is not None else 0
     if loss_out is None:
         loss = torch.empty(() if mean_rows else N, dtype=torch.float32, device=z.device)
+    elif loss_out.shape != (() if mean_rows else (N,)):
+        raise ValueError(f"loss_out must have shape {'() (the mean)' if mean_rows else (N,)}, got {tuple(loss_out.shape)}")
     else:
         loss = loss_out
     grad = torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device) if grad_out is None else grad_out
@@ -512,9 +515,9 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     return loss, grad, status
 
 
-def mean_in_kernel(N: int, A: int, mean_scale: float | None) -> bool:
+def mean_in_kernel(N: int, A: int, mean_scale: float | None, max_block: int = MAX_BLOCK) -> bool:
     """Whether :func:`sp_fwd` with ``mean_scale`` returns the mean (a few rows of one tile each)."""
-    return mean_scale is not None and _mean_rows(N, A) > 0
+    return mean_scale is not None and _mean_rows(N, A, max_block) > 0
 
 
 TOPK_MAX_BLOCK = 8192

@@ -206,8 +206,8 @@ def _bwd_tiles(A: int, D: int):
 
 # The autotune spaces (FUSEDLOSS_AUTOTUNE=1; fusedloss.kernels._common.Tuned), keyed on the action
 # count and the vector size. The pairwise-angle tiles ([BI, BA, BD] products in registers) tune where
-# the launcher's tile is full (at least 16 actions and 16-wide vectors; smaller ones are one exact
-# tile); the dense backward tunes the actions per tile and the warps.
+# the launcher's tile is full (9 actions or more and vectors of 10 or more; smaller ones are one
+# exact tile); the dense backward tunes the actions per tile and the warps.
 _FULL_SCORE_TILE = (16, 16, SCORE_BD)
 _SCORE_CONFIGS = [triton.Config({"BA": ba, "BI": bi, "BD": bd}, num_warps=w)
                   for ba, bi, bd, w in ((16, 16, 8, 4), (16, 16, 8, 8), (32, 16, 8, 8), (16, 32, 8, 8),
@@ -221,7 +221,7 @@ def _fits_the_row(configs, named_args, **kwargs):
     """Backward tiles no wider than the actions and at most 8192 elements of ``[BA, D]``."""
     A, D = named_args["A"], 2 * named_args["HALF"]
     keep = [c for c in configs if c.kwargs["BA"] <= next_power_of_2(A) and c.kwargs["BA"] * next_power_of_2(D) <= 8192]
-    return keep or configs[:1]
+    return keep or [triton.Config({"BA": _bwd_tiles(A, D)[0]}, num_warps=4)]  # the launcher's own tile
 
 
 _BWD = Tuned(_vec_dqn_bwd_kernel, [triton.Config({"BA": ba}, num_warps=w) for ba in (16, 64, 256) for w in (4, 8)],
