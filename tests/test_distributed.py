@@ -10,6 +10,7 @@ group or an initialised torch.distributed. Each run ends by itself: the process 
 timeout and the spawn joins its processes."""
 
 import datetime
+import math
 import os
 import sys
 
@@ -588,6 +589,60 @@ def _spawn(body, world, tmp_path, backend="gloo"):
                                 join=True)
 
 
+class _Collectives:
+    """Records the shape of every all_gather / all_reduce that fusedloss makes (it calls them through
+    the torch.distributed module, so patching the module sees each one)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __enter__(self):
+        self.real = dist.all_gather, dist.all_reduce
+        dist.all_gather = lambda parts, t, *a, **k: self._log("all_gather", t) or self.real[0](parts, t, *a, **k)
+        dist.all_reduce = lambda t, *a, **k: self._log("all_reduce", t) or self.real[1](t, *a, **k)
+        return self
+
+    def _log(self, op, t):
+        self.seen.append((op, tuple(t.shape)))
+
+    def __exit__(self, *exc):
+        dist.all_gather, dist.all_reduce = self.real
+
+
+def _communication(rank, shard):
+    """Each chunk of rows exchanges per-row numbers only, a few per row, never a [n, V_r] block; the
+    one [N, H] collective is the hidden gradient's all-reduce, once per backward."""
+    from fusedloss.testing import make_sp_linear_inputs
+
+    off, size = shard
+    rows, chunk = slice(off, off + size), 4
+    hidden, weight, bias, labels, _ = _inputs(torch.float32)
+    _, _, _, teacher, _ = make_sp_linear_inputs(hidden.shape[0], hidden.shape[1], V, "dense", torch.float32, seed=2)
+    topk = fl.TopKTeacher(torch.topk(teacher, 5).indices, torch.log_softmax(torch.topk(teacher, 5).values, -1))
+    cases = {
+        "linear_cross_entropy": lambda h, w: fl.linear_cross_entropy(h, w, labels, label_smoothing=0.1, z_loss=1e-3,
+                                                                     chunk_size=chunk, group=dist.group.WORLD,
+                                                                     check_inputs=False),
+        "linear_logprob": lambda h, w: sum(t.sum() for t in fl.linear_logprob(h, w, labels, return_entropy=True,
+                                                                              chunk_size=chunk, group=dist.group.WORLD,
+                                                                              check_inputs=False)),
+        "sp_linear dense": lambda h, w: fl.sp_linear_loss(h, w, teacher[:, rows], "js", chunk_size=chunk,
+                                                          group=dist.group.WORLD, check_inputs=False),
+        "sp_linear top-k": lambda h, w: fl.sp_linear_loss(h, w, topk, "kl-fwd", chunk_size=chunk,
+                                                          group=dist.group.WORLD, check_inputs=False),
+    }
+    N, H = hidden.shape
+    for name, case in cases.items():
+        h, w = _leaves(hidden, weight[rows])
+        with _Collectives() as log:
+            case(h, w).backward()
+        whole = [s for op, s in log.seen if s == (N, H)]
+        assert whole and all(op == "all_reduce" for op, s in log.seen if s == (N, H)) and len(whole) == 1, (name, log.seen)
+        for op, s in log.seen:
+            if s != (N, H):  # [n, k] per chunk (k <= 8 numbers a row), or a scalar
+                assert not s or (s[0] <= chunk and math.prod(s[1:]) <= 8), (name, op, s, log.seen)
+
+
 def _vocab_parallel(rank, world):
     sizes = SHARDS[world]
     shard = (sum(sizes[:rank]), sizes[rank])
@@ -600,6 +655,7 @@ def _vocab_parallel(rank, world):
     _errors(rank, world, shard)
     _no_host_sync(rank, world)
     _sp_linear(rank, shard)
+    _communication(rank, shard)
     _modules(rank, shard)
     if world == 2:  # before any DistributedDataParallel: a DDP reducer alive while the device mesh forms its
         _dtensor(rank, world)  # groups aborted the process now and then (std::terminate in a native thread)
