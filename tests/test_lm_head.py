@@ -318,8 +318,13 @@ def test_grids_stay_within_cuda_limits(monkeypatch, N, V, chunk):
     from fusedloss.kernels import lm_head as K
 
     grids = []
-    monkeypatch.setattr(K, "_lm_head_stats_kernel", _GridRecorder(grids, "stats", 2))
-    monkeypatch.setattr(K, "_lm_head_grad_kernel", _GridRecorder(grids, "grad", 4))
+    stats, grad = _GridRecorder(grids, "stats", 2), _GridRecorder(grids, "grad", 4)
+    monkeypatch.setattr(K, "_lm_head_stats_kernel", stats)
+    monkeypatch.setattr(K, "_lm_head_grad_kernel", grad)
+    # rows wider than one tile launch through the autotune spaces, which hold the kernels themselves
+    monkeypatch.setattr(K._STATS_LONG, "kernel", stats)
+    monkeypatch.setattr(K._GRAD_LONG, "kernel", grad)
+    monkeypatch.delenv("FUSEDLOSS_AUTOTUNE", raising=False)
     monkeypatch.setattr(_dispatch, "why_not_kernel", lambda family, tensors: None)
     hidden = torch.zeros(N, 2, requires_grad=True)
     weight = torch.zeros(V, 2, requires_grad=True)
