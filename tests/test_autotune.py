@@ -78,7 +78,7 @@ def test_vec_dqn_scores_loss_and_backward(monkeypatch, device):
     row) and the dense backward's space (its pruning keeps the tiles no wider than the actions)."""
     step, online, target = make_vec_dqn_inputs(2, 3, 17, 18, torch.float32, device, seed=4, argmax_margin=1e-3)
     cfg = fl.VecDqnLossConfig(backend="triton")
-    assert KV._score_tuned(17, 9)
+    assert KV._score_tiles(17, 9)[:3] == KV._FULL_SCORE_TILE  # the tuned spaces apply
 
     def call():
         o = online.detach().clone().requires_grad_(True)
@@ -92,7 +92,8 @@ def test_vec_dqn_scores_loss_and_backward(monkeypatch, device):
     kept = KV._fits_the_row(KV._BWD.configs, {"A": 17, "HALF": 9})
     assert {c.kwargs["BA"] for c in kept} == {16}
     # nothing fits (8 actions, 1024-wide vectors): the launcher's own tile, not the first config
-    assert [c.kwargs["BA"] for c in KV._fits_the_row(KV._BWD.configs, {"A": 8, "HALF": 512})] == [KV._bwd_tiles(8, 1024)[0]]
+    fallback = KV._fits_the_row(KV._BWD.configs, {"A": 8, "HALF": 512})
+    assert [c.kwargs["BA"] for c in fallback] == [KV._bwd_tiles(8, 1024)[0]]
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

@@ -8,11 +8,11 @@ unset (the interpreter has no compiler).
 
 **Instructions per element** are static counts: the SASS instructions of the kernel's loops over
 tiles (every top-level loop, summed: one pass over a row each; for sp's in-kernel mean, the one
-loop over row tiles), or of the whole kernel when it has no loop or its row fits one tile, divided by the elements one thread handles per iteration
-(``tile / (32·num_warps)``). A kernel module names each kernel's tile in ``HOT_TILES``: the
-constexprs whose product is the elements one iteration (or the one tile) covers. A branch taken
-rarely inside a loop is counted as if always taken, so the figure is an upper bound of what
-issues, per pass over a row.
+loop over row tiles), or of the whole kernel when it has no loop or its row fits one tile, divided
+by the elements one thread handles per iteration (``tile / (32·num_warps)``). A kernel module
+names each kernel's tile in ``HOT_TILES``: the constexprs whose product is the elements one
+iteration (or the one tile) covers. A branch taken rarely inside a loop is counted as if always
+taken, so the figure is an upper bound of what issues, per pass over a row.
 """
 
 from __future__ import annotations

@@ -454,9 +454,9 @@ BWD_TUNED_FROM = 4096  # rows at least this wide tune the backward's tiles; narr
 
 # A mean over few short rows is taken inside the forward kernel: one program walks at most
 # MEAN_TILES tiles of up to MEAN_TILE elements, or of one row where a row is wider (rows of one
-# tile only, so at most 8192 wide), so the loss costs one
-# launch instead of the kernel and a mean. Its loop is latency-bound; four tiles was chosen without
-# a GPU, as about one launch's time, and waits for the GPU run to be calibrated.
+# tile only, so at most 8192 wide), so the loss costs one launch instead of the kernel and a mean.
+# Its loop is latency-bound; four tiles was chosen without a GPU, as about one launch's time, and
+# waits for the GPU run to be calibrated.
 MEAN_TILE = 4096
 MEAN_TILES = 4
 
@@ -498,7 +498,8 @@ def sp_fwd(q: torch.Tensor, z: torch.Tensor, loss_type: str, temperature: float,
     if loss_out is None:
         loss = torch.empty(() if mean_rows else N, dtype=torch.float32, device=z.device)
     elif loss_out.shape != (() if mean_rows else (N,)):
-        raise ValueError(f"loss_out must have shape {'() (the mean)' if mean_rows else (N,)}, got {tuple(loss_out.shape)}")
+        want = "() (the mean)" if mean_rows else (N,)
+        raise ValueError(f"loss_out must have shape {want}, got {tuple(loss_out.shape)}")
     else:
         loss = loss_out
     grad = torch.empty(z.shape, dtype=stored_grad_dtype(z.dtype), device=z.device) if grad_out is None else grad_out
@@ -755,8 +756,7 @@ def sp_topk_fused(index: torch.Tensor, logprob: torch.Tensor, z: torch.Tensor, l
 def _fwd_signature(dt: str):
     """The forward kernel's AOT signature, for constexprs ``c``, in dtype ``dt``."""
     t = {"inv_t": "fp32", "eps": "fp32", "beta": "fp32", "log_b": "fp32", "log_1mb": "fp32", "mean_mult": "fp32",
-         "q_ptr": f"*{dt}",
-         "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}", "status_ptr": "*i8"}
+         "q_ptr": f"*{dt}", "z_ptr": f"*{dt}", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}", "status_ptr": "*i8"}
     return lambda c: signature(_sp_fwd_kernel, t, c)
 
 

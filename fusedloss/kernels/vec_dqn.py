@@ -228,10 +228,6 @@ _BWD = Tuned(_vec_dqn_bwd_kernel, [triton.Config({"BA": ba}, num_warps=w) for ba
              key=["A", "HALF"], prune=_fits_the_row)
 
 
-def _score_tuned(A: int, half: int) -> bool:
-    return _score_tiles(A, half)[:3] == _FULL_SCORE_TILE
-
-
 @launcher
 def vec_dqn_scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Scores ``[M, A]`` fp32 of ``[M, A, D]`` vectors."""
@@ -242,7 +238,7 @@ def vec_dqn_scores_fwd(v: torch.Tensor, out: torch.Tensor | None = None) -> torc
         return out
     ba, bi, bd, warps = _score_tiles(A, D // 2)
     args, meta = (v, out, A, D // 2, v.stride(0), v.stride(1)), {"BA": ba, "BI": bi, "BD": bd, "num_warps": warps}
-    if _score_tuned(A, D // 2):
+    if (ba, bi, bd) == _FULL_SCORE_TILE:
         _SCORES(lambda m: (M, cdiv(A, m["BA"])), *args, **meta)
     else:
         _vec_dqn_scores_kernel[(M, cdiv(A, ba))](*args, **meta)
@@ -267,7 +263,7 @@ def vec_dqn_fwd(online, target, action, theta, loss_out=None, g_out=None, status
             online.stride(0), online.stride(1), online.stride(2), target.stride(0), target.stride(1), target.stride(2),
             theta.stride(0), theta.stride(1), COS_EPS)
     meta = {"BA": ba, "BI": bi, "BD": bd, "BH": next_power_of_2(D // 2), "num_warps": warps}
-    if _score_tuned(A, D // 2):
+    if (ba, bi, bd) == _FULL_SCORE_TILE:
         _FWD((N,), *args, **meta)
     else:
         _vec_dqn_fwd_kernel[(N,)](*args, **meta)
@@ -384,27 +380,40 @@ def vec_dqn_fused(online_vecs: torch.Tensor, target_vecs: torch.Tensor, action: 
     return _VecDqnFwdFunction.apply(online_vecs, target_vecs.detach(), action, theta, mean)
 
 
+# The AOT signatures' types and ints, shared by the fixed and the tuned variants.
+_SCORES_TYPES = {"v_ptr": "*fp32", "out_ptr": "*fp32"}
+_LOSS_TYPES = {"on_ptr": "*bf16", "tg_ptr": "*bf16", "act_ptr": "*i64", "theta_ptr": "*fp32", "loss_ptr": "*fp32",
+               "g_ptr": "*fp32", "status_ptr": "*i8", "cos_eps": "fp32"}
+_BWD_TYPES = {"g_ptr": "*fp32", "act_ptr": "*i64", "grad_rows_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}
+
+
+def _scores_ints(A: int, D: int) -> dict:
+    return {"A": A, "HALF": D // 2, "stride_m": A * D, "stride_a": D}
+
+
+def _loss_ints(A: int, D: int) -> dict:
+    return {"S": 64, "A": A, "HALF": D // 2, "stride_ob": 64 * A * D, "stride_os": A * D, "stride_oa": D,
+            "stride_tb": 64 * A * D, "stride_ts": A * D, "stride_ta": D, "stride_hb": 64, "stride_ht": 1}
+
+
+def _bwd_ints(A: int, D: int) -> dict:
+    return {"S": 64, "A": A, "HALF": D // 2, "stride_gr": D}
+
+
 def compile_variants():
     """Scores, loss and dense backward for small and wide action spaces and vector sizes."""
     for A, D in ((18, 2), (18, 16), (128, 32), (512, 256)):
         ba, bi, bd, warps = _score_tiles(A, D // 2)
         c = {"BA": ba, "BI": bi, "BD": bd}
-        t = {"v_ptr": "*fp32", "out_ptr": "*fp32"}
         yield AotVariant(f"vec_dqn scores A={A} D={D}", _vec_dqn_scores_kernel,
-                         signature(_vec_dqn_scores_kernel, t, c), c, warps,
-                         {"A": A, "HALF": D // 2, "stride_m": A * D, "stride_a": D})
+                         signature(_vec_dqn_scores_kernel, _SCORES_TYPES, c), c, warps, _scores_ints(A, D))
         c = {"BA": ba, "BI": bi, "BD": bd, "BH": next_power_of_2(D // 2)}
-        t = {"on_ptr": "*bf16", "tg_ptr": "*bf16", "act_ptr": "*i64", "theta_ptr": "*fp32", "loss_ptr": "*fp32",
-             "g_ptr": "*fp32", "status_ptr": "*i8", "cos_eps": "fp32"}
-        yield AotVariant(f"vec_dqn loss A={A} D={D}", _vec_dqn_fwd_kernel, signature(_vec_dqn_fwd_kernel, t, c), c,
-                         warps, {"S": 64, "A": A, "HALF": D // 2, "stride_ob": 64 * A * D, "stride_os": A * D,
-                                 "stride_oa": D, "stride_tb": 64 * A * D, "stride_ts": A * D, "stride_ta": D,
-                                 "stride_hb": 64, "stride_ht": 1})
+        yield AotVariant(f"vec_dqn loss A={A} D={D}", _vec_dqn_fwd_kernel,
+                         signature(_vec_dqn_fwd_kernel, _LOSS_TYPES, c), c, warps, _loss_ints(A, D))
         ba, bh = _bwd_tiles(A, D)
         c = {"BA": ba, "BH": bh}
-        t = {"g_ptr": "*fp32", "act_ptr": "*i64", "grad_rows_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}
-        yield AotVariant(f"vec_dqn backward A={A} D={D}", _vec_dqn_bwd_kernel, signature(_vec_dqn_bwd_kernel, t, c),
-                         c, 4, {"S": 64, "A": A, "HALF": D // 2, "stride_gr": D})
+        yield AotVariant(f"vec_dqn backward A={A} D={D}", _vec_dqn_bwd_kernel,
+                         signature(_vec_dqn_bwd_kernel, _BWD_TYPES, c), c, 4, _bwd_ints(A, D))
     yield from tuned_variants()
 
 
@@ -412,19 +421,11 @@ def tuned_variants():
     """Every autotune config at a wide action space (the backward's, as its pruning keeps them at
     two vector sizes)."""
     A, D = 512, 256
-    ints = {"A": A, "HALF": D // 2, "stride_m": A * D, "stride_a": D}
-    t = {"v_ptr": "*fp32", "out_ptr": "*fp32"}
-    yield from _SCORES.variants({}, lambda c: signature(_vec_dqn_scores_kernel, t, c), f"vec_dqn scores A={A} D={D} tuned",
-                                ints)
-    t = {"on_ptr": "*bf16", "tg_ptr": "*bf16", "act_ptr": "*i64", "theta_ptr": "*fp32", "loss_ptr": "*fp32",
-         "g_ptr": "*fp32", "status_ptr": "*i8", "cos_eps": "fp32"}
-    ints = {"S": 64, "A": A, "HALF": D // 2, "stride_ob": 64 * A * D, "stride_os": A * D, "stride_oa": D,
-            "stride_tb": 64 * A * D, "stride_ts": A * D, "stride_ta": D, "stride_hb": 64, "stride_ht": 1}
-    yield from _FWD.variants({"BH": D // 2}, lambda c: signature(_vec_dqn_fwd_kernel, t, c),
-                             f"vec_dqn loss A={A} D={D} tuned", ints)
-    t = {"g_ptr": "*fp32", "act_ptr": "*i64", "grad_rows_ptr": "*fp32", "out_ptr": "*bf16", "mult": "fp32"}
+    yield from _SCORES.variants({}, lambda c: signature(_vec_dqn_scores_kernel, _SCORES_TYPES, c),
+                                f"vec_dqn scores A={A} D={D} tuned", _scores_ints(A, D))
+    yield from _FWD.variants({"BH": D // 2}, lambda c: signature(_vec_dqn_fwd_kernel, _LOSS_TYPES, c),
+                             f"vec_dqn loss A={A} D={D} tuned", _loss_ints(A, D))
     for D in (16, 256):
-        ints = {"S": 64, "A": A, "HALF": D // 2, "stride_gr": D}
         kept = _fits_the_row(_BWD.configs, {"A": A, "HALF": D // 2})
-        yield from _BWD.variants({"BH": D}, lambda c: signature(_vec_dqn_bwd_kernel, t, c),
-                                 f"vec_dqn backward A={A} D={D} tuned", ints, kept)
+        yield from _BWD.variants({"BH": D}, lambda c: signature(_vec_dqn_bwd_kernel, _BWD_TYPES, c),
+                                 f"vec_dqn backward A={A} D={D} tuned", _bwd_ints(A, D), kept)
